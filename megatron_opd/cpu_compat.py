@@ -1,0 +1,182 @@
+"""The megatron-core CPU shims: applied once per process, only when CUDA is absent.
+
+megatron-core 0.16.1 assumes a GPU in a few places that have nothing to do with the math:
+`torch.cuda.current_device()` as an allocation device, `torch.cuda.synchronize()`, about a dozen
+modules that allocate with a hard-coded ``device="cuda"``, a gradient-clipping helper that asserts
+CUDA tensor types, and an RNG tracker built on the CUDA generator. This module routes all of them
+to the CPU. It patches private internals, so megatron-core is pinned exactly and
+``tests/test_cpu_compat.py`` is the canary that fails loudly when an upgrade breaks a shim.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import types
+
+import torch
+
+# Modules that allocate with a literal device="cuda" in megatron-core 0.16.1 (found by grep).
+CUDA_LITERAL_MODULES = (
+    "megatron.core.pipeline_parallel.schedules",
+    "megatron.core.optimizer.optimizer",
+    "megatron.core.optimizer.grad_scaler",
+    "megatron.core.optimizer.clip_grads",
+    "megatron.core.utils",
+    "megatron.core.transformer.utils",
+    "megatron.core.tensor_parallel.data",
+    "megatron.core.rerun_state_machine",
+    "megatron.core.dist_checkpointing.exchange_utils",
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver",
+    "megatron.core.distributed.param_and_grad_buffer",
+)
+
+_FACTORIES = ("tensor", "zeros", "ones", "empty", "full", "arange", "zeros_like", "ones_like",
+              "empty_like", "full_like", "randn", "rand", "randint", "triu", "tril", "as_tensor")
+
+_applied = False
+
+
+def _cpu_device(device):
+    if device is None:
+        return None
+    if isinstance(device, int) or (isinstance(device, str) and device.startswith("cuda")) or (
+            isinstance(device, torch.device) and device.type == "cuda"):
+        return "cpu"
+    return device
+
+
+class _CpuTorch(types.ModuleType):
+    """Stand-in for the ``torch`` name inside one megatron module: factory calls that ask for
+    ``device="cuda"`` get the CPU; everything else is torch itself."""
+
+    def __init__(self):
+        super().__init__("torch")
+
+    def __getattr__(self, name):
+        attr = getattr(torch, name)
+        if name in _FACTORIES:
+            def factory(*args, __f=attr, **kwargs):
+                if "device" in kwargs:
+                    kwargs["device"] = _cpu_device(kwargs["device"])
+                kwargs.pop("pin_memory", None)
+                return __f(*args, **kwargs)
+            return factory
+        return attr
+
+
+class CpuRNGStatesTracker:
+    """Drop-in for megatron's ``CudaRNGStatesTracker`` on the CPU generator (same semantics:
+    named states forked in and out of the default generator)."""
+
+    def __init__(self, *args, **kwargs):
+        self.use_cudagraphable_rng = False
+        self.is_inference_rng_tracker = False
+        self.reset()
+
+    def is_initialized(self):
+        return self._is_initialized
+
+    def reset(self):
+        self._is_initialized = False
+        self.states_: dict[str, torch.Tensor] = {}
+        self.seeds_: set[int] = set()
+        self._current_state_name = "default-rng"
+
+    def get_states(self):
+        return dict(self.states_)
+
+    def set_states(self, states):
+        self._is_initialized = True
+        self.states_ = states
+
+    def add(self, name, seed):
+        self._is_initialized = True
+        if seed in self.seeds_:
+            raise Exception(f"seed {seed} already exists")
+        if name in self.states_:
+            raise Exception(f"rng state {name} already exists")
+        self.seeds_.add(seed)
+        orig = torch.get_rng_state()
+        torch.manual_seed(seed)
+        self.states_[name] = torch.get_rng_state()
+        torch.set_rng_state(orig)
+
+    @contextlib.contextmanager
+    def fork(self, name="model-parallel-rng"):
+        if name not in self.states_:
+            raise Exception(f"rng state {name} is not added")
+        orig = torch.get_rng_state()
+        orig_name = self._current_state_name
+        if orig_name != "default-rng":
+            self.states_[orig_name] = orig
+        torch.set_rng_state(self.states_[name])
+        self._current_state_name = name
+        try:
+            yield
+        finally:
+            self.states_[name] = torch.get_rng_state()
+            if orig_name != "default-rng":
+                orig = self.states_[orig_name]
+            torch.set_rng_state(orig)
+            self._current_state_name = orig_name
+
+
+def _clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decoupled_grad=False):
+    """CPU version of megatron's clip (which asserts CUDA tensors): scale grads by the coefficient."""
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    grads = []
+    for param in parameters:
+        grad = param.decoupled_grad if use_decoupled_grad else param.grad
+        if grad is not None:
+            grads.append(grad.detach())
+    clip_coeff = max_norm / (total_norm + 1.0e-6)
+    if clip_coeff < 1.0 and grads:
+        torch._foreach_mul_(grads, clip_coeff)
+
+
+def _get_cpu_rng_state(device=None, clone=False, graph_safe=False):
+    return torch.get_rng_state()
+
+
+def _set_cpu_rng_state(new_state, device=-1, graph_safe=False):
+    torch.set_rng_state(new_state)
+
+
+def apply() -> None:
+    """Install every shim (idempotent). A no-op when CUDA is available."""
+    global _applied
+    if _applied or torch.cuda.is_available():
+        return
+
+    torch.cuda.current_device = lambda: "cpu"
+    torch.cuda.synchronize = lambda *a, **k: None
+    torch.cuda.empty_cache = lambda *a, **k: None
+    torch.cuda.manual_seed = lambda seed: None  # the CPU generator is seeded by our own seeding
+    torch.Tensor.cuda = lambda self, *a, **k: self
+
+    cpu_torch = _CpuTorch()
+    for name in CUDA_LITERAL_MODULES:
+        module = importlib.import_module(name)
+        if getattr(module, "torch", None) is not torch:
+            raise RuntimeError(f"cpu_compat: {name} no longer imports torch as `torch`; "
+                               "re-check the shims against this megatron-core version")
+        module.torch = cpu_torch
+
+    from megatron.core.optimizer import clip_grads, optimizer
+    from megatron.core.tensor_parallel import random
+
+    clip_grads.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_fp32
+    optimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_fp32
+
+    random.CudaRNGStatesTracker = CpuRNGStatesTracker
+    random._get_cuda_rng_state = _get_cpu_rng_state
+    random._set_cuda_rng_state = _set_cpu_rng_state
+    random._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
+    random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+    _applied = True
+
+
+def is_applied() -> bool:
+    return _applied

@@ -1,0 +1,27 @@
+"""Shared fixtures: tiny HF models and tokenizers built once per session, in a temp directory."""
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """HF model directories keyed by variant name, each a different family/tying combination."""
+    from megatron_opd.testing.tiny import make_hf_model
+
+    root = tmp_path_factory.mktemp("tiny_models")
+    variants = {
+        "llama": dict(model_type="llama"),
+        "llama_tied": dict(model_type="llama", tie_word_embeddings=True),
+        "qwen2": dict(model_type="qwen2"),
+        "qwen2_tied": dict(model_type="qwen2", tie_word_embeddings=True),
+        "qwen3": dict(model_type="qwen3"),
+        "mistral": dict(model_type="mistral", sliding_window=6),
+    }
+    return {name: str(make_hf_model(root / name, seed=i, **kw))
+            for i, (name, kw) in enumerate(variants.items())}
