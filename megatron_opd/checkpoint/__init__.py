@@ -1,0 +1,1 @@
+"""Checkpoints: HF safetensors I/O and validation, megatron dist checkpoints, atomic publish."""

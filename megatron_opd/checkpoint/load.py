@@ -1,0 +1,28 @@
+"""Build a sharded model from whatever checkpoint directory a user points at."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from megatron_opd import parallel
+from megatron_opd.models.builder import ShardedModel, build_model
+from megatron_opd.models.config import ArchConfig
+from megatron_opd.parallel import ModelParallel
+
+
+def load_model(path: str | Path, mp: ModelParallel, *, params_dtype: torch.dtype = torch.float32,
+               seed: int = 1234) -> ShardedModel:
+    """An HF model directory (config.json + safetensors), loaded onto ``mp``'s ranks."""
+    from megatron_opd.checkpoint.hf_weights import load_hf_weights
+
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"{path}: model directory does not exist")
+    arch = ArchConfig.from_hf_dir(path)
+    arch.check_parallel(tp=mp.layout.tp, pp=mp.layout.pp)
+    parallel.seed(seed, mp)
+    model = build_model(arch, mp, params_dtype=params_dtype, initialize=False)
+    load_hf_weights(model, path)
+    return model

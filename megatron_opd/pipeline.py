@@ -1,0 +1,58 @@
+"""Run micro-batches through megatron-core's pipeline schedule on a model's own process groups."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from megatron_opd.models.builder import ShardedModel
+
+# output_fn(logits_shard [b, s, V/TP], micro_batch) on the last stage:
+#   training: returns (loss_sum, num_tokens, metrics_dict), megatron's per-token loss convention;
+#   forward_only: returns anything, collected in order.
+OutputFn = Callable[[torch.Tensor, dict], Any]
+
+
+def _schedule_groups(model: ShardedModel):
+    """(p2p_communicator, pg_collection) for the schedule, or (None, None) for global state."""
+    if model.mp.uses_global_state:
+        return None, None
+    from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
+
+    return P2PCommunicator(pp_group=model.mp.pp_group, config=model.config), model.mp.pg_collection
+
+
+def run_schedule(model: ShardedModel | list, micro_batches: list[dict], output_fn: OutputFn, *,
+                 forward_only: bool, ddp_module: torch.nn.Module | None = None) -> list:
+    """Forward (and backward unless ``forward_only``) over ``micro_batches`` with PP and TP.
+
+    Every rank of the model passes the same list of micro-batches (dicts with ``input_ids`` and
+    ``position_ids`` ``[b, s]`` plus whatever ``output_fn`` reads). Returns what ``output_fn``
+    produced per micro-batch on the last stage (training: the metrics dicts), ``[]`` elsewhere.
+    ``ddp_module`` is the DDP-wrapped module when training with megatron's DDP.
+    """
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    module = ddp_module if ddp_module is not None else model.module
+    it = iter(micro_batches)
+
+    def forward_step(data_iterator, mod):
+        batch = next(data_iterator)
+        ids = batch["input_ids"] if model.mp.is_first_stage else None
+        output = mod(ids, batch["position_ids"], batch.get("attention_mask"))
+
+        def loss_func(output_tensor, non_loss_data=False):
+            return output_fn(output_tensor, batch)
+
+        return output, loss_func
+
+    p2p, pgs = _schedule_groups(model)
+    kwargs = {} if p2p is None else {"p2p_communicator": p2p, "pg_collection": pgs}
+    fb = get_forward_backward_func(pp_size=model.mp.layout.pp, vp_size=None)
+    first = micro_batches[0]["input_ids"] if micro_batches else None
+    seq_len = first.shape[1] if first is not None else 1
+    mbs = first.shape[0] if first is not None else 1
+    return fb(forward_step_func=forward_step, data_iterator=it, model=[module],
+              num_microbatches=len(micro_batches), seq_length=seq_len, micro_batch_size=mbs,
+              forward_only=forward_only, collect_non_loss_data=forward_only, **kwargs)
