@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from megatron_opd import parallel
 from megatron_opd.checkpoint.safetensors_io import DTYPE_NAMES, HFCheckpoint
 from megatron_opd.models.builder import ShardedModel
 from megatron_opd.models.layout import hf_shapes, shard_from_hf
@@ -100,7 +101,9 @@ def iter_hf_tensors(model: ShardedModel, *, grads: bool = False):
                         t = torch.zeros_like(ref.tensor)
                 shards = _gather_tp(t.detach(), model)
                 if mp.tp_rank == 0:
-                    out.extend(hf_from_shards(ref.row, ref.hf_names, shards, model.arch).items())
+                    merged = hf_from_shards(ref.row, ref.hf_names, shards, model.arch)
+                    # Copies, so later in-place updates (clipping, optimizer) do not alter them.
+                    out.extend((n, t.clone()) for n, t in merged.items())
         if src == dst:
             if me == dst:
                 yield from out
@@ -114,12 +117,6 @@ def iter_hf_tensors(model: ShardedModel, *, grads: bool = False):
             meta = [None]
             torch.distributed.recv_object_list(meta, src=src)
             for name, shape, dtype in meta[0]:
-                t = torch.empty(shape, dtype=dtype, device=parallel_device())
+                t = torch.empty(shape, dtype=dtype, device=parallel.device())
                 torch.distributed.recv(t, src=src)
                 yield name, t
-
-
-def parallel_device():
-    from megatron_opd import parallel
-
-    return parallel.device()

@@ -3,91 +3,91 @@
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
+
+from megatron_opd.losses.vocab_parallel import (ChunkedVocabLoss, VocabShard, check_temperature,
+                                                combine_logsumexp, compute_dtype, gather_tokens,
+                                                local_columns, log_probs, logsumexp_or_empty,
+                                                resolve_chunk_size, select_topk, shift_,
+                                                take_columns, to_compute, vocab_shard)
 
 
-def _shard_info(logits: torch.Tensor, tp_group) -> tuple[int, int]:
-    if tp_group is None:
-        return 0, 1
-    return dist.get_rank(tp_group), dist.get_world_size(tp_group)
+class TokenLogProb:
+    """``log softmax(z / T)[y]`` per token; dlog p(y)/ds = onehot(y) - p."""
 
+    def __init__(self, shard: VocabShard, ids_t: torch.Tensor, *, temperature: float, dtype: torch.dtype):
+        self.shard, self.ids_t, self.temperature, self.dtype = shard, ids_t, temperature, dtype
 
-def _masked(logits: torch.Tensor, vocab_size: int | None, tp_group) -> torch.Tensor:
-    """fp32 logits with padded vocabulary columns (>= vocab_size) set to -inf."""
-    rank, _ = _shard_info(logits, tp_group)
-    v_local = logits.shape[-1]
-    logits = logits.float()
-    if vocab_size is not None and (rank + 1) * v_local > vocab_size:
-        cols = torch.arange(rank * v_local, (rank + 1) * v_local, device=logits.device)
-        logits = logits.masked_fill(cols >= vocab_size, float("-inf"))
-    return logits
+    def forward_chunk(self, z_cv: torch.Tensor, rows: slice):
+        x = to_compute(z_cv, self.dtype)
+        cols = local_columns(self.ids_t[rows].unsqueeze(-1), self.shard)
+        picked = take_columns(x, cols)[:, 0]  # the raw logit of y on its owner, 0 elsewhere
+        m = shift_(x, self.temperature)
+        # The only collective: every rank's (max, log-sum-exp, logit of y or 0).
+        parts = gather_tokens(torch.stack([m, logsumexp_or_empty(x), picked], dim=-1), self.shard)
+        big, lse = combine_logsumexp(parts[..., 0], parts[..., 1], self.temperature)
+        return (parts[..., 2].sum(dim=0) - big) / self.temperature - lse, (big, lse)
+
+    def grad_chunk(self, z_cv: torch.Tensor, rows: slice, state, scale_c: torch.Tensor) -> torch.Tensor:
+        big, lse = state
+        n = z_cv.shape[-1]
+        grad = log_probs(z_cv, big, lse, self.temperature, self.dtype).exp_().neg_()
+        if n:
+            cols = local_columns(self.ids_t[rows].unsqueeze(-1), self.shard)
+            grad.scatter_add_(-1, cols.clamp_max(n - 1), (cols < n).to(grad.dtype))
+        return grad.mul_(scale_c.unsqueeze(-1))
 
 
 def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, *, vocab_size: int | None = None,
-                   tp_group=None, temperature: float = 1.0) -> torch.Tensor:
-    """log softmax(logits / temperature)[token_ids] over the full (sharded) vocabulary.
+                   tp_group=None, temperature: float = 1.0, chunk_size: int | None = None) -> torch.Tensor:
+    """``log softmax(logits / temperature)[token_ids]`` over the full (sharded) vocabulary.
 
-    ``logits`` is this rank's vocab shard ``[..., V_local]``; ``token_ids`` ``[...]`` are global ids.
-    Differentiable w.r.t. ``logits``. Collectives: one max and two sums over ``tp_group``.
+    ``logits`` is this rank's vocab shard ``[..., V_local]``; ``token_ids`` ``[...]`` are global
+    ids in ``[0, vocab_size)``. Returns fp32 ``[...]`` (fp64 for fp64 logits), differentiable
+    w.r.t. ``logits`` with an analytic, chunked backward (gradient in the logits' dtype).
+    Collectives per chunk over ``tp_group``: one all_gather of ``[chunk, 3]`` (each rank's max,
+    log-sum-exp and the logit of the id if it holds it); none in the backward.
     """
-    rank, _ = _shard_info(logits, tp_group)
-    v_local = logits.shape[-1]
-    z = _masked(logits, vocab_size, tp_group) / temperature
-    local_max = z.detach().max(dim=-1).values
-    if tp_group is not None:
-        dist.all_reduce(local_max, op=dist.ReduceOp.MAX, group=tp_group)
-    shifted = z - local_max.unsqueeze(-1)
-    sum_exp = shifted.exp().sum(dim=-1)
-    start = rank * v_local
-    in_shard = (token_ids >= start) & (token_ids < start + v_local)
-    local_ids = (token_ids - start).clamp(0, v_local - 1)
-    picked = shifted.gather(-1, local_ids.unsqueeze(-1)).squeeze(-1) * in_shard
-    if tp_group is not None:
-        sum_exp = _AllReduceSum.apply(sum_exp, tp_group)
-        picked = _AllReduceSum.apply(picked, tp_group)
-    return picked - sum_exp.log()
-
-
-class _AllReduceSum(torch.autograd.Function):
-    """Sum over the group; the gradient of each rank's input is the incoming gradient."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        x = x.clone()
-        dist.all_reduce(x, group=group)
-        return x
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None
+    check_temperature(temperature)
+    lead = tuple(logits.shape[:-1])
+    if tuple(token_ids.shape) != lead:
+        raise ValueError(f"token_ids shape {tuple(token_ids.shape)} != logits leading shape {lead}")
+    shard = vocab_shard(logits, vocab_size=vocab_size, tp_group=tp_group, what="logits")
+    ids_t = token_ids.reshape(-1).long()
+    if ids_t.numel() and (ids_t.min() < 0 or ids_t.max() >= shard.vocab_size):
+        raise ValueError(f"token_ids must lie in [0, vocab_size={shard.vocab_size}), got "
+                         f"[{ids_t.min().item()}, {ids_t.max().item()}]")
+    loss = TokenLogProb(shard, ids_t, temperature=temperature, dtype=compute_dtype(logits.dtype))
+    z_tv = logits.reshape(-1, shard.width)
+    out = ChunkedVocabLoss.apply(z_tv, loss, None, resolve_chunk_size(chunk_size, shard.width))
+    return out.view(lead)
 
 
 @torch.no_grad()
 def topk_logprobs(logits: torch.Tensor, k: int, *, vocab_size: int | None = None, tp_group=None,
-                  temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``k`` most likely token ids and their log-probs, best first, from vocab shards.
+                  temperature: float = 1.0, chunk_size: int | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` most likely token ids ``[..., k]`` and their log-probs, best first, from vocab shards.
 
-    Each rank takes its local top-k; only those k candidates per token (ids and values) and the
-    per-token normaliser cross the TP group.
+    Collectives per chunk over ``tp_group``: one all_gather of each rank's top-k candidates
+    (values and ids, ``tp x chunk x k x 2``) and one all_gather of ``[chunk, 2]`` (max, log-sum-exp).
     """
-    rank, world = _shard_info(logits, tp_group)
-    v_local = logits.shape[-1]
-    z = _masked(logits, vocab_size, tp_group) / temperature
-    local_max = z.max(dim=-1).values
-    if tp_group is not None:
-        dist.all_reduce(local_max, op=dist.ReduceOp.MAX, group=tp_group)
-    sum_exp = (z - local_max.unsqueeze(-1)).exp().sum(dim=-1)
-    if tp_group is not None:
-        dist.all_reduce(sum_exp, group=tp_group)
-    log_norm = local_max + sum_exp.log()
-    k_local = min(k, v_local)
-    vals, idx = z.topk(k_local, dim=-1)
-    idx = idx + rank * v_local
-    if tp_group is not None and world > 1:
-        all_vals = [torch.empty_like(vals) for _ in range(world)]
-        all_idx = [torch.empty_like(idx) for _ in range(world)]
-        dist.all_gather(all_vals, vals.contiguous(), group=tp_group)
-        dist.all_gather(all_idx, idx.contiguous(), group=tp_group)
-        vals, idx = torch.cat(all_vals, dim=-1), torch.cat(all_idx, dim=-1)
-    best_vals, pos = vals.topk(k, dim=-1)
-    return idx.gather(-1, pos), best_vals - log_norm.unsqueeze(-1)
+    check_temperature(temperature)
+    shard = vocab_shard(logits, vocab_size=vocab_size, tp_group=tp_group, what="logits")
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= shard.vocab_size:
+        raise ValueError(f"k must be an integer in [1, vocab_size={shard.vocab_size}], got {k!r}")
+    lead = tuple(logits.shape[:-1])
+    dtype = compute_dtype(logits.dtype)
+    z_tv = logits.reshape(-1, shard.width)
+    chunk = resolve_chunk_size(chunk_size, shard.width)
+    ids, lps = [], []
+    for begin in range(0, z_tv.shape[0], chunk):
+        x = to_compute(z_tv[begin:begin + chunk, :shard.num_valid], dtype)
+        top_ids, top_vals = select_topk(x, shard, k)
+        m = shift_(x, temperature)
+        parts = gather_tokens(torch.stack([m, logsumexp_or_empty(x)], dim=-1), shard)
+        big, lse = combine_logsumexp(parts[..., 0], parts[..., 1], temperature)
+        ids.append(top_ids)
+        lps.append((top_vals - big.unsqueeze(-1)) / temperature - lse.unsqueeze(-1))
+    if not ids:
+        return z_tv.new_zeros(lead + (k,), dtype=torch.long), z_tv.new_zeros(lead + (k,), dtype=dtype)
+    return torch.cat(ids).view(lead + (k,)), torch.cat(lps).view(lead + (k,))

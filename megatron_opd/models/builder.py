@@ -9,7 +9,8 @@ import torch
 
 from megatron_opd import parallel
 from megatron_opd.models.config import ArchConfig, padded_vocab_size, rope_inv_freq, transformer_config
-from megatron_opd.models.family import HF_LAYER_PREFIX, MCORE_LAYER_PREFIX, TE_RENAMES, Param
+from megatron_opd.models.family import (HF_LAYER_PREFIX, MCORE_LAYER_PREFIX, REPLICATED, ROW,
+                                         TE_RENAMES, Param)
 from megatron_opd.parallel import ModelParallel
 
 
@@ -142,4 +143,22 @@ def build_model(arch: ArchConfig, mp: ModelParallel, *, params_dtype: torch.dtyp
     rotary = module.rotary_pos_emb
     rotary.inv_freq = rope_inv_freq(arch).to(rotary.inv_freq.device)
     module.to(parallel.device())
-    return ShardedModel(arch=arch, mp=mp, module=module, padded_vocab_size=padded_vocab, te_spec=te)
+    model = ShardedModel(arch=arch, mp=mp, module=module, padded_vocab_size=padded_vocab, te_spec=te)
+    _mark_tensor_parallel(model)
+    return model
+
+
+def _mark_tensor_parallel(model: ShardedModel) -> None:
+    """Tag TP-sharded parameters from the family table.
+
+    megatron-core only sets ``tensor_model_parallel`` while initialising weights; built with
+    ``perform_initialization=False`` every weight looks replicated, and the optimizer's grad norm
+    (hence clipping) silently ignores the shards of TP ranks > 0.
+    """
+    from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+
+    for ref in model.param_refs():
+        if getattr(ref.tensor, "tensor_model_parallel", False) or ref.row.layout == REPLICATED:
+            continue
+        dim = 1 if ref.row.layout == ROW else 0
+        set_tensor_model_parallel_attributes(ref.tensor, True, dim, 1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import queue
 import socket
 import time
@@ -40,7 +41,9 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, kw
             out = fn(*args, **kwargs)
         finally:
             parallel.shutdown_distributed()
-        results.put((rank, "ok", out))
+        # Plain pickle: torch.multiprocessing would pass tensors through shared memory that
+        # disappears when this process exits.
+        results.put((rank, "ok", pickle.dumps(out)))
     except BaseException:  # noqa: BLE001 - everything must reach the parent
         results.put((rank, "error", traceback.format_exc()))
 
@@ -91,13 +94,16 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 
                             rank, status, payload = results.get_nowait()
                         except queue.Empty:
                             break
-                        (outputs if status == "ok" else errors)[rank] = payload
+                        if status == "ok":
+                            outputs[rank] = pickle.loads(payload)
+                        else:
+                            errors[rank] = payload
                     for r in dead:
                         if r not in outputs and r not in errors:
                             errors[r] = f"process died with exit code {procs[r].exitcode}"
                 continue
             if status == "ok":
-                outputs[rank] = payload
+                outputs[rank] = pickle.loads(payload)
             else:
                 errors[rank] = payload
                 # Give the other ranks a moment to report their own (often secondary) errors.

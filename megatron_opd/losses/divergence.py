@@ -1,0 +1,229 @@
+"""Vocab-parallel, token-chunked divergences between student and teacher logits, with analytic backward."""
+
+from __future__ import annotations
+
+import torch
+
+from megatron_opd.losses.kinds import make_divergence
+from megatron_opd.losses.logprobs import token_logprobs
+from megatron_opd.losses.topk import TopKTail
+from megatron_opd.losses.vocab_parallel import (MAX_EXACT_FLOAT32_ID, ChunkedVocabLoss, VocabShard,
+                                                check_temperature,
+                                                combine_logsumexp, compute_dtype, gather_tokens,
+                                                log_probs, logsumexp_or_empty, realign_columns,
+                                                resolve_chunk_size, shift_, sum_tokens, to_compute,
+                                                vocab_shard)
+
+SUPPORTS = ("full", "teacher_topk", "student_topk")
+
+
+class FullVocab:
+    """The divergence over the whole (sharded) vocabulary; only per-token scalars cross ranks."""
+
+    def __init__(self, divergence, shard: VocabShard, teacher_tv: torch.Tensor,
+                 teacher_shard: VocabShard, *, temperature: float, dtype: torch.dtype):
+        self.divergence, self.shard, self.temperature, self.dtype = divergence, shard, temperature, dtype
+        self.teacher_tv, self.teacher_shard = teacher_tv, teacher_shard
+
+    def _teacher(self, rows: slice) -> torch.Tensor:
+        """The teacher's real logits for ``rows`` in the student's column layout."""
+        z_cv = self.teacher_tv[rows, :self.teacher_shard.num_valid]
+        return realign_columns(z_cv, self.teacher_shard, self.shard)
+
+    def forward_chunk(self, z_cv: torch.Tensor, rows: slice):
+        temperature = self.temperature
+        x_s, x_t = to_compute(z_cv, self.dtype), to_compute(self._teacher(rows), self.dtype)
+        m_s, m_t = shift_(x_s, temperature), shift_(x_t, temperature)
+        # Collective 1: every rank's (max, log-sum-exp) of both sides, merged like split softmax.
+        parts = gather_tokens(torch.stack([m_s, logsumexp_or_empty(x_s),
+                                           m_t, logsumexp_or_empty(x_t)], dim=-1), self.shard)
+        big_s, lse_s = combine_logsumexp(parts[..., 0], parts[..., 1], temperature)
+        big_t, lse_t = combine_logsumexp(parts[..., 2], parts[..., 3], temperature)
+        logp = x_s.add_(((m_s - big_s) / temperature - lse_s).unsqueeze(-1))
+        logq = x_t.add_(((m_t - big_t) / temperature - lse_t).unsqueeze(-1))
+        # Collective 2: the kind's per-token sums over the vocabulary (1 value, 2 for JSD).
+        loss, aux = self.divergence.loss(sum_tokens(self.divergence.sums(logp, logq), self.shard))
+        return loss, (big_s, lse_s, big_t, lse_t, aux)
+
+    def grad_chunk(self, z_cv: torch.Tensor, rows: slice, state, scale_c: torch.Tensor) -> torch.Tensor:
+        big_s, lse_s, big_t, lse_t, aux = state
+        logp = log_probs(z_cv, big_s, lse_s, self.temperature, self.dtype)
+        logq = log_probs(self._teacher(rows), big_t, lse_t, self.temperature, self.dtype)
+        return self.divergence.grad(logp, logq, aux).mul_(scale_c.unsqueeze(-1))
+
+
+def vocab_parallel_divergence(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor | None = None,
+    *,
+    kind: str,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    loss_mask: torch.Tensor | None = None,
+    vocab_size: int | None = None,
+    chunk_size: int | None = None,
+    tp_group=None,
+    support: str = "full",
+    top_k: int | None = None,
+    teacher_topk_ids: torch.Tensor | None = None,
+    teacher_topk_logprobs: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per-token divergence between student and teacher next-token distributions, vocab-parallel.
+
+    Args:
+        student_logits: this rank's vocab shard ``[..., V_local]`` (rank r of ``tp_group`` holds
+            global columns ``[r * V_local, (r + 1) * V_local)``), bf16/fp16/fp32 (fp64 for
+            gradcheck). The result is differentiable w.r.t. it; the gradient has its dtype.
+        teacher_logits: the teacher's shard ``[..., V_local_teacher]``, same leading shape. Its
+            width may differ from the student's (models padded differently); the real columns are
+            then moved into the student's layout with one all_to_all per chunk.
+        kind: ``"forward_kl"`` = KL(p_teacher || p_student), ``"reverse_kl"`` = KL(p_student ||
+            p_teacher), ``"jsd"`` = beta KL(p_teacher || m) + (1 - beta) KL(p_student || m) with
+            m = beta p_teacher + (1 - beta) p_student; beta = 0 / 1 give forward / reverse KL
+            (TRL's GKD convention).
+        temperature: divides both logits before the softmax (teacher top-k log-probs are taken
+            as given).
+        loss_mask: ``[...]``, bool or 0/1; masked tokens give 0 and a zero gradient.
+        vocab_size: the real vocabulary; columns at or beyond it are padding and get no mass.
+            Defaults to ``tp * V_local`` of the student.
+        chunk_size: tokens per chunk; default ``max(1, 2**22 // V_local)`` (16 MiB per fp32
+            temporary). Peak extra memory is a few ``chunk_size x V_local`` fp32 temporaries, on
+            top of the inputs and the gradient, whatever the number of tokens.
+        tp_group: the tensor-parallel group the vocabulary is split over; None = unsharded.
+        support: ``"full"`` (whole vocabulary), or ``"teacher_topk"`` / ``"student_topk"``: the
+            divergence between the (top_k + 1)-bucket coarsenings, the top_k tokens chosen by
+            teacher or student plus one bucket with each side's remaining mass (exact for
+            top_k = vocab_size). Selection is vocab-parallel (local top-k, then a k-sized exchange).
+        teacher_topk_ids, teacher_topk_logprobs: ``[..., K]`` global ids and the teacher's
+            log-probs of them, instead of ``teacher_logits`` (needs ``support="teacher_topk"``);
+            the rest bucket carries the teacher's remaining mass 1 - sum exp(logprobs).
+
+    Returns:
+        ``[...]`` per-token loss in fp32 (fp64 for fp64 inputs), identical on every TP rank.
+
+    Collectives per chunk of tokens over ``tp_group`` (none when unsharded), the gradient is
+    analytic and recomputes each chunk:
+
+    * ``support="full"``, forward: one all_gather of ``[chunk, 4]`` (each rank's max and
+      log-sum-exp of both sides), then one all_reduce (sum) of ``[chunk, 1]`` (``[chunk, 2]`` for
+      JSD): the kind's summed terms. Backward: none.
+    * top-k supports: see :class:`~megatron_opd.losses.topk.TopKTail` (forward: one all_gather of
+      the local top-k candidates, skipped for given ids, and one all_gather of ``[chunk, k + 4]``
+      partials; backward: none).
+    * teacher shards wider or narrower than the student's (``support="full"``): plus one
+      all_to_all of the misplaced teacher columns per chunk, in the forward and in the backward.
+
+    The backward math per kind is in :mod:`megatron_opd.losses.kinds` and ``docs/losses.md``.
+    """
+    divergence = make_divergence(kind, beta)
+    check_temperature(temperature)
+    if support not in SUPPORTS:
+        raise ValueError(f"support must be one of {SUPPORTS}, got {support!r}")
+    lead = tuple(student_logits.shape[:-1])
+    if student_logits.dim() < 1 or not student_logits.is_floating_point():
+        raise TypeError(f"student_logits must be a floating tensor [..., V_local], got "
+                        f"{student_logits.dtype} of shape {tuple(student_logits.shape)}")
+    shard = vocab_shard(student_logits, vocab_size=vocab_size, tp_group=tp_group, what="student_logits")
+    dtype = compute_dtype(student_logits.dtype)
+    mask_t = _flat_mask(loss_mask, lead)
+    given = teacher_topk_ids is not None or teacher_topk_logprobs is not None
+
+    if given:
+        if teacher_logits is not None:
+            raise ValueError("pass either teacher_logits or teacher_topk_ids/teacher_topk_logprobs, not both")
+        if support != "teacher_topk":
+            raise ValueError(f'teacher_topk_ids/teacher_topk_logprobs need support="teacher_topk", '
+                             f"got support={support!r}")
+        if teacher_topk_ids is None or teacher_topk_logprobs is None:
+            raise ValueError("teacher_topk_ids and teacher_topk_logprobs must be given together")
+        k = teacher_topk_ids.shape[-1]
+        for name, t in (("teacher_topk_ids", teacher_topk_ids), ("teacher_topk_logprobs", teacher_topk_logprobs)):
+            if tuple(t.shape) != lead + (k,):
+                raise ValueError(f"{name} must have shape {lead + (k,)} (student leading dims + [K]), "
+                                 f"got {tuple(t.shape)}")
+        if top_k is not None and top_k != k:
+            raise ValueError(f"top_k={top_k} does not match teacher_topk_ids' last dim {k}")
+        _check_top_k(k, shard.vocab_size)
+        ids = teacher_topk_ids.reshape(-1, k).long()
+        if ids.numel() and (ids.min() < 0 or ids.max() >= shard.vocab_size):
+            raise ValueError(f"teacher_topk_ids must lie in [0, vocab_size={shard.vocab_size}), got "
+                             f"[{ids.min().item()}, {ids.max().item()}]")
+        loss = TopKTail(divergence, shard, temperature=temperature, dtype=dtype, k=k, select="given",
+                        teacher_ids_tk=ids,
+                        teacher_logprobs_tk=teacher_topk_logprobs.detach().reshape(-1, k))
+        width = shard.width
+    else:
+        if teacher_logits is None:
+            raise ValueError("teacher_logits is required (or teacher_topk_ids + teacher_topk_logprobs)")
+        if tuple(teacher_logits.shape[:-1]) != lead:
+            raise ValueError(f"teacher_logits leading shape {tuple(teacher_logits.shape[:-1])} != "
+                             f"student_logits leading shape {lead}")
+        teacher_shard = vocab_shard(teacher_logits, vocab_size=shard.vocab_size, tp_group=tp_group,
+                                    what="teacher_logits")
+        teacher_tv = teacher_logits.detach().reshape(-1, teacher_logits.shape[-1])
+        width = max(shard.width, teacher_shard.width)
+        if support == "full":
+            if top_k is not None:
+                raise ValueError(f'top_k={top_k} needs support="teacher_topk" or "student_topk"')
+            loss = FullVocab(divergence, shard, teacher_tv, teacher_shard,
+                             temperature=temperature, dtype=dtype)
+        else:
+            if top_k is None:
+                raise ValueError(f"support={support!r} needs top_k")
+            _check_top_k(top_k, shard.vocab_size)
+            if dtype == torch.float32 and shard.vocab_size > MAX_EXACT_FLOAT32_ID:
+                raise ValueError(f"top-k selection carries ids as float32: vocab_size "
+                                 f"{shard.vocab_size} > {MAX_EXACT_FLOAT32_ID}")
+            loss = TopKTail(divergence, shard, temperature=temperature, dtype=dtype, k=top_k,
+                            select=support.removesuffix("_topk"), teacher_tv=teacher_tv,
+                            teacher_shard=teacher_shard)
+
+    z_tv = student_logits.reshape(-1, shard.width)
+    out = ChunkedVocabLoss.apply(z_tv, loss, mask_t, resolve_chunk_size(chunk_size, width))
+    return out.view(lead)
+
+
+def sampled_token_reverse_kl(
+    student_logits: torch.Tensor,
+    sampled_ids: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    loss_mask: torch.Tensor | None = None,
+    vocab_size: int | None = None,
+    chunk_size: int | None = None,
+    tp_group=None,
+) -> torch.Tensor:
+    """Per-token ``log p_student(y) - log p_teacher(y)`` at the sampled tokens ``y``, vocab-parallel.
+
+    For ``y ~ p_student`` this is the single-sample estimate of KL(p_student || p_teacher); the
+    on-policy distillation recipe uses its negative (detached) as a per-token advantage.
+    ``teacher_logprobs`` ``[...]`` are the teacher's log-probs of ``sampled_ids`` (e.g. from
+    ``megatron-opd score`` or a served teacher), taken as constants. Differentiable w.r.t.
+    ``student_logits`` (the gradient is that of log p_student(y)). Masked tokens give 0; their
+    ids are not looked at. Collectives: those of :func:`token_logprobs`.
+    """
+    lead = tuple(student_logits.shape[:-1])
+    if tuple(sampled_ids.shape) != lead or tuple(teacher_logprobs.shape) != lead:
+        raise ValueError(f"sampled_ids {tuple(sampled_ids.shape)} and teacher_logprobs "
+                         f"{tuple(teacher_logprobs.shape)} must have the student's leading shape {lead}")
+    mask = None if loss_mask is None else _flat_mask(loss_mask, lead).view(lead)
+    if mask is not None:
+        sampled_ids = torch.where(mask, sampled_ids, 0)
+    logp = token_logprobs(student_logits, sampled_ids, vocab_size=vocab_size, tp_group=tp_group,
+                          temperature=temperature, chunk_size=chunk_size)
+    out = logp - teacher_logprobs.detach().to(logp.dtype)
+    return out if mask is None else torch.where(mask, out, 0.0)
+
+
+def _check_top_k(k: int, vocab_size: int) -> None:
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= vocab_size:
+        raise ValueError(f"top_k must be an integer in [1, vocab_size={vocab_size}], got {k!r}")
+
+
+def _flat_mask(loss_mask: torch.Tensor | None, lead: tuple[int, ...]) -> torch.Tensor | None:
+    if loss_mask is None:
+        return None
+    if tuple(loss_mask.shape) != lead:
+        raise ValueError(f"loss_mask shape {tuple(loss_mask.shape)} != student_logits leading shape {lead}")
+    return loss_mask.reshape(-1) != 0

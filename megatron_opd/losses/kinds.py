@@ -1,0 +1,96 @@
+"""The divergences on rows of log-probs: the summed terms, the loss, and the analytic gradient.
+
+Each kind sees ``logp`` (student) and ``logq`` (teacher) over a support (a vocab shard, or top-k
+buckets). ``sums`` gives per-row partial sums that add up across shards; ``loss`` turns the total
+into the per-token loss plus the one scalar the gradient needs; ``grad`` gives dD/ds, the gradient
+w.r.t. the student's tempered logits s = z / T, for the entries of the row.
+
+For any D(p) with p = softmax(s): dD/ds_j = p_j (g_j - sum_i p_i g_i), g = dD/dp. Per kind:
+  forward KL  D = sum q log(q / p)                       dD/ds = p - q
+  reverse KL  D = sum p log(p / q)                       dD/ds = p (log p - log q - D)
+  JSD(beta)   D = beta KL(q || m) + (1 - beta) KL(p || m), m = beta q + (1 - beta) p
+                                                         dD/ds = (1 - beta) p (log p - log m - KL(p || m))
+All terms are products of a probability with a difference of finite log-probs, so p = 0
+(underflow) gives 0, never 0 * log 0.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def _weighted_diff(logw: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per row ``sum exp(logw) * (a - b)`` -> ``[c]``."""
+    return torch.linalg.vecdot(logw.exp(), a - b)
+
+
+class ForwardKL:
+    """KL(p_teacher || p_student), the distillation loss of classic KD."""
+
+    def sums(self, logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+        return _weighted_diff(logq, logq, logp).unsqueeze(-1)
+
+    def loss(self, sums_cf: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return sums_cf[:, 0], None
+
+    def grad(self, logp: torch.Tensor, logq: torch.Tensor, aux: None) -> torch.Tensor:
+        """Overwrites ``logp`` and ``logq``."""
+        return logp.exp_().sub_(logq.exp_())
+
+
+class ReverseKL:
+    """KL(p_student || p_teacher), mode-seeking; the on-policy distillation default."""
+
+    def sums(self, logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+        return _weighted_diff(logp, logp, logq).unsqueeze(-1)
+
+    def loss(self, sums_cf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return sums_cf[:, 0], sums_cf[:, 0]
+
+    def grad(self, logp: torch.Tensor, logq: torch.Tensor, kl_c: torch.Tensor) -> torch.Tensor:
+        """Overwrites ``logp`` and ``logq``."""
+        diff = logq.neg_().add_(logp).sub_(kl_c.unsqueeze(-1))
+        return diff.mul_(logp.exp_())
+
+
+class JSD:
+    """Generalised Jensen-Shannon divergence with mixture m = beta * q + (1 - beta) * p, 0 < beta < 1."""
+
+    def __init__(self, beta: float):
+        assert 0.0 < beta < 1.0, beta
+        self.beta = beta
+        self.log_beta, self.log_1m_beta = math.log(beta), math.log1p(-beta)
+
+    def _log_mixture(self, logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+        return torch.logaddexp(logq + self.log_beta, logp + self.log_1m_beta)
+
+    def sums(self, logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+        logm = self._log_mixture(logp, logq)
+        return torch.stack([_weighted_diff(logq, logq, logm), _weighted_diff(logp, logp, logm)], dim=-1)
+
+    def loss(self, sums_cf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        kl_qm, kl_pm = sums_cf.unbind(-1)
+        return self.beta * kl_qm + (1.0 - self.beta) * kl_pm, kl_pm
+
+    def grad(self, logp: torch.Tensor, logq: torch.Tensor, kl_pm_c: torch.Tensor) -> torch.Tensor:
+        """Overwrites ``logp`` and ``logq``."""
+        diff = self._log_mixture(logp, logq).neg_().add_(logp).sub_(kl_pm_c.unsqueeze(-1))
+        return diff.mul_(logp.exp_()).mul_(1.0 - self.beta)
+
+
+KINDS = ("forward_kl", "reverse_kl", "jsd")
+
+
+def make_divergence(kind: str, beta: float):
+    """The divergence for ``kind``; JSD at beta 0 and 1 is forward and reverse KL (TRL's GKD convention)."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be a number in [0, 1], got {beta!r}")
+    if kind == "forward_kl" or (kind == "jsd" and beta == 0.0):
+        return ForwardKL()
+    if kind == "reverse_kl" or (kind == "jsd" and beta == 1.0):
+        return ReverseKL()
+    return JSD(float(beta))

@@ -1,0 +1,117 @@
+"""Megatron models built from HF checkpoints match transformers, at every TP/PP layout, and train
+identically across layouts."""
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from megatron_opd.testing.multiprocess import run_distributed
+
+LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 2)]
+
+
+def gathered_logits(model, logits):
+    """Full-vocabulary logits from TP shards (tests only: production code never does this)."""
+    parts = [torch.empty_like(logits) for _ in range(model.mp.layout.tp)]
+    dist.all_gather(parts, logits.contiguous(), group=model.mp.tp_group)
+    return torch.cat(parts, dim=-1)[..., : model.arch.vocab_size]
+
+
+def _logits_vs_transformers(model_dirs: dict, layouts: list) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    from megatron_opd import parallel
+    from megatron_opd.checkpoint.load import load_model
+    from megatron_opd.pipeline import run_schedule
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, 300, (2, 13))
+    batch = {"input_ids": ids, "position_ids": torch.arange(13).expand(2, -1)}
+    refs = {}
+    for name, path in model_dirs.items():
+        hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
+        with torch.no_grad():
+            refs[name] = hf(ids).logits
+    diffs = {}
+    for tp, pp in layouts:
+        mp = parallel.initialize_global_model_parallel(parallel.ParallelLayout(tp, pp))
+        for name, path in model_dirs.items():
+            model = load_model(path, mp)
+            out = run_schedule(model, [batch], lambda lg, b: gathered_logits(model, lg),
+                               forward_only=True)
+            if out:
+                diffs[(name, tp, pp)] = (out[0] - refs[name]).abs().max().item()
+    return diffs
+
+
+def test_logits_match_transformers_every_family_and_layout(tiny_models):
+    results = run_distributed(_logits_vs_transformers, 4, tiny_models, LAYOUTS, timeout=600)
+    diffs = {}
+    for r in results:
+        diffs.update(r)
+    assert len(diffs) == len(tiny_models) * len(LAYOUTS)
+    bad = {k: v for k, v in diffs.items() if not v <= 1e-4}
+    assert not bad, f"max |logit diff| above 1e-4: {bad}"
+
+
+def _train_step(model_dir: str, layouts: list, global_batch: int, num_micro: int) -> dict:
+    from megatron_opd import parallel
+    from megatron_opd.checkpoint.hf_weights import iter_hf_tensors
+    from megatron_opd.checkpoint.load import load_model
+    from megatron_opd.losses import token_logprobs
+    from megatron_opd.train.optim import OptimConfig, forward_backward, make_trainable, optimizer_step
+
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 300, (global_batch, 11), generator=g)
+    mask = (torch.rand(global_batch, 10, generator=g) > 0.2).float()
+    results = {}
+    for tp, pp in layouts:
+        mp = parallel.initialize_global_model_parallel(parallel.ParallelLayout(tp, pp))
+        model = load_model(model_dir, mp)
+        # A large Adam eps keeps the first update a smooth function of the gradient (with eps=1e-8
+        # it is lr * sign(g), which flips on round-off for near-zero gradients).
+        t = make_trainable(model, OptimConfig(lr=1e-2, clip_grad=1.0, weight_decay=0.1, adam_eps=1e-3))
+        rows = torch.arange(global_batch)[mp.dp_rank:: mp.dp_size]
+        micro = [{"input_ids": ids[r], "position_ids": torch.arange(11).expand(len(r), -1),
+                  "loss_mask": mask[r]} for r in rows.chunk(num_micro)]
+
+        def output_fn(logits, batch):
+            lp = token_logprobs(logits[:, :-1], batch["input_ids"][:, 1:],
+                                vocab_size=model.arch.vocab_size, tp_group=mp.tp_group)
+            loss = -(lp * batch["loss_mask"]).sum()
+            n = batch["loss_mask"].sum().to(torch.int)
+            return loss, n, {"loss_sum": loss.detach().clone(), "tokens": n.clone()}
+
+        out = forward_backward(t, micro, output_fn)
+        loss = torch.zeros(2)
+        if mp.is_last_stage:
+            loss = torch.stack([sum(o["loss_sum"] for o in out), sum(o["tokens"] for o in out).float()])
+        dist.all_reduce(loss)  # every replica's last-stage TP ranks hold the same sums
+        loss = (loss[0] / loss[1]).item()
+        grads = dict(iter_hf_tensors(model, grads=True))
+        applied, grad_norm = optimizer_step(t)
+        params = dict(iter_hf_tensors(model))
+        if dist.get_rank() == 0:
+            results[(tp, pp)] = {"loss": loss, "grad_norm": grad_norm, "grads": grads,
+                                 "params": params, "applied": applied}
+    return results
+
+
+@pytest.mark.parametrize("variant", ["llama", "qwen2_tied"])
+def test_training_step_identical_across_layouts(tiny_models, variant):
+    results = run_distributed(_train_step, 4, tiny_models[variant], LAYOUTS, 8, 2, timeout=600)[0]
+    base = results[(1, 1)]
+    assert base["applied"] and base["grad_norm"] > 0
+    for layout, r in results.items():
+        assert r["applied"], layout
+        assert abs(r["loss"] - base["loss"]) <= 1e-5 * abs(base["loss"]), (layout, r["loss"], base["loss"])
+        assert abs(r["grad_norm"] - base["grad_norm"]) <= 1e-5 * base["grad_norm"], layout
+        true_norm = sum(float((g.double() ** 2).sum()) for g in r["grads"].values()) ** 0.5
+        assert abs(r["grad_norm"] - true_norm) <= 1e-5 * true_norm, (layout, r["grad_norm"], true_norm)
+        assert r["grads"].keys() == base["grads"].keys()
+        for name, g in base["grads"].items():
+            err = (r["grads"][name] - g).abs().max().item()
+            assert err <= 1e-5 * max(g.abs().max().item(), 1e-3), (layout, name, err)
+        for name, p in base["params"].items():
+            err = (r["params"][name] - p).abs().max().item()
+            assert err <= 1e-5, (layout, name, err)
