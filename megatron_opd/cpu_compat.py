@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import types
+import warnings
 
 import torch
 
@@ -144,11 +145,26 @@ def _set_cpu_rng_state(new_state, device=-1, graph_safe=False):
     torch.set_rng_state(new_state)
 
 
+# megatron-core warns about these on every import on a CPU machine; they are expected here.
+KNOWN_CPU_WARNINGS = (
+    "Apex is not installed",
+    "Transformer Engine and Apex are not installed",
+    "When using async grad allreduce it is recommended",
+    "full scope is deprecated",
+)
+
+
+def quiet_known_warnings() -> None:
+    for message in KNOWN_CPU_WARNINGS:
+        warnings.filterwarnings("ignore", message=f".*{message}.*")
+
+
 def apply() -> None:
     """Install every shim (idempotent). A no-op when CUDA is available."""
     global _applied
     if _applied or torch.cuda.is_available():
         return
+    quiet_known_warnings()
 
     torch.cuda.current_device = lambda: "cpu"
     torch.cuda.synchronize = lambda *a, **k: None

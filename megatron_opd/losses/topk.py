@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from megatron_opd.losses.vocab_parallel import (VocabShard, column_mask, combine_logsumexp,
+from megatron_opd.losses.vocab_parallel import (LOG_ZERO, VocabShard, column_mask, combine_logsumexp,
                                                 gather_tokens, local_columns, log_probs,
                                                 logsumexp_or_empty, select_topk, shift_,
                                                 take_columns, to_compute)
@@ -37,7 +37,7 @@ def _bucket_logprobs(selected_ck: torch.Tensor, tail: tuple[torch.Tensor, torch.
     if tail is not None:
         tail_big, tail_lse = tail
         rel = torch.cat([rel, ((tail_big - big) / temperature + tail_lse).unsqueeze(-1)], dim=-1)
-    return torch.log_softmax(rel, dim=-1)
+    return torch.log_softmax(rel, dim=-1).clamp_min_(LOG_ZERO)
 
 
 class TopKTail:

@@ -12,6 +12,9 @@ import torch.distributed as dist
 CHUNK_ELEMENTS = 1 << 22
 # Top-k ids travel in the same float tensor as the values; float32 holds integers exactly below this.
 MAX_EXACT_FLOAT32_ID = 1 << 24
+# Stands in for log 0 (a -inf logit): p = exp(LOG_ZERO) is exactly 0, and the terms p * (log p - log q)
+# stay 0 * finite instead of NaN. Far below any real log-prob, with room for sums and logaddexp.
+LOG_ZERO = -1e30
 
 
 @dataclass(frozen=True)
@@ -93,13 +96,13 @@ def shift_(x_cv: torch.Tensor, temperature: float) -> torch.Tensor:
     """In place ``x <- (x - max x) / T``; returns the row max (0 for rows with no finite logit).
 
     Shifting the raw logits before dividing keeps the differences exact at low temperature and
-    large logits.
+    large logits; -inf logits become :data:`LOG_ZERO`.
     """
     if x_cv.shape[-1] == 0:
         return x_cv.new_zeros(x_cv.shape[:-1])
     m = x_cv.amax(dim=-1)
     m = torch.where(m.isfinite(), m, 0.0)
-    x_cv.sub_(m.unsqueeze(-1)).div_(temperature)
+    x_cv.sub_(m.unsqueeze(-1)).div_(temperature).clamp_min_(LOG_ZERO)
     return m
 
 
@@ -124,7 +127,7 @@ def log_probs(z_cv: torch.Tensor, big_c: torch.Tensor, lse_c: torch.Tensor, temp
               dtype: torch.dtype) -> torch.Tensor:
     """``(z - M) / T - L`` as a fresh ``dtype`` tensor (the inverse of :func:`combine_logsumexp`)."""
     x = to_compute(z_cv, dtype)
-    return x.sub_(big_c.unsqueeze(-1)).div_(temperature).sub_(lse_c.unsqueeze(-1))
+    return x.sub_(big_c.unsqueeze(-1)).div_(temperature).sub_(lse_c.unsqueeze(-1)).clamp_min_(LOG_ZERO)
 
 
 def gather_tokens(x_cf: torch.Tensor, shard: VocabShard) -> torch.Tensor:

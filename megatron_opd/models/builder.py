@@ -101,17 +101,20 @@ def mcore_layer_name(rest: str, layer: int) -> str:
 
 def build_model(arch: ArchConfig, mp: ModelParallel, *, params_dtype: torch.dtype = torch.float32,
                 padded_vocab: int | None = None, initialize: bool = True,
-                recompute: bool = False, sequence_parallel: bool = False) -> ShardedModel:
+                recompute: bool = False, sequence_parallel: bool = False,
+                config_extra: dict | None = None) -> ShardedModel:
     """This rank's pipeline stage of ``arch`` on the groups of ``mp``.
 
     Seed first (:func:`megatron_opd.parallel.seed`) when ``initialize`` is true: megatron draws
-    the TP-sharded initial weights from the model-parallel RNG stream.
+    the TP-sharded initial weights from the model-parallel RNG stream. ``config_extra`` sets
+    further ``TransformerConfig`` fields (e.g. dropout in tests).
     """
     from megatron.core.models.gpt import GPTModel
 
     tp, pp = mp.layout.tp, mp.layout.pp
     config = transformer_config(arch, tp=tp, pp=pp, params_dtype=params_dtype, initialize=initialize,
-                                recompute=recompute, sequence_parallel=sequence_parallel)
+                                recompute=recompute, sequence_parallel=sequence_parallel,
+                                extra=config_extra)
     te = transformer_engine_available()
     if te:
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec

@@ -195,7 +195,8 @@ ROPE_TYPES = {"default": _rope_default, "linear": _rope_linear, "llama3": _rope_
 
 def transformer_config(arch: ArchConfig, *, tp: int, pp: int, params_dtype: torch.dtype,
                        sequence_parallel: bool = False, recompute: bool = False,
-                       initialize: bool = True, init_method_std: float = 0.02):
+                       initialize: bool = True, init_method_std: float = 0.02,
+                       extra: dict | None = None):
     """The megatron-core ``TransformerConfig`` for ``arch`` split ``tp`` x ``pp`` ways.
 
     On CPU, what megatron-core cannot do there is refused with a message naming the setting:
@@ -218,7 +219,7 @@ def transformer_config(arch: ArchConfig, *, tp: int, pp: int, params_dtype: torc
     if arch.sliding_window is not None and arch.sliding_window < arch.max_position_embeddings:
         # HF: query i sees keys j with i - sliding_window < j <= i.
         window = (arch.sliding_window - 1, 0)
-    return TransformerConfig(
+    kwargs = dict(
         num_layers=arch.num_layers,
         hidden_size=arch.hidden_size,
         ffn_hidden_size=arch.ffn_hidden_size,
@@ -260,3 +261,5 @@ def transformer_config(arch: ArchConfig, *, tp: int, pp: int, params_dtype: torc
         recompute_method="uniform" if recompute else None,
         recompute_num_layers=1 if recompute else None,
     )
+    kwargs.update(extra or {})
+    return TransformerConfig(**kwargs)

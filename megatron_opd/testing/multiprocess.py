@@ -62,7 +62,8 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 
     port = free_port()
     num_threads = max(1, (os.cpu_count() or 1) // world_size)
     procs = [
-        ctx.Process(target=_worker, daemon=True,
+        # Not daemonic: ranks may start processes of their own (dist-checkpoint writers do).
+        ctx.Process(target=_worker, daemon=False,
                     args=(rank, world_size, port, fn, args, kwargs, results, env or {}, num_threads))
         for rank in range(world_size)
     ]

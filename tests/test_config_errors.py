@@ -1,0 +1,47 @@
+"""Bad model configs and parallel layouts give one-line errors that name the culprit."""
+
+import json
+
+import pytest
+
+from megatron_opd.models import ArchConfig
+from megatron_opd.parallel import ParallelLayout
+from megatron_opd.testing.tiny import hf_config
+
+
+def _write(tmp_path, **changes):
+    data = hf_config("llama").to_dict()
+    data.update(changes)
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    return tmp_path
+
+
+def test_unknown_model_type(tmp_path):
+    with pytest.raises(ValueError, match=r"config.json: model_type 'gpt2' is not supported"):
+        ArchConfig.from_hf_dir(_write(tmp_path, model_type="gpt2"))
+
+
+def test_missing_config(tmp_path):
+    with pytest.raises(ValueError, match=r"no config.json"):
+        ArchConfig.from_hf_dir(tmp_path)
+
+
+def test_unsupported_option_names_field(tmp_path):
+    with pytest.raises(ValueError, match=r"attention_bias=True is not supported for llama"):
+        ArchConfig.from_hf_dir(_write(tmp_path, attention_bias=True))
+    with pytest.raises(ValueError, match=r"rope_parameters.rope_type='yarn' is not supported"):
+        ArchConfig.from_hf_dir(_write(tmp_path, rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}))
+
+
+def test_heads_not_divisible_by_tp(tmp_path):
+    arch = ArchConfig.from_hf_dir(_write(tmp_path))
+    with pytest.raises(ValueError, match=r"num_key_value_heads=2 is not divisible by tp=4"):
+        arch.check_parallel(tp=4, pp=1)
+    with pytest.raises(ValueError, match=r"num_hidden_layers=2 is not divisible by pp=3"):
+        arch.check_parallel(tp=1, pp=3)
+
+
+def test_tp_pp_must_divide_world_size():
+    with pytest.raises(ValueError, match=r"tp \* pp = 2 \* 2 = 4 does not divide the world size 6"):
+        ParallelLayout(2, 2).data_parallel_size(6)
+    assert ParallelLayout(2, 2).data_parallel_size(8) == 2
