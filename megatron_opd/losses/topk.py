@@ -37,7 +37,7 @@ def _bucket_logprobs(selected_ck: torch.Tensor, tail: tuple[torch.Tensor, torch.
     if tail is not None:
         tail_big, tail_lse = tail
         rel = torch.cat([rel, ((tail_big - big) / temperature + tail_lse).unsqueeze(-1)], dim=-1)
-    return torch.log_softmax(rel, dim=-1).clamp_min_(LOG_ZERO)
+    return rel.sub_(torch.logsumexp(rel, dim=-1, keepdim=True)).clamp_min_(LOG_ZERO)
 
 
 class TopKTail:

@@ -279,5 +279,4 @@ class ChunkedVocabLoss(torch.autograd.Function):
             scale_t = torch.where(mask_t, scale_t, 0.0)
         for rows, state in ctx.states:
             grad_tv[rows, :n] = loss.grad_chunk(z_tv[rows, :n], rows, state, scale_t[rows])
-        ctx.loss = ctx.states = None
         return grad_tv, None, None, None
