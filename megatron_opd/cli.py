@@ -21,10 +21,32 @@ def _score_parser(sub) -> None:
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
 
 
+def _convert_parser(sub) -> None:
+    p = sub.add_parser("convert", help="HF <-> megatron-core checkpoint conversion",
+                       description="Bit-exact conversion between HF safetensors and megatron-core "
+                       "dist checkpoints. Run under torchrun with --tp/--pp so each rank holds only "
+                       "its slices. Outputs appear only when complete.")
+    conv = p.add_subparsers(dest="direction", required=True)
+    a = conv.add_parser("hf-to-mcore", help="HF model directory -> megatron dist checkpoint")
+    a.add_argument("--hf", required=True, help="HF model directory (config.json + safetensors)")
+    a.add_argument("--out", required=True, help="output checkpoint directory")
+    b = conv.add_parser("mcore-to-hf", help="megatron dist checkpoint -> HF model directory")
+    b.add_argument("--mcore", required=True, help="converted or training checkpoint directory")
+    b.add_argument("--out", required=True, help="output HF model directory")
+    b.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (e.g. 5GB)")
+    for q in (a, b):
+        q.add_argument("--tp", type=int, default=1, help="tensor-parallel size of this run")
+        q.add_argument("--pp", type=int, default=1, help="pipeline-parallel size of this run")
+        q.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
+                       help="stored dtype (default: the source checkpoint's)")
+        q.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="megatron-opd", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _score_parser(sub)
+    _convert_parser(sub)
     return parser
 
 
@@ -35,6 +57,10 @@ def main(argv: list[str] | None = None) -> int:
             from megatron_opd import score
 
             return score.main(args)
+        if args.command == "convert":
+            from megatron_opd import convert
+
+            return convert.main(args)
     except ValueError as e:
         print(f"megatron-opd {args.command}: error: {e}", file=sys.stderr)
         return 2

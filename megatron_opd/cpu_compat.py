@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import re
 import types
 import warnings
 
@@ -151,12 +152,14 @@ KNOWN_CPU_WARNINGS = (
     "Transformer Engine and Apex are not installed",
     "When using async grad allreduce it is recommended",
     "full scope is deprecated",
+    "Please use DTensor instead and we are deprecating ShardedTensor",
+    "`load_state_dict` is deprecated and will be removed",
 )
 
 
 def quiet_known_warnings() -> None:
     for message in KNOWN_CPU_WARNINGS:
-        warnings.filterwarnings("ignore", message=f".*{message}.*")
+        warnings.filterwarnings("ignore", message=f".*{re.escape(message)}")
 
 
 def apply() -> None:

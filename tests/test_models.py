@@ -5,47 +5,14 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from megatron_opd.testing.checks import logits_vs_transformers
 from megatron_opd.testing.multiprocess import run_distributed
 
 LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 2)]
 
 
-def gathered_logits(model, logits):
-    """Full-vocabulary logits from TP shards (tests only: production code never does this)."""
-    parts = [torch.empty_like(logits) for _ in range(model.mp.layout.tp)]
-    dist.all_gather(parts, logits.contiguous(), group=model.mp.tp_group)
-    return torch.cat(parts, dim=-1)[..., : model.arch.vocab_size]
-
-
-def _logits_vs_transformers(model_dirs: dict, layouts: list) -> dict:
-    from transformers import AutoModelForCausalLM
-
-    from megatron_opd import parallel
-    from megatron_opd.checkpoint.load import load_model
-    from megatron_opd.pipeline import run_schedule
-
-    torch.manual_seed(0)
-    ids = torch.randint(0, 300, (2, 13))
-    batch = {"input_ids": ids, "position_ids": torch.arange(13).expand(2, -1)}
-    refs = {}
-    for name, path in model_dirs.items():
-        hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
-        with torch.no_grad():
-            refs[name] = hf(ids).logits
-    diffs = {}
-    for tp, pp in layouts:
-        mp = parallel.initialize_global_model_parallel(parallel.ParallelLayout(tp, pp))
-        for name, path in model_dirs.items():
-            model = load_model(path, mp)
-            out = run_schedule(model, [batch], lambda lg, b: gathered_logits(model, lg),
-                               forward_only=True)
-            if out:
-                diffs[(name, tp, pp)] = (out[0] - refs[name]).abs().max().item()
-    return diffs
-
-
 def test_logits_match_transformers_every_family_and_layout(tiny_models):
-    results = run_distributed(_logits_vs_transformers, 4, tiny_models, LAYOUTS, timeout=600)
+    results = run_distributed(logits_vs_transformers, 4, tiny_models, LAYOUTS, timeout=600)
     diffs = {}
     for r in results:
         diffs.update(r)

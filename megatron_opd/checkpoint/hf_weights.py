@@ -7,15 +7,15 @@ import torch
 from megatron_opd import parallel
 from megatron_opd.checkpoint.safetensors_io import DTYPE_NAMES, HFCheckpoint
 from megatron_opd.models.builder import ShardedModel
+from megatron_opd.models.config import ArchConfig
 from megatron_opd.models.layout import hf_shapes, shard_from_hf
 
 # Buffers some HF exports carry that are not weights.
 IGNORED_HF_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
-def validate_hf_checkpoint(ckpt: HFCheckpoint, model: ShardedModel) -> None:
+def validate_hf_checkpoint(ckpt: HFCheckpoint, arch: ArchConfig) -> None:
     """Check every key, shape and dtype against the config before anything is loaded."""
-    arch = model.arch
     expected: dict[str, tuple[int, ...]] = {}
     family = arch.family
     for layer in range(arch.num_layers):
@@ -52,7 +52,7 @@ def validate_hf_checkpoint(ckpt: HFCheckpoint, model: ShardedModel) -> None:
 def load_hf_weights(model: ShardedModel, path) -> None:
     """Fill this rank's parameters of ``model`` from the HF checkpoint at ``path``."""
     ckpt = path if isinstance(path, HFCheckpoint) else HFCheckpoint(path)
-    validate_hf_checkpoint(ckpt, model)
+    validate_hf_checkpoint(ckpt, model.arch)
     tp_rank, tp_size = model.mp.tp_rank, model.mp.layout.tp
     for ref in model.param_refs():
         shard = shard_from_hf(ref.row, ref.hf_names, ckpt, model.arch, tp_rank=tp_rank,

@@ -14,12 +14,16 @@ from megatron_opd.parallel import ModelParallel
 
 def load_model(path: str | Path, mp: ModelParallel, *, params_dtype: torch.dtype = torch.float32,
                seed: int = 1234) -> ShardedModel:
-    """An HF model directory (config.json + safetensors), loaded onto ``mp``'s ranks."""
+    """An HF model directory (config.json + safetensors) or a megatron_opd checkpoint (converted
+    or from training), loaded onto ``mp``'s ranks."""
+    from megatron_opd.checkpoint import mcore
     from megatron_opd.checkpoint.hf_weights import load_hf_weights
 
     path = Path(path)
     if not path.exists():
         raise ValueError(f"{path}: model directory does not exist")
+    if mcore.is_mcore_checkpoint(path):
+        return mcore.load_model(path, mp, params_dtype=params_dtype, seed=seed)
     arch = ArchConfig.from_hf_dir(path)
     arch.check_parallel(tp=mp.layout.tp, pp=mp.layout.pp)
     parallel.seed(seed, mp)

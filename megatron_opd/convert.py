@@ -1,0 +1,97 @@
+"""HF <-> megatron-core checkpoint conversion, bit-exact, at any TP/PP (run under torchrun).
+
+hf-to-mcore: each rank reads only the slices it owns, then all ranks write one dist checkpoint.
+mcore-to-hf: the checkpoint is loaded at the launch layout, and HF tensors stream, one at a time,
+to rank 0, which writes safetensors shards. Outputs are staged and renamed into place when
+complete; validation errors come before anything is written.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from megatron_opd import parallel
+from megatron_opd.checkpoint import mcore
+from megatron_opd.checkpoint.hf_weights import iter_hf_tensors, load_hf_weights, validate_hf_checkpoint
+from megatron_opd.checkpoint.publish import check_output_dir, staged_output
+from megatron_opd.checkpoint.safetensors_io import (DTYPE_NAMES, HFCheckpoint, ShardedSafetensorsWriter,
+                                                    parse_size)
+from megatron_opd.models.builder import build_model
+from megatron_opd.models.config import ArchConfig
+from megatron_opd.utils import log0, progress
+
+HF_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, *, layout: parallel.ParallelLayout,
+                dtype: str | None = None, force: bool = False) -> None:
+    """Convert the HF model at ``hf_dir`` into a megatron_opd checkpoint at ``out_dir``."""
+    hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    check_output_dir(out_dir, force=force)
+    if not hf_dir.is_dir():
+        raise ValueError(f"{hf_dir}: HF model directory does not exist")
+    arch = ArchConfig.from_hf_dir(hf_dir)
+    ckpt = HFCheckpoint(hf_dir)
+    validate_hf_checkpoint(ckpt, arch)
+    arch.check_parallel(tp=layout.tp, pp=layout.pp, what="convert")
+    mp = parallel.initialize_global_model_parallel(layout, what="convert")
+    parallel.seed(0, mp)
+    model = build_model(arch, mp, initialize=False)
+    source_dtype = DTYPE_NAMES[ckpt.dtype("model.embed_tokens.weight")]
+    stored = HF_DTYPES[dtype] if dtype else source_dtype
+    load_hf_weights(model, ckpt)
+    log0(f"loaded {hf_dir} at tp={layout.tp} pp={layout.pp}; writing {out_dir}")
+    with staged_output(out_dir, force=force) as staging:
+        mcore.save_model(model, staging, dtype=stored,
+                         extra_meta={"hf_dtype": mcore.HF_DTYPE_NAMES[source_dtype],
+                                     "source": str(hf_dir)})
+        if dist.get_rank() == 0:
+            mcore.copy_tokenizer_files(hf_dir, staging)
+    log0(f"wrote {out_dir}")
+
+
+def mcore_to_hf(mcore_dir: str | Path, out_dir: str | Path, *, layout: parallel.ParallelLayout,
+                dtype: str | None = None, max_shard_size: str = "5GB", force: bool = False) -> None:
+    """Export the megatron_opd checkpoint at ``mcore_dir`` as an HF model directory."""
+    mcore_dir, out_dir = Path(mcore_dir), Path(out_dir)
+    check_output_dir(out_dir, force=force)
+    meta = mcore.read_meta(mcore_dir)
+    max_bytes = parse_size(max_shard_size)
+    hf_dtype_name = meta.get("hf_dtype", "float32")
+    export = HF_DTYPES[dtype] if dtype else {v: k for k, v in mcore.HF_DTYPE_NAMES.items()}[hf_dtype_name]
+    mp = parallel.initialize_global_model_parallel(layout, what="convert")
+    model = mcore.load_model(mcore_dir, mp)
+    arch = model.arch
+    with staged_output(out_dir, force=force) as staging:
+        rank0 = dist.get_rank() == 0
+        writer = ShardedSafetensorsWriter(staging, max_shard_bytes=max_bytes) if rank0 else None
+        bar = progress(total=len(model.hf_names()), desc="exporting", unit="tensor")
+        for name, tensor in iter_hf_tensors(model):
+            writer.add(name, tensor.to(export))
+            bar.update()
+        bar.close()
+        if rank0:
+            files = writer.close()
+            config = dict(arch.hf_config)
+            dtype_key = "torch_dtype" if "torch_dtype" in config and "dtype" not in config else "dtype"
+            config[dtype_key] = mcore.HF_DTYPE_NAMES[export]
+            config.setdefault("architectures", [arch.family.hf_architecture])
+            (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+            mcore.copy_tokenizer_files(mcore_dir, staging)
+            log0(f"wrote {len(files)} safetensors file(s), {writer.total_bytes / 1e6:.1f} MB")
+    log0(f"wrote {out_dir}")
+
+
+def main(args) -> int:
+    parallel.init_distributed()
+    layout = parallel.ParallelLayout(tp=args.tp, pp=args.pp)
+    if args.direction == "hf-to-mcore":
+        hf_to_mcore(args.hf, args.out, layout=layout, dtype=args.dtype, force=args.force)
+    else:
+        mcore_to_hf(args.mcore, args.out, layout=layout, dtype=args.dtype,
+                    max_shard_size=args.max_shard_size, force=args.force)
+    return 0
