@@ -198,24 +198,26 @@ def sweep_extreme(rank, world, group) -> list[str]:
     one_hot = torch.full((*LEAD, vocab), float("-inf"))
     one_hot.scatter_(-1, torch.randint(0, vocab, (*LEAD, 1), generator=g), 0.0)
     failures = []
-    for teacher_name, teacher in (("+-1e4", t), ("-inf one-hot", one_hot)):
+    for pair_name, student, teacher in (("+-1e4 vs +-1e4", s, t), ("+-1e4 vs -inf one-hot", s, one_hot),
+                                        ("-inf one-hot vs +-1e4", one_hot, t)):
         for kind, beta in DISTINCT_KINDS:
             for temperature in (0.05, 1.0):
                 for support in ("full", "teacher_topk", "student_topk"):
-                    x = shard(s, rank, world).clone().requires_grad_()
+                    x = shard(student, rank, world).clone().requires_grad_()
                     out = vocab_parallel_divergence(
                         x, shard(teacher, rank, world), kind=kind, beta=beta, temperature=temperature,
                         tp_group=group, chunk_size=20, support=support, top_k=None if support == "full" else 3)
                     out.sum().backward()
                     if not (out.isfinite().all() and x.grad.isfinite().all()):
-                        failures.append(f"{teacher_name} {support} {kind} beta={beta} T={temperature}")
+                        failures.append(f"{pair_name} {support} {kind} beta={beta} T={temperature}")
     return failures
 
 
 class RecordCollectives(contextlib.AbstractContextManager):
     """Wraps torch.distributed's collectives and records (name, shape of the first tensor) per call."""
 
-    NAMES = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_to_all", "all_to_all_single",
+    NAMES = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_single", "all_to_all",
+             "all_to_all_single",
              "broadcast", "reduce_scatter", "reduce_scatter_tensor", "send", "recv", "barrier")
 
     def __enter__(self):
@@ -244,13 +246,13 @@ def expected_collectives(case: str, chunks: list[int], world: int, *, k: int = 0
             forward.append(("all_to_all_single", (recv_columns, c)))
             backward.append(("all_to_all_single", (recv_columns, c)))
         if case in ("full", "jsd", "teacher_wider"):
-            forward += [("all_gather_into_tensor", (world * c, 4)),
+            forward += [("all_gather_single", (world * c, 4)),
                         ("all_reduce", (c, 2 if case == "jsd" else 1))]
         if case == "topk":
-            forward += [("all_gather_into_tensor", (world * c, k_local, 2)),
-                        ("all_gather_into_tensor", (world * c, k + 4))]
+            forward += [("all_gather_single", (world * c, k_local, 2)),
+                        ("all_gather_single", (world * c, k + 4))]
         if case == "given":
-            forward.append(("all_gather_into_tensor", (world * c, k + 2)))
+            forward.append(("all_gather_single", (world * c, k + 2)))
     return forward, backward
 
 
@@ -354,10 +356,10 @@ def check_logprob_collectives(rank, world, group) -> list[str]:
     with RecordCollectives() as top:
         topk_logprobs(x.detach(), 5, vocab_size=vocab, tp_group=group, chunk_size=20)
     chunks = (20, 20, 5)
-    want = {"token_logprobs forward": [("all_gather_into_tensor", (world * c, 3)) for c in chunks],
+    want = {"token_logprobs forward": [("all_gather_single", (world * c, 3)) for c in chunks],
             "token_logprobs backward": [],
-            "topk_logprobs": [call for c in chunks for call in (("all_gather_into_tensor", (world * c, 5, 2)),
-                                                                ("all_gather_into_tensor", (world * c, 2)))]}
+            "topk_logprobs": [call for c in chunks for call in (("all_gather_single", (world * c, 5, 2)),
+                                                                ("all_gather_single", (world * c, 2)))]}
     issued = {"token_logprobs forward": fwd.calls, "token_logprobs backward": bwd.calls, "topk_logprobs": top.calls}
     return [f"{name}: issued {issued[name]}, documented {want[name]}" for name in want if issued[name] != want[name]]
 

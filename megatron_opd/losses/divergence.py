@@ -8,11 +8,10 @@ from megatron_opd.losses.kinds import make_divergence
 from megatron_opd.losses.logprobs import token_logprobs
 from megatron_opd.losses.topk import TopKTail
 from megatron_opd.losses.vocab_parallel import (MAX_EXACT_FLOAT32_ID, ChunkedVocabLoss, VocabShard,
-                                                check_temperature,
-                                                combine_logsumexp, compute_dtype, gather_tokens,
-                                                log_probs, logsumexp_or_empty, realign_columns,
-                                                resolve_chunk_size, shift_, sum_tokens, to_compute,
-                                                vocab_shard)
+                                                check_temperature, combine_logsumexp, compute_dtype,
+                                                exp_and_logsumexp, gather_tokens, log_probs,
+                                                realign_columns, resolve_chunk_size, shifted_logits,
+                                                sum_tokens, vocab_shard)
 
 SUPPORTS = ("full", "teacher_topk", "student_topk")
 
@@ -32,24 +31,30 @@ class FullVocab:
 
     def forward_chunk(self, z_cv: torch.Tensor, rows: slice):
         temperature = self.temperature
-        x_s, x_t = to_compute(z_cv, self.dtype), to_compute(self._teacher(rows), self.dtype)
-        m_s, m_t = shift_(x_s, temperature), shift_(x_t, temperature)
+        x_s, m_s = shifted_logits(z_cv, temperature, self.dtype)
+        x_t, m_t = shifted_logits(self._teacher(rows), temperature, self.dtype)
+        e_s, lse_s = exp_and_logsumexp(x_s)
+        e_t, lse_t = exp_and_logsumexp(x_t)
         # Collective 1: every rank's (max, log-sum-exp) of both sides, merged like split softmax.
-        parts = gather_tokens(torch.stack([m_s, logsumexp_or_empty(x_s),
-                                           m_t, logsumexp_or_empty(x_t)], dim=-1), self.shard)
+        parts = gather_tokens(torch.stack([m_s, lse_s, m_t, lse_t], dim=-1), self.shard)
         big_s, lse_s = combine_logsumexp(parts[..., 0], parts[..., 1], temperature)
         big_t, lse_t = combine_logsumexp(parts[..., 2], parts[..., 3], temperature)
-        logp = x_s.add_(((m_s - big_s) / temperature - lse_s).unsqueeze(-1))
-        logq = x_t.add_(((m_t - big_t) / temperature - lse_t).unsqueeze(-1))
+        # log p = x + (m - M) / T - L and p = exp(x) * exp(that), without another exp pass.
+        to_s = ((m_s - big_s) / temperature - lse_s).unsqueeze(-1)
+        to_t = ((m_t - big_t) / temperature - lse_t).unsqueeze(-1)
+        logp, p = x_s.add_(to_s), e_s.mul_(to_s.exp())
+        logq, q = x_t.add_(to_t), e_t.mul_(to_t.exp())
         # Collective 2: the kind's per-token sums over the vocabulary (1 value, 2 for JSD).
-        loss, aux = self.divergence.loss(sum_tokens(self.divergence.sums(logp, logq), self.shard))
+        sums = sum_tokens(self.divergence.sums(logp, logq, p, q), self.shard)
+        loss, aux = self.divergence.loss(sums)
         return loss, (big_s, lse_s, big_t, lse_t, aux)
 
     def grad_chunk(self, z_cv: torch.Tensor, rows: slice, state, scale_c: torch.Tensor) -> torch.Tensor:
         big_s, lse_s, big_t, lse_t, aux = state
         logp = log_probs(z_cv, big_s, lse_s, self.temperature, self.dtype)
         logq = log_probs(self._teacher(rows), big_t, lse_t, self.temperature, self.dtype)
-        return self.divergence.grad(logp, logq, aux).mul_(scale_c.unsqueeze(-1))
+        grad = self.divergence.grad(logp, logq, logp.exp(), logq.exp(), aux)
+        return grad.mul_(scale_c.unsqueeze(-1))
 
 
 def vocab_parallel_divergence(
@@ -86,9 +91,9 @@ def vocab_parallel_divergence(
         loss_mask: ``[...]``, bool or 0/1; masked tokens give 0 and a zero gradient.
         vocab_size: the real vocabulary; columns at or beyond it are padding and get no mass.
             Defaults to ``tp * V_local`` of the student.
-        chunk_size: tokens per chunk; default ``max(1, 2**22 // V_local)`` (16 MiB per fp32
-            temporary). Peak extra memory is a few ``chunk_size x V_local`` fp32 temporaries, on
-            top of the inputs and the gradient, whatever the number of tokens.
+        chunk_size: tokens per chunk; default about 2**20 logits per chunk on CPU (2**24 on GPUs):
+            ``max(1, elements // V_local)``. Peak extra memory is a few ``chunk_size x V_local``
+            fp32 temporaries on top of the inputs and the gradient, whatever the number of tokens.
         tp_group: the tensor-parallel group the vocabulary is split over; None = unsharded.
         support: ``"full"`` (whole vocabulary), or ``"teacher_topk"`` / ``"student_topk"``: the
             divergence between the (top_k + 1)-bucket coarsenings, the top_k tokens chosen by
@@ -179,7 +184,7 @@ def vocab_parallel_divergence(
                             teacher_shard=teacher_shard)
 
     z_tv = student_logits.reshape(-1, shard.width)
-    out = ChunkedVocabLoss.apply(z_tv, loss, mask_t, resolve_chunk_size(chunk_size, width))
+    out = ChunkedVocabLoss.apply(z_tv, loss, mask_t, resolve_chunk_size(chunk_size, width, student_logits.device))
     return out.view(lead)
 
 

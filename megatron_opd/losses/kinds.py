@@ -1,58 +1,56 @@
 """The divergences on rows of log-probs: the summed terms, the loss, and the analytic gradient.
 
-Each kind sees ``logp`` (student) and ``logq`` (teacher) over a support (a vocab shard, or top-k
-buckets). ``sums`` gives per-row partial sums that add up across shards; ``loss`` turns the total
-into the per-token loss plus the one scalar the gradient needs; ``grad`` gives dD/ds, the gradient
-w.r.t. the student's tempered logits s = z / T, for the entries of the row.
+Each kind sees log-probs and probabilities of the student (``logp``, ``p``) and the teacher
+(``logq``, ``q``) over a support (a vocab shard, or top-k buckets). ``sums`` gives per-row partial
+sums that add up across shards; ``loss`` turns the total into the per-token loss plus the one
+scalar the gradient needs; ``grad`` gives dD/ds, the gradient w.r.t. the student's tempered logits
+s = z / T, for the entries of the row.
 
 For any D(p) with p = softmax(s): dD/ds_j = p_j (g_j - sum_i p_i g_i), g = dD/dp. Per kind:
   forward KL  D = sum q log(q / p)                       dD/ds = p - q
   reverse KL  D = sum p log(p / q)                       dD/ds = p (log p - log q - D)
   JSD(beta)   D = beta KL(q || m) + (1 - beta) KL(p || m), m = beta q + (1 - beta) p
                                                          dD/ds = (1 - beta) p (log p - log m - KL(p || m))
-All terms are products of a probability with a difference of finite log-probs, so p = 0
-(underflow) gives 0, never 0 * log 0.
+All terms are products of a probability with a difference of finite log-probs (-inf logits are
+floored at LOG_ZERO), so p = 0 gives 0, never 0 * log 0.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 
-def _weighted_diff(logw: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Per row ``sum exp(logw) * (a - b)`` -> ``[c]``."""
-    return torch.linalg.vecdot(logw.exp(), a - b)
+def _weighted_diff(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per row ``sum w * (a - b)`` -> ``[c]``."""
+    return torch.linalg.vecdot(w, a - b)
 
 
 class ForwardKL:
     """KL(p_teacher || p_student), the distillation loss of classic KD."""
 
-    def sums(self, logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
-        return _weighted_diff(logq, logq, logp).unsqueeze(-1)
+    def sums(self, logp, logq, p, q) -> torch.Tensor:
+        return _weighted_diff(q, logq, logp).unsqueeze(-1)
 
     def loss(self, sums_cf: torch.Tensor) -> tuple[torch.Tensor, None]:
         return sums_cf[:, 0], None
 
-    def grad(self, logp: torch.Tensor, logq: torch.Tensor, aux: None) -> torch.Tensor:
-        """Overwrites ``logp`` and ``logq``."""
-        return logp.exp_().sub_(logq.exp_())
+    def grad(self, logp, logq, p, q, aux: None) -> torch.Tensor:
+        """May overwrite its inputs."""
+        return p.sub_(q)
 
 
 class ReverseKL:
     """KL(p_student || p_teacher), mode-seeking; the on-policy distillation default."""
 
-    def sums(self, logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
-        return _weighted_diff(logp, logp, logq).unsqueeze(-1)
+    def sums(self, logp, logq, p, q) -> torch.Tensor:
+        return _weighted_diff(p, logp, logq).unsqueeze(-1)
 
     def loss(self, sums_cf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return sums_cf[:, 0], sums_cf[:, 0]
 
-    def grad(self, logp: torch.Tensor, logq: torch.Tensor, kl_c: torch.Tensor) -> torch.Tensor:
-        """Overwrites ``logp`` and ``logq``."""
-        diff = logq.neg_().add_(logp).sub_(kl_c.unsqueeze(-1))
-        return diff.mul_(logp.exp_())
+    def grad(self, logp, logq, p, q, kl_c: torch.Tensor) -> torch.Tensor:
+        """May overwrite its inputs."""
+        return logp.sub_(logq).sub_(kl_c.unsqueeze(-1)).mul_(p)
 
 
 class JSD:
@@ -61,23 +59,23 @@ class JSD:
     def __init__(self, beta: float):
         assert 0.0 < beta < 1.0, beta
         self.beta = beta
-        self.log_beta, self.log_1m_beta = math.log(beta), math.log1p(-beta)
 
-    def _log_mixture(self, logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
-        return torch.logaddexp(logq + self.log_beta, logp + self.log_1m_beta)
+    def _log_mixture(self, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        # m = 0 only where p and q both underflow; the floor keeps 0 * log m finite there.
+        return torch.lerp(p, q, self.beta).clamp_min_(torch.finfo(p.dtype).tiny).log_()
 
-    def sums(self, logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
-        logm = self._log_mixture(logp, logq)
-        return torch.stack([_weighted_diff(logq, logq, logm), _weighted_diff(logp, logp, logm)], dim=-1)
+    def sums(self, logp, logq, p, q) -> torch.Tensor:
+        logm = self._log_mixture(p, q)
+        return torch.stack([_weighted_diff(q, logq, logm), _weighted_diff(p, logp, logm)], dim=-1)
 
     def loss(self, sums_cf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         kl_qm, kl_pm = sums_cf.unbind(-1)
         return self.beta * kl_qm + (1.0 - self.beta) * kl_pm, kl_pm
 
-    def grad(self, logp: torch.Tensor, logq: torch.Tensor, kl_pm_c: torch.Tensor) -> torch.Tensor:
-        """Overwrites ``logp`` and ``logq``."""
-        diff = self._log_mixture(logp, logq).neg_().add_(logp).sub_(kl_pm_c.unsqueeze(-1))
-        return diff.mul_(logp.exp_()).mul_(1.0 - self.beta)
+    def grad(self, logp, logq, p, q, kl_pm_c: torch.Tensor) -> torch.Tensor:
+        """May overwrite its inputs."""
+        logm = self._log_mixture(p, q)
+        return logp.sub_(logm).sub_(kl_pm_c.unsqueeze(-1)).mul_(p).mul_(1.0 - self.beta)
 
 
 KINDS = ("forward_kl", "reverse_kl", "jsd")

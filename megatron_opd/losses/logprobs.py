@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 
 from megatron_opd.losses.vocab_parallel import (ChunkedVocabLoss, VocabShard, check_temperature,
-                                                combine_logsumexp, compute_dtype, gather_tokens,
-                                                local_columns, log_probs, logsumexp_or_empty,
-                                                resolve_chunk_size, select_topk, shift_,
-                                                take_columns, to_compute, vocab_shard)
+                                                combine_logsumexp, compute_dtype, exp_and_logsumexp,
+                                                gather_tokens, local_columns, log_probs,
+                                                resolve_chunk_size, select_topk, shifted_logits,
+                                                take_columns, vocab_shard)
 
 
 class TokenLogProb:
@@ -18,12 +18,11 @@ class TokenLogProb:
         self.shard, self.ids_t, self.temperature, self.dtype = shard, ids_t, temperature, dtype
 
     def forward_chunk(self, z_cv: torch.Tensor, rows: slice):
-        x = to_compute(z_cv, self.dtype)
         cols = local_columns(self.ids_t[rows].unsqueeze(-1), self.shard)
-        picked = take_columns(x, cols)[:, 0]  # the raw logit of y on its owner, 0 elsewhere
-        m = shift_(x, self.temperature)
+        picked = take_columns(z_cv, cols)[:, 0].to(self.dtype)  # the raw logit of y on its owner, else 0
+        x, m = shifted_logits(z_cv, self.temperature, self.dtype)
         # The only collective: every rank's (max, log-sum-exp, logit of y or 0).
-        parts = gather_tokens(torch.stack([m, logsumexp_or_empty(x), picked], dim=-1), self.shard)
+        parts = gather_tokens(torch.stack([m, exp_and_logsumexp(x)[1], picked], dim=-1), self.shard)
         big, lse = combine_logsumexp(parts[..., 0], parts[..., 1], self.temperature)
         return (parts[..., 2].sum(dim=0) - big) / self.temperature - lse, (big, lse)
 
@@ -58,7 +57,7 @@ def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, *, vocab_size:
                          f"[{ids_t.min().item()}, {ids_t.max().item()}]")
     loss = TokenLogProb(shard, ids_t, temperature=temperature, dtype=compute_dtype(logits.dtype))
     z_tv = logits.reshape(-1, shard.width)
-    out = ChunkedVocabLoss.apply(z_tv, loss, None, resolve_chunk_size(chunk_size, shard.width))
+    out = ChunkedVocabLoss.apply(z_tv, loss, None, resolve_chunk_size(chunk_size, shard.width, logits.device))
     return out.view(lead)
 
 
@@ -78,13 +77,13 @@ def topk_logprobs(logits: torch.Tensor, k: int, *, vocab_size: int | None = None
     lead = tuple(logits.shape[:-1])
     dtype = compute_dtype(logits.dtype)
     z_tv = logits.reshape(-1, shard.width)
-    chunk = resolve_chunk_size(chunk_size, shard.width)
+    chunk = resolve_chunk_size(chunk_size, shard.width, logits.device)
     ids, lps = [], []
     for begin in range(0, z_tv.shape[0], chunk):
-        x = to_compute(z_tv[begin:begin + chunk, :shard.num_valid], dtype)
-        top_ids, top_vals = select_topk(x, shard, k)
-        m = shift_(x, temperature)
-        parts = gather_tokens(torch.stack([m, logsumexp_or_empty(x)], dim=-1), shard)
+        z_cv = z_tv[begin:begin + chunk, :shard.num_valid]
+        top_ids, top_vals = select_topk(z_cv, shard, k, dtype)
+        x, m = shifted_logits(z_cv, temperature, dtype)
+        parts = gather_tokens(torch.stack([m, exp_and_logsumexp(x)[1]], dim=-1), shard)
         big, lse = combine_logsumexp(parts[..., 0], parts[..., 1], temperature)
         ids.append(top_ids)
         lps.append((top_vals - big.unsqueeze(-1)) / temperature - lse.unsqueeze(-1))

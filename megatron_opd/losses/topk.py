@@ -7,9 +7,9 @@ import math
 import torch
 
 from megatron_opd.losses.vocab_parallel import (LOG_ZERO, VocabShard, column_mask, combine_logsumexp,
-                                                gather_tokens, local_columns, log_probs,
-                                                logsumexp_or_empty, select_topk, shift_,
-                                                take_columns, to_compute)
+                                                exp_and_logsumexp, gather_tokens, local_columns,
+                                                log_probs, select_topk, shift_, take_columns,
+                                                to_compute)
 
 
 def _tail_logsumexp_(x_cv: torch.Tensor, cols_ck: torch.Tensor, temperature: float
@@ -20,7 +20,7 @@ def _tail_logsumexp_(x_cv: torch.Tensor, cols_ck: torch.Tensor, temperature: flo
     """
     x_cv.masked_fill_(column_mask(cols_ck, x_cv.shape[-1]), float("-inf"))
     big = shift_(x_cv, temperature)
-    return big, logsumexp_or_empty(x_cv)
+    return big, exp_and_logsumexp(x_cv)[1]
 
 
 def _bucket_logprobs(selected_ck: torch.Tensor, tail: tuple[torch.Tensor, torch.Tensor] | None,
@@ -32,7 +32,8 @@ def _bucket_logprobs(selected_ck: torch.Tensor, tail: tuple[torch.Tensor, torch.
     """
     big = selected_ck.amax(dim=-1)
     if tail is not None:
-        big = torch.maximum(big, tail[0])
+        big = torch.maximum(big, torch.where(tail[1] > float("-inf"), tail[0], float("-inf")))
+    big = torch.where(big.isfinite(), big, 0.0)
     rel = (selected_ck - big.unsqueeze(-1)) / temperature
     if tail is not None:
         tail_big, tail_lse = tail
@@ -76,10 +77,10 @@ class TopKTail:
         k, temperature, t_shard = self.k, self.temperature, self.teacher_shard
         x_t = to_compute(self.teacher_tv[rows, :t_shard.num_valid], self.dtype)
         if self.select == "teacher":
-            ids, t_sel = select_topk(x_t, t_shard, k)
+            ids, t_sel = select_topk(x_t, t_shard, k, self.dtype)
             other_local = take_columns(x_s, local_columns(ids, self.shard))
         else:
-            ids, s_sel = select_topk(x_s, self.shard, k)
+            ids, s_sel = select_topk(x_s, self.shard, k, self.dtype)
             other_local = take_columns(x_t, local_columns(ids, t_shard))
         s_tail = _tail_logsumexp_(x_s, local_columns(ids, self.shard), temperature)
         t_tail = _tail_logsumexp_(x_t, local_columns(ids, t_shard), temperature)
@@ -117,8 +118,12 @@ class TopKTail:
             ids, logp, logq, s_tail = self._from_given(x_s, rows)
         else:
             ids, logp, logq, s_tail = self._from_logits(x_s, rows)
-        loss, aux = self.divergence.loss(self.divergence.sums(logp, logq))
-        return loss, (ids, self.divergence.grad(logp, logq, aux), s_tail)
+        p, q = logp.exp(), logq.exp()
+        loss, aux = self.divergence.loss(self.divergence.sums(logp, logq, p, q))
+        if s_tail is not None:
+            # A rest without mass (every unselected logit -inf) gets share exp(-inf - 0) = 0.
+            s_tail = (s_tail[0], torch.where(s_tail[1] > float("-inf"), s_tail[1], 0.0))
+        return loss, (ids, self.divergence.grad(logp, logq, p, q, aux), s_tail)
 
     def grad_chunk(self, z_cv: torch.Tensor, rows: slice, state, scale_c: torch.Tensor) -> torch.Tensor:
         ids, h_cb, s_tail = state

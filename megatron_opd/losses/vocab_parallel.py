@@ -8,8 +8,11 @@ from typing import Any, Protocol
 import torch
 import torch.distributed as dist
 
-# Default chunk: about this many logits per chunk, so one fp32 temporary is 16 MiB at any vocab size.
-CHUNK_ELEMENTS = 1 << 22
+# Default chunk: about this many logits per chunk, whatever the vocabulary. On CPU 1M (4 MiB per fp32
+# temporary) keeps the temporaries in cache and measured fastest (docs/losses.md); on GPUs, where
+# every chunk costs ~40 kernel launches, 16M (64 MiB) is a guess that has not been measured.
+CHUNK_ELEMENTS = {"cpu": 1 << 20}
+CHUNK_ELEMENTS_ACCELERATOR = 1 << 24
 # Top-k ids travel in the same float tensor as the values; float32 holds integers exactly below this.
 MAX_EXACT_FLOAT32_ID = 1 << 24
 # Stands in for log 0 (a -inf logit): p = exp(LOG_ZERO) is exactly 0, and the terms p * (log p - log q)
@@ -68,9 +71,10 @@ def vocab_shard(logits: torch.Tensor, *, vocab_size: int | None, tp_group, what:
     return VocabShard(tp_group if world > 1 else None, rank, world, width, vocab_size)
 
 
-def resolve_chunk_size(chunk_size: int | None, width: int) -> int:
+def resolve_chunk_size(chunk_size: int | None, width: int, device: torch.device) -> int:
     if chunk_size is None:
-        return max(1, CHUNK_ELEMENTS // max(width, 1))
+        elements = CHUNK_ELEMENTS.get(device.type, CHUNK_ELEMENTS_ACCELERATOR)
+        return max(1, elements // max(width, 1))
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
     return chunk_size
@@ -92,24 +96,44 @@ def to_compute(z_cv: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return z_cv.to(dtype, memory_format=torch.contiguous_format, copy=True)
 
 
-def shift_(x_cv: torch.Tensor, temperature: float) -> torch.Tensor:
-    """In place ``x <- (x - max x) / T``; returns the row max (0 for rows with no finite logit).
+def _row_max(z_cv: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Row max in ``dtype``; 0 for rows without a finite logit (an empty shard, all -inf)."""
+    if z_cv.shape[-1] == 0:
+        return z_cv.new_zeros(z_cv.shape[:-1], dtype=dtype)
+    m = z_cv.amax(dim=-1).to(dtype)
+    return torch.where(m.isfinite(), m, 0.0)
 
-    Shifting the raw logits before dividing keeps the differences exact at low temperature and
-    large logits; -inf logits become :data:`LOG_ZERO`.
+
+def _finish_shift_(x_cv: torch.Tensor, temperature: float) -> torch.Tensor:
+    if temperature != 1.0:
+        x_cv.div_(temperature)
+    return x_cv.clamp_min_(LOG_ZERO)
+
+
+def shifted_logits(z_cv: torch.Tensor, temperature: float, dtype: torch.dtype
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(z - max z) / T`` as a fresh ``dtype`` tensor, and the row max it subtracted.
+
+    Subtracting the max from the raw logits before dividing keeps the differences exact at low
+    temperature and large logits. -inf logits become :data:`LOG_ZERO`.
     """
-    if x_cv.shape[-1] == 0:
-        return x_cv.new_zeros(x_cv.shape[:-1])
-    m = x_cv.amax(dim=-1)
-    m = torch.where(m.isfinite(), m, 0.0)
-    x_cv.sub_(m.unsqueeze(-1)).div_(temperature).clamp_min_(LOG_ZERO)
+    m = _row_max(z_cv, dtype)
+    x = torch.sub(z_cv, m.unsqueeze(-1))  # type promotion: a fresh tensor in the compute dtype
+    assert x.dtype == dtype, (x.dtype, dtype)
+    return _finish_shift_(x, temperature), m
+
+
+def shift_(x_cv: torch.Tensor, temperature: float) -> torch.Tensor:
+    """:func:`shifted_logits` in place on an own copy; returns the row max."""
+    m = _row_max(x_cv, x_cv.dtype)
+    _finish_shift_(x_cv.sub_(m.unsqueeze(-1)), temperature)
     return m
 
 
-def logsumexp_or_empty(x_cv: torch.Tensor) -> torch.Tensor:
-    if x_cv.shape[-1] == 0:
-        return x_cv.new_full(x_cv.shape[:-1], float("-inf"))
-    return torch.logsumexp(x_cv, dim=-1)
+def exp_and_logsumexp(x_cv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``exp(x)`` and ``log sum exp(x)`` of shifted logits (max 0, so no overflow); -inf if empty."""
+    e = x_cv.exp()
+    return e, e.sum(dim=-1).log()
 
 
 def combine_logsumexp(max_pc: torch.Tensor, lse_pc: torch.Tensor,
@@ -117,17 +141,20 @@ def combine_logsumexp(max_pc: torch.Tensor, lse_pc: torch.Tensor,
     """Merge per-rank ``(max m_r, log sum exp((z - m_r) / T))`` into the global ``(M, L)``.
 
     ``M`` is the largest raw logit, ``L = log sum exp((z - M) / T)`` over every rank, so that
-    ``log p = (z - M) / T - L``. Ranks with no mass (``lse = -inf``) do not set ``M``.
+    ``log p = (z - M) / T - L``. Ranks with no mass (``lse = -inf``) do not set ``M``; with no
+    mass anywhere (every logit -inf) the result is ``(0, -inf)``.
     """
     big = torch.where(lse_pc > float("-inf"), max_pc, float("-inf")).amax(dim=0)
+    big = torch.where(big.isfinite(), big, 0.0)
     return big, torch.logsumexp((max_pc - big) / temperature + lse_pc, dim=0)
 
 
 def log_probs(z_cv: torch.Tensor, big_c: torch.Tensor, lse_c: torch.Tensor, temperature: float,
               dtype: torch.dtype) -> torch.Tensor:
     """``(z - M) / T - L`` as a fresh ``dtype`` tensor (the inverse of :func:`combine_logsumexp`)."""
-    x = to_compute(z_cv, dtype)
-    return x.sub_(big_c.unsqueeze(-1)).div_(temperature).sub_(lse_c.unsqueeze(-1)).clamp_min_(LOG_ZERO)
+    x = torch.sub(z_cv, (big_c + lse_c * temperature).unsqueeze(-1))
+    assert x.dtype == dtype, (x.dtype, dtype)
+    return _finish_shift_(x, temperature)
 
 
 def gather_tokens(x_cf: torch.Tensor, shard: VocabShard) -> torch.Tensor:
@@ -136,7 +163,7 @@ def gather_tokens(x_cf: torch.Tensor, shard: VocabShard) -> torch.Tensor:
         return x_cf.unsqueeze(0)
     x_cf = x_cf.contiguous()
     out = x_cf.new_empty((shard.world * x_cf.shape[0],) + tuple(x_cf.shape[1:]))
-    dist.all_gather_into_tensor(out, x_cf, group=shard.group)
+    dist.all_gather_single(out, x_cf, group=shard.group)
     return out.view((shard.world,) + tuple(x_cf.shape))
 
 
@@ -168,14 +195,14 @@ def realign_columns(x_cv: torch.Tensor, src: VocabShard, dst: VocabShard) -> tor
     return out.t()
 
 
-def local_topk(z_cv: torch.Tensor, shard: VocabShard, k: int) -> torch.Tensor:
+def local_topk(z_cv: torch.Tensor, shard: VocabShard, k: int, dtype: torch.dtype) -> torch.Tensor:
     """This rank's ``min(k, width)`` best real columns as ``[c, k_local, 2]`` (value, global id).
 
     Every rank sends the same ``k_local`` so the exchange has one shape; shards with fewer real
     columns pad with ``-inf`` values (id -1).
     """
     k_local = min(k, shard.width)
-    out = z_cv.new_empty((z_cv.shape[0], k_local, 2))
+    out = z_cv.new_empty((z_cv.shape[0], k_local, 2), dtype=dtype)
     out[..., 0] = float("-inf")
     out[..., 1] = -1
     n = min(k_local, z_cv.shape[-1])
@@ -186,12 +213,13 @@ def local_topk(z_cv: torch.Tensor, shard: VocabShard, k: int) -> torch.Tensor:
     return out
 
 
-def select_topk(z_cv: torch.Tensor, shard: VocabShard, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Global top-``k`` of sharded raw logits: ``(global ids [c, k], values [c, k])``, best first.
+def select_topk(z_cv: torch.Tensor, shard: VocabShard, k: int, dtype: torch.dtype
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Global top-``k`` of sharded raw logits: ``(global ids [c, k], values [c, k] in dtype)``, best first.
 
     Collective: one all_gather of the local top-k candidates (values and ids), ``tp * k`` per token.
     """
-    cand = local_topk(z_cv, shard, k)
+    cand = local_topk(z_cv, shard, k, dtype)
     if shard.sharded:
         cand = gather_tokens(cand, shard).permute(1, 0, 2, 3).flatten(1, 2)
     vals, pos = cand[..., 0].topk(k, dim=-1)
