@@ -50,8 +50,12 @@ def init_distributed(*, timeout_minutes: float = 30.0) -> None:
 
 
 def shutdown_distributed() -> None:
+    """Tear down megatron's and (if started) vLLM's groups, then the world group."""
     from megatron.core import parallel_state
 
+    from megatron_opd.rollout.engine import shutdown_vllm_distributed
+
+    shutdown_vllm_distributed()
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():

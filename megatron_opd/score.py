@@ -73,7 +73,8 @@ def make_micro_batches(sequences: list[list[int]], indices: list[int], *, max_to
 
 @torch.no_grad()
 def score_sequences(model: ShardedModel, sequences: list[list[int]], *, top_k: int = 0,
-                    max_tokens: int = 4096, show_progress: bool = True) -> list[dict] | None:
+                    temperature: float = 1.0, max_tokens: int = 4096,
+                    show_progress: bool = True) -> list[dict] | None:
     """Score ``sequences``; returns the output rows (in input order) on global rank 0, else None.
 
     Sequences are split round-robin over data-parallel replicas; each replica pipelines its
@@ -88,10 +89,12 @@ def score_sequences(model: ShardedModel, sequences: list[list[int]], *, top_k: i
 
     def output_fn(logits, batch):
         ids = batch["input_ids"]
-        lp = token_logprobs(logits[:, :-1], ids[:, 1:], vocab_size=vocab, tp_group=mp.tp_group)
+        lp = token_logprobs(logits[:, :-1], ids[:, 1:], vocab_size=vocab, tp_group=mp.tp_group,
+                            temperature=temperature)
         out = {"logprobs": lp.cpu()}
         if top_k:
-            tk_ids, tk_lp = topk_logprobs(logits[:, :-1], top_k, vocab_size=vocab, tp_group=mp.tp_group)
+            tk_ids, tk_lp = topk_logprobs(logits[:, :-1], top_k, vocab_size=vocab, tp_group=mp.tp_group,
+                                          temperature=temperature)
             out.update(topk_ids=tk_ids.cpu(), topk_logprobs=tk_lp.cpu())
         return out
 
@@ -102,6 +105,7 @@ def score_sequences(model: ShardedModel, sequences: list[list[int]], *, top_k: i
     bar = progress(total=len(batches), desc="scoring", unit="batch", enabled=show_progress)
     for s in range(0, len(batches), group):
         chunk = batches[s: s + group]
+        num_tokens += sum(b["input_ids"].numel() for b in chunk)
         outputs = run_schedule(model, chunk, output_fn, forward_only=True)
         for batch, out in zip(chunk, outputs):
             for row, i in enumerate(batch["indices"]):
@@ -111,7 +115,6 @@ def score_sequences(model: ShardedModel, sequences: list[list[int]], *, top_k: i
                     r["topk_ids"] = out["topk_ids"][row, :n].tolist()
                     r["topk_logprobs"] = out["topk_logprobs"][row, :n].tolist()
                 rows[i] = r
-            num_tokens += batch["input_ids"].numel()
         bar.update(len(chunk))
     bar.close()
     elapsed = time.perf_counter() - start

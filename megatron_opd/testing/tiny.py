@@ -27,7 +27,8 @@ FAMILY_EXTRAS = {
     "llama": dict(rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
                                    "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                    "original_max_position_embeddings": 64}),
-    "qwen2": dict(rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
+    # vLLM's Qwen2 derives head_dim from hidden_size / heads (it ignores config.head_dim).
+    "qwen2": dict(rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, hidden_size=128),
     "qwen3": dict(rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
     "mistral": dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
                     sliding_window=None),

