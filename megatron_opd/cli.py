@@ -42,11 +42,24 @@ def _convert_parser(sub) -> None:
         q.add_argument("--force", action="store_true", help="replace a non-empty output directory")
 
 
+def _train_parser(sub) -> None:
+    p = sub.add_parser("train", help="on-policy distillation (run under torchrun)",
+                       description="Train a student by on-policy distillation from a teacher. "
+                       "The recipe is a YAML file; any field can be overridden as section.field=value.")
+    p.add_argument("--config", help="YAML recipe (may name a `base:` recipe it derives from)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-6 student.tp=2")
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate, print the resolved config and layouts, and exit")
+    p.add_argument("--world-size", type=int, default=None,
+                   help="with --dry-run: the number of GPUs to plan for (default: this launch)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="megatron-opd", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _score_parser(sub)
     _convert_parser(sub)
+    _train_parser(sub)
     return parser
 
 
@@ -61,6 +74,10 @@ def main(argv: list[str] | None = None) -> int:
             from megatron_opd import convert
 
             return convert.main(args)
+        if args.command == "train":
+            from megatron_opd.train import run
+
+            return run.main(args)
     except ValueError as e:
         print(f"megatron-opd {args.command}: error: {e}", file=sys.stderr)
         return 2

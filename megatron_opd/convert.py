@@ -65,25 +65,33 @@ def mcore_to_hf(mcore_dir: str | Path, out_dir: str | Path, *, layout: parallel.
     export = HF_DTYPES[dtype] if dtype else {v: k for k, v in mcore.HF_DTYPE_NAMES.items()}[hf_dtype_name]
     mp = parallel.initialize_global_model_parallel(layout, what="convert")
     model = mcore.load_model(mcore_dir, mp)
+    write_hf_model(model, out_dir, dtype=export, max_shard_bytes=max_bytes, force=force,
+                   tokenizer_src=mcore_dir)
+    log0(f"wrote {out_dir}")
+
+
+def write_hf_model(model, out_dir: str | Path, *, dtype: torch.dtype, max_shard_bytes: int,
+                   force: bool = False, tokenizer_src: str | Path | None = None) -> None:
+    """Write the live sharded ``model`` as an HF model directory (collective; rank 0 writes)."""
     arch = model.arch
     with staged_output(out_dir, force=force) as staging:
         rank0 = dist.get_rank() == 0
-        writer = ShardedSafetensorsWriter(staging, max_shard_bytes=max_bytes) if rank0 else None
+        writer = ShardedSafetensorsWriter(staging, max_shard_bytes=max_shard_bytes) if rank0 else None
         bar = progress(total=len(model.hf_names()), desc="exporting", unit="tensor")
         for name, tensor in iter_hf_tensors(model):
-            writer.add(name, tensor.to(export))
+            writer.add(name, tensor.to(dtype))
             bar.update()
         bar.close()
         if rank0:
             files = writer.close()
             config = dict(arch.hf_config)
             dtype_key = "torch_dtype" if "torch_dtype" in config and "dtype" not in config else "dtype"
-            config[dtype_key] = mcore.HF_DTYPE_NAMES[export]
+            config[dtype_key] = mcore.HF_DTYPE_NAMES[dtype]
             config.setdefault("architectures", [arch.family.hf_architecture])
             (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-            mcore.copy_tokenizer_files(mcore_dir, staging)
+            if tokenizer_src is not None:
+                mcore.copy_tokenizer_files(tokenizer_src, staging)
             log0(f"wrote {len(files)} safetensors file(s), {writer.total_bytes / 1e6:.1f} MB")
-    log0(f"wrote {out_dir}")
 
 
 def main(args) -> int:

@@ -1,0 +1,144 @@
+"""Training checkpoints: student weights, optimizer state, RNG, data position and config, written
+to a staging directory, published by one rename, and only then named by the tracker file.
+
+Layout of ``<run_dir>/checkpoints``::
+
+    latest                 the tracker: name of the newest complete checkpoint (written last)
+    step_00000100/         megatron_opd.json, model/ (loadable by `convert mcore-to-hf` and
+                           `score`), optimizer/, rng/rank_*.pt, trainer_state.json, config.yaml
+    .staging-step_.../     an interrupted save: never picked, removed at the next save
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from megatron_opd.checkpoint import mcore
+from megatron_opd.checkpoint.publish import STAGING_PREFIX
+from megatron_opd.utils import atomic_write_text, log0
+
+TRACKER = "latest"
+STATE_FILE = "trainer_state.json"
+
+
+def checkpoints_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The checkpoint the tracker names, if it exists and is complete; else None."""
+    root = checkpoints_dir(run_dir)
+    tracker = root / TRACKER
+    if not tracker.is_file():
+        return None
+    path = root / tracker.read_text().strip()
+    if not (path / STATE_FILE).is_file():
+        raise ValueError(f"{tracker} names {path.name}, which is missing or incomplete")
+    return path
+
+
+def _rank0() -> bool:
+    return dist.get_rank() == 0
+
+
+def save_checkpoint(trainable, *, run_dir: str | Path, step: int, config_yaml: str,
+                    extra_state: dict, keep_last: int, source_hf_dtype: str = "float32",
+                    tokenizer_src: str | Path | None = None) -> Path:
+    """Save (collective). The checkpoint becomes visible only once complete."""
+    from megatron.core import dist_checkpointing
+
+    root = checkpoints_dir(run_dir)
+    name = step_dir_name(step)
+    box = [f"{STAGING_PREFIX}{name}-{uuid.uuid4().hex[:8]}" if _rank0() else None]
+    dist.broadcast_object_list(box, src=0)
+    staging = root / box[0]
+    if _rank0():
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(f"{STAGING_PREFIX}*"):  # interrupted saves of earlier runs
+            shutil.rmtree(stale, ignore_errors=True)
+        staging.mkdir()
+        (staging / "optimizer").mkdir()
+        (staging / "rng").mkdir()
+    dist.barrier()
+    model = trainable.model
+    mcore.save_model(model, staging, extra_meta={"hf_dtype": source_hf_dtype})
+    model_sd = model.module.sharded_state_dict()
+    optim_sd = trainable.optimizer.sharded_state_dict(model_sd)
+    dist_checkpointing.save(optim_sd, str(staging / "optimizer"))
+    torch.save(_rng_state(), staging / "rng" / f"rank_{dist.get_rank():05d}.pt")
+    dist.barrier()
+    if _rank0():
+        (staging / "config.yaml").write_text(config_yaml)
+        if tokenizer_src is not None and Path(tokenizer_src).is_dir():
+            mcore.copy_tokenizer_files(tokenizer_src, staging)
+        (staging / STATE_FILE).write_text(json.dumps({"step": step, **extra_state}, indent=2))
+        final = root / name
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(staging, final)
+        atomic_write_text(root / TRACKER, name + "\n")
+        _prune(root, keep_last=keep_last, keep=name)
+    dist.barrier()
+    return root / name
+
+
+def _prune(root: Path, *, keep_last: int, keep: str) -> None:
+    steps = sorted(p for p in root.glob("step_*") if p.is_dir())
+    for old in steps[:-keep_last]:
+        if old.name != keep:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(trainable, path: str | Path) -> dict:
+    """Restore model, optimizer and this rank's RNG from ``path``; returns the trainer state."""
+    from megatron.core import dist_checkpointing
+
+    path = Path(path)
+    state_file = path / STATE_FILE
+    if not state_file.is_file():
+        raise ValueError(f"{path}: not a complete training checkpoint (no {STATE_FILE})")
+    meta = mcore.read_meta(path)
+    model = trainable.model
+    if meta["padded_vocab_size"] != model.padded_vocab_size:
+        raise ValueError(f"{path}: padded vocabulary {meta['padded_vocab_size']} != the model's "
+                         f"{model.padded_vocab_size} (was it saved with a different student?)")
+    loaded = dist_checkpointing.load(model.module.sharded_state_dict(), str(path / mcore.MODEL_SUBDIR))
+    with torch.no_grad():
+        model.module.load_state_dict(loaded, strict=True)
+    optim_sd = trainable.optimizer.sharded_state_dict(model.module.sharded_state_dict(), is_loading=True)
+    trainable.optimizer.load_state_dict(dist_checkpointing.load(optim_sd, str(path / "optimizer")))
+    rng_file = path / "rng" / f"rank_{dist.get_rank():05d}.pt"
+    if rng_file.is_file():
+        _set_rng_state(torch.load(rng_file, weights_only=False))
+    else:
+        log0(f"{path}: no RNG state for this world size; RNG streams restart from the seed")
+    return json.loads(state_file.read_text())
+
+
+def _rng_state() -> dict:
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    state = {"torch": torch.get_rng_state(), "tracker": get_cuda_rng_tracker().get_states()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    torch.set_rng_state(state["torch"])
+    get_cuda_rng_tracker().set_states(state["tracker"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])

@@ -1,0 +1,223 @@
+"""Prompt datasets, the deterministic step sampler, tokenizer compatibility, and sequence packing."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+
+@dataclass
+class PromptRecord:
+    """One dataset row, tokenized. ``metadata`` keeps every other field (answers, rewards...)."""
+
+    index: int
+    prompt_ids: list[int]
+    completion_ids: list[int] | None = None
+    metadata: dict = field(default_factory=dict)
+
+
+def _read_rows(path: Path) -> list[tuple[int, dict]]:
+    if not path.is_file():
+        raise ValueError(f"{path}: data file does not exist")
+    if path.suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise ValueError(f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from None
+        return [(i + 1, row) for i, row in enumerate(pq.read_table(path).to_pylist())]
+    rows = []
+    with path.open() as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{lineno}: each line must be a JSON object")
+            rows.append((lineno, row))
+    return rows
+
+
+def _ids(value, where: str, vocab_size: int) -> list[int]:
+    if not isinstance(value, list) or not all(isinstance(i, int) for i in value):
+        raise ValueError(f"{where}: expected a list of token ids")
+    bad = [i for i in value if not 0 <= i < vocab_size]
+    if bad:
+        raise ValueError(f"{where}: token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
+    return value
+
+
+def load_prompts(path: str | Path, tokenizer, *, vocab_size: int, max_prompt_tokens: int) -> list[PromptRecord]:
+    """Rows with ``messages`` (chat; rendered with the tokenizer's chat template), ``prompt``
+    (text) or ``prompt_ids``; optional ``completion`` / ``completion_ids`` for off-policy batches;
+    any other field is metadata. Errors name the file and line."""
+    path = Path(path)
+    records = []
+    for lineno, row in _read_rows(path):
+        where = f"{path}:{lineno}"
+        meta = {k: v for k, v in row.items()
+                if k not in ("messages", "prompt", "prompt_ids", "completion", "completion_ids")}
+        if "prompt_ids" in row:
+            prompt = _ids(row["prompt_ids"], f"{where}: prompt_ids", vocab_size)
+        elif "messages" in row:
+            msgs = row["messages"]
+            if not isinstance(msgs, list) or not all(isinstance(m, dict) and "role" in m and "content" in m
+                                                     for m in msgs):
+                raise ValueError(f"{where}: messages must be a list of {{role, content}} objects")
+            if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+                raise ValueError(f"{where}: chat messages need a tokenizer with a chat template")
+            prompt = list(tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True,
+                                                        return_dict=False))
+        elif "prompt" in row:
+            if not isinstance(row["prompt"], str):
+                raise ValueError(f"{where}: prompt must be a string")
+            if tokenizer is None:
+                raise ValueError(f"{where}: text prompts need a tokenizer next to the student model")
+            prompt = tokenizer(row["prompt"], add_special_tokens=True)["input_ids"]
+        else:
+            raise ValueError(f"{where}: a row needs 'messages', 'prompt' or 'prompt_ids'")
+        if not prompt:
+            raise ValueError(f"{where}: the prompt is empty after tokenization")
+        if len(prompt) > max_prompt_tokens:
+            raise ValueError(f"{where}: prompt has {len(prompt)} tokens, more than "
+                             f"data.max_prompt_tokens={max_prompt_tokens}")
+        completion = None
+        if "completion_ids" in row:
+            completion = _ids(row["completion_ids"], f"{where}: completion_ids", vocab_size)
+        elif "completion" in row:
+            if not isinstance(row["completion"], str):
+                raise ValueError(f"{where}: completion must be a string")
+            completion = tokenizer(row["completion"], add_special_tokens=False)["input_ids"]
+            if tokenizer.eos_token_id is not None:
+                completion = completion + [tokenizer.eos_token_id]
+        records.append(PromptRecord(len(records), list(prompt), completion, meta))
+    if not records:
+        raise ValueError(f"{path}: no rows")
+    return records
+
+
+def check_tokenizers(student, teacher, *, student_vocab: int, teacher_vocab: int) -> None:
+    """Refuse a teacher whose token ids disagree with the student's over the shared vocabulary.
+
+    Sizes may differ by padding (rows no token maps to); a token that both know under different
+    ids, or an id both use for different tokens, is a real mismatch."""
+    if student is None or teacher is None:
+        return
+    s, t = student.get_vocab(), teacher.get_vocab()
+    shared = min(student_vocab, teacher_vocab)
+    s_by_id = {i: tok for tok, i in s.items() if i < shared}
+    t_by_id = {i: tok for tok, i in t.items() if i < shared}
+    for i in sorted(set(s_by_id) | set(t_by_id)):
+        if s_by_id.get(i) != t_by_id.get(i):
+            raise ValueError(f"teacher and student tokenizers disagree at token id {i}: student "
+                             f"{s_by_id.get(i)!r}, teacher {t_by_id.get(i)!r}; distillation needs "
+                             "identical token ids")
+
+
+def step_prompt_indices(num_records: int, *, step: int, prompts_per_step: int, seed: int,
+                        shuffle: bool) -> list[int]:
+    """The dataset indices of ``step``'s prompts: a deterministic stream of epoch permutations,
+    so the data position is just the step number (resume picks up exactly)."""
+    out = []
+    start = step * prompts_per_step
+    for pos in range(start, start + prompts_per_step):
+        epoch, offset = divmod(pos, num_records)
+        if shuffle:
+            perm = torch.randperm(num_records, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+            out.append(int(perm[offset]))
+        else:
+            out.append(offset)
+    return out
+
+
+# --- packing ------------------------------------------------------------------------------------
+
+@dataclass
+class Sequence:
+    """A prompt plus completion. Per completion token: whether it is trained on (tool/environment
+    tokens are not) and the rollout engine's log-prob of it (on-policy samples)."""
+
+    prompt_index: int
+    sample_index: int
+    tokens: list[int]
+    prompt_len: int
+    completion_mask: list[int]
+    rollout_logprobs: list[float] | None = None
+    on_policy: bool = True
+    weight: float = 1.0
+    finish_reason: str = ""
+
+    @property
+    def completion_len(self) -> int:
+        return len(self.tokens) - self.prompt_len
+
+
+def pack_sequences(seqs: list[Sequence], *, budget: int) -> list[list[int]]:
+    """Group sequence indices into micro-batches of at most ``budget`` tokens (first-fit
+    decreasing); a longer sequence gets a micro-batch of its own."""
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i].tokens))
+    bins: list[list[int]] = []
+    sizes: list[int] = []
+    for i in order:
+        n = len(seqs[i].tokens)
+        for b, size in enumerate(sizes):
+            if size + n <= budget:
+                bins[b].append(i)
+                sizes[b] += n
+                break
+        else:
+            bins.append([i])
+            sizes.append(n)
+    return [sorted(b) for b in bins]
+
+
+def block_causal_mask(lengths: list[int], *, sliding_window: int | None = None) -> torch.Tensor:
+    """``[1, 1, L, L]`` bool, True where attention is blocked: causal within each packed sequence,
+    nothing across sequences (and beyond a sliding window, if any)."""
+    total = sum(lengths)
+    seq_id = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    pos = torch.arange(total)
+    allowed = (seq_id[:, None] == seq_id[None, :]) & (pos[None, :] <= pos[:, None])
+    if sliding_window is not None:
+        allowed &= pos[:, None] - pos[None, :] < sliding_window
+    return ~allowed.view(1, 1, total, total)
+
+
+def micro_batch(seqs: list[Sequence], indices: list[int], *, device,
+                sliding_window: int | None = None) -> dict:
+    """One packed row ``[1, L]``: tokens, next-token targets, loss mask (completion tokens only,
+    never across sequence boundaries), rollout log-probs, per-token weights."""
+    tokens, targets, mask, rollout, weights, onpol, lengths = [], [], [], [], [], [], []
+    for i in indices:
+        s = seqs[i]
+        n = len(s.tokens)
+        lengths.append(n)
+        tokens.extend(s.tokens)
+        targets.extend(s.tokens[1:] + [0])
+        m = [0] * (s.prompt_len - 1) + list(s.completion_mask) + [0]
+        assert len(m) == n, (len(m), n)
+        mask.extend(m)
+        lp = s.rollout_logprobs or [0.0] * s.completion_len
+        rollout.extend([0.0] * (s.prompt_len - 1) + list(lp) + [0.0])
+        weights.extend([s.weight] * n)
+        onpol.extend([float(s.on_policy and s.rollout_logprobs is not None)] * n)
+    L = len(tokens)
+    batch = {
+        "input_ids": torch.tensor([tokens], device=device),
+        "position_ids": torch.arange(L, device=device).view(1, L),
+        "targets": torch.tensor([targets], device=device),
+        "loss_mask": torch.tensor([mask], dtype=torch.float32, device=device),
+        "rollout_logprobs": torch.tensor([rollout], dtype=torch.float32, device=device),
+        "weights": torch.tensor([weights], dtype=torch.float32, device=device),
+        "on_policy": torch.tensor([onpol], dtype=torch.float32, device=device),
+        "lengths": lengths,
+        "seq_indices": list(indices),
+    }
+    if len(lengths) > 1 or sliding_window is not None:
+        batch["attention_mask"] = block_causal_mask(lengths, sliding_window=sliding_window).to(device)
+    return batch

@@ -1,0 +1,80 @@
+"""Run logging on rank 0: console lines, `metrics.jsonl` (one object per step), TensorBoard and
+optional wandb (offline works), plus a progress bar."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch.distributed as dist
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: str | Path, *, total_steps: int, start_step: int = 0,
+                 tensorboard: bool = True, wandb: bool = False, wandb_project: str = "megatron_opd",
+                 progress_bar: bool = True, config: dict | None = None):
+        self.enabled = not dist.is_initialized() or dist.get_rank() == 0
+        self.run_dir = Path(run_dir)
+        self._tb = self._wandb = self._bar = None
+        if not self.enabled:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._jsonl = (self.run_dir / "metrics.jsonl").open("a")
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+            except ImportError:
+                print("[megatron-opd] tensorboard is not installed; logging.tensorboard ignored",
+                      file=sys.stderr)
+        if wandb:
+            import wandb as wb  # optional extra; WANDB_MODE=offline works without network
+
+            self._wandb = wb.init(project=wandb_project, dir=str(self.run_dir), config=config or {})
+        if progress_bar:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total_steps, initial=start_step, desc="opd", unit="step",
+                             file=sys.stderr, dynamic_ncols=True)
+
+    def log(self, step: int, metrics: dict, *, console: bool = True) -> None:
+        if not self.enabled:
+            return
+        clean = {k: (float(v) if isinstance(v, (int, float)) else v) for k, v in metrics.items()}
+        self._jsonl.write(json.dumps({"step": step, **clean}) + "\n")
+        self._jsonl.flush()
+        numeric = {k: v for k, v in clean.items() if isinstance(v, float) and math.isfinite(v)}
+        if self._tb is not None:
+            for k, v in numeric.items():
+                self._tb.add_scalar(k, v, step)
+        if self._wandb is not None:
+            self._wandb.log(numeric, step=step)
+        if console:
+            keys = [k for k in ("loss", "divergence", "eval/accuracy", "lr", "tokens_per_s",
+                                "rollout/logprob_abs_diff_max") if k in numeric]
+            line = " ".join(f"{k}={numeric[k]:.4g}" for k in keys)
+            msg = f"[megatron-opd] step {step} {line}"
+            if self._bar is not None:
+                self._bar.write(msg, file=sys.stderr)
+            else:
+                print(msg, file=sys.stderr, flush=True)
+
+    def advance(self, n: int = 1, **postfix) -> None:
+        if self._bar is not None:
+            self._bar.update(n)
+            if postfix:
+                self._bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items()})
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self._jsonl.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+        if self._bar is not None:
+            self._bar.close()
