@@ -1,0 +1,220 @@
+"""The served teacher against a real `vllm serve` on localhost: its log-probs and top-k match
+transformers (float64) and the in-process engine teacher; a dead or stopped server gives a clear
+error within the timeout; requests are batched and run concurrently, results in input order."""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+
+from megatron_opd.rollout.served_teacher import (ServedTeacher, TeacherServerError, TeacherTimeoutError)
+from megatron_opd.testing.multiprocess import free_port, run_distributed
+
+pytestmark = pytest.mark.vllm
+
+TOP_K = 5
+MAX_MODEL_LEN = 128
+LENGTHS = [1, 2, 9, 30, 127, 17, 64, 5]
+
+
+def _sequences():
+    g = torch.Generator().manual_seed(11)
+    return [torch.randint(0, 300, (n,), generator=g).tolist() for n in LENGTHS]
+
+
+class Server:
+    def __init__(self, model_dir: str, log_path):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
+               "--served-model-name", "tiny-teacher", "--host", "127.0.0.1", "--port", str(self.port),
+               "--dtype", "float32", "--enforce-eager", "--skip-tokenizer-init",
+               "--max-model-len", str(MAX_MODEL_LEN), "--kv-cache-memory-bytes", str(64 << 20),
+               "--max-logprobs", "20", "--max-num-seqs", "16"]
+        env = dict(os.environ, HF_HUB_OFFLINE="1", VLLM_CPU_OMP_THREADS_BIND="nobind")
+        with open(log_path, "w") as log:
+            # Own session, so teardown can kill the API server and its engine processes together.
+            self.proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+
+    def wait_ready(self, timeout: float) -> None:
+        client = ServedTeacher(self.url, timeout=2.0)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"vllm serve exited with {self.proc.returncode}:\n{self._log_tail()}")
+            try:
+                client.wait_until_ready(1.0)
+                return
+            except TeacherServerError:
+                pass
+        raise RuntimeError(f"vllm serve not ready after {timeout:.0f}s:\n{self._log_tail()}")
+
+    def _log_tail(self) -> str:
+        return self.log_path.read_text()[-4000:]
+
+    def stop(self) -> None:
+        def signal_group(sig):
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                pass
+
+        signal_group(signal.SIGCONT)
+        signal_group(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            pass
+        # The engine processes share the session: none may outlive the API server.
+        signal_group(signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_models, tmp_path_factory):
+    srv = Server(tiny_models["llama"], tmp_path_factory.mktemp("vllm_serve") / "server.log")
+    try:
+        srv.wait_ready(180)
+        yield srv
+    finally:
+        srv.stop()
+
+
+def _reference(model_dir, sequences):
+    """transformers' log_softmax in float64: per-token log-probs and top-k (values, ids)."""
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64)
+    out = []
+    with torch.no_grad():
+        for seq in sequences:
+            logp = torch.log_softmax(hf(torch.tensor([seq])).logits[0, :-1], dim=-1)
+            token = logp.gather(-1, torch.tensor(seq[1:]).unsqueeze(-1)).squeeze(-1)
+            out.append((token, *logp.topk(TOP_K, dim=-1)))
+    return out
+
+
+def _assert_topk_close(ids, lps, ref_vals, ref_ids):
+    ids, lps = torch.tensor(ids).reshape(ref_ids.shape), torch.tensor(lps, dtype=torch.float64).reshape(ref_vals.shape)
+    assert torch.allclose(lps, ref_vals, atol=1e-4), (lps - ref_vals).abs().max()
+    # ids agree except where two candidates tie within float error
+    mismatch = ids != ref_ids
+    if mismatch.any():
+        gaps = (ref_vals[:, :-1] - ref_vals[:, 1:]).abs()
+        near_tie = torch.zeros_like(mismatch)
+        near_tie[:, :-1] |= gaps < 1e-4
+        near_tie[:, 1:] |= gaps < 1e-4
+        assert not (mismatch & ~near_tie).any(), (ids, ref_ids)
+
+
+def test_served_scores_match_transformers_fp64(server, tiny_models):
+    sequences = _sequences()
+    # Small requests so that several run concurrently.
+    teacher = ServedTeacher(server.url, top_k=TOP_K, timeout=60, max_concurrency=3,
+                            max_request_tokens=80, vocab_size=300)
+    scored = teacher.score(sequences)
+    assert teacher.model == "tiny-teacher" and teacher.max_model_len == MAX_MODEL_LEN
+    assert len(teacher._batches(sequences)) > 3
+    ref = _reference(tiny_models["llama"], sequences)
+    for seq, s, (token, ref_vals, ref_ids) in zip(sequences, scored, ref):
+        assert len(s.logprobs) == len(seq) - 1 == len(s.topk_ids) == len(s.topk_logprobs)
+        if len(seq) == 1:
+            continue
+        assert torch.allclose(torch.tensor(s.logprobs, dtype=torch.float64), token, atol=1e-4)
+        _assert_topk_close(s.topk_ids, s.topk_logprobs, ref_vals, ref_ids)
+
+
+def _engine_teacher_scores(model_dir, sequences, top_k):
+    from megatron_opd.rollout.served_teacher import EngineTeacher
+
+    teacher = EngineTeacher.from_hf_dir(model_dir, top_k=top_k, kv_cache_bytes=64 << 20,
+                                        max_model_len=MAX_MODEL_LEN)
+    try:
+        return teacher.score(sequences)
+    finally:
+        teacher.close()
+
+
+def test_served_matches_in_process_engine_teacher(server, tiny_models):
+    sequences = _sequences()
+    served = ServedTeacher(server.url, top_k=TOP_K, timeout=60).score(sequences)
+    local = run_distributed(_engine_teacher_scores, 1, tiny_models["llama"], sequences, TOP_K,
+                            timeout=300, env={"VLLM_CPU_OMP_THREADS_BIND": "nobind"})[0]
+    worst = 0.0
+    for a, b in zip(served, local):
+        assert len(a.logprobs) == len(b.logprobs)
+        if not a.logprobs:
+            continue
+        worst = max(worst, (torch.tensor(a.logprobs) - torch.tensor(b.logprobs)).abs().max().item(),
+                    (torch.tensor(a.topk_logprobs) - torch.tensor(b.topk_logprobs)).abs().max().item())
+        _assert_topk_close(a.topk_ids, a.topk_logprobs, torch.tensor(b.topk_logprobs, dtype=torch.float64),
+                           torch.tensor(b.topk_ids))
+    assert worst <= 1e-4, worst
+
+
+def test_requests_run_concurrently_and_results_keep_input_order(server):
+    in_flight, peak, lock = 0, 0, threading.Lock()
+
+    class Recording(ServedTeacher):
+        def _score_batch(self, sequences):
+            nonlocal in_flight, peak
+            with lock:
+                in_flight += 1
+                peak = max(peak, in_flight)
+            try:
+                time.sleep(0.3)  # keep the request open long enough for the others to start
+                return super()._score_batch(sequences)
+            finally:
+                with lock:
+                    in_flight -= 1
+
+    sequences = _sequences()
+    one_by_one = ServedTeacher(server.url, timeout=60, max_request_tokens=1).score(sequences)
+    teacher = Recording(server.url, timeout=60, max_concurrency=3, max_request_tokens=1)
+    for a, b in zip(teacher.score(sequences), one_by_one):
+        assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5)
+    assert peak == 3
+
+
+def test_stopped_server_times_out_with_a_clear_error(server):
+    sequences = _sequences()
+    teacher = ServedTeacher(server.url, top_k=2, timeout=3.0, max_request_tokens=64)
+    teacher.score(sequences[:2])  # reachable and resolved
+    os.kill(server.proc.pid, signal.SIGSTOP)  # the API server stops answering; its socket stays open
+    try:
+        start = time.monotonic()
+        with pytest.raises(TeacherTimeoutError) as err:
+            teacher.score(sequences)
+        elapsed = time.monotonic() - start
+    finally:
+        os.kill(server.proc.pid, signal.SIGCONT)
+    assert elapsed < 3.0 + 1.0, elapsed
+    assert server.url in str(err.value) and "3 s" in str(err.value), err.value
+    assert len(teacher.score(sequences[:3])) == 3  # and it serves again once resumed
+
+
+def test_dead_server_fails_fast_naming_the_url():
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    start = time.monotonic()
+    with pytest.raises(TeacherServerError, match=f"cannot reach the teacher server at {url}"):
+        ServedTeacher(url, timeout=5.0).score([[1, 2, 3]])
+    assert time.monotonic() - start < 5.0
+
+
+def test_bad_requests_are_refused_with_the_reason(server):
+    teacher = ServedTeacher(server.url, vocab_size=300, top_k=2)
+    with pytest.raises(ValueError, match="sequence 1: token id 300 is outside the teacher's vocabulary"):
+        teacher.score([[1, 2], [5, 300]])
+    with pytest.raises(ValueError, match=f"sequence 0 has {MAX_MODEL_LEN} tokens; the teacher scores at most"):
+        teacher.score([[1] * MAX_MODEL_LEN])
+    with pytest.raises(TeacherServerError, match="HTTP 400: Requested prompt logprobs of 50"):
+        ServedTeacher(server.url, top_k=50).score([[1, 2, 3]])
+    with pytest.raises(ValueError, match="does not serve model 'other'"):
+        ServedTeacher(server.url, model="other").score([[1, 2, 3]])
