@@ -4,8 +4,9 @@ HF-named tensors, bucket by bucket, following a :class:`~megatron_opd.rollout.pl
 Per bucket: one all-gather of the stage's TP shards (flattened), regrouping into HF tensors with
 the family table's transforms, and (PP > 1) one broadcast of the bucket from its stage to the other
 stages of the pipeline. Every rank of a model replica ends up with every HF tensor of the bucket,
-one bucket at a time, and hands them to its engine; no rank holds more than about two buckets
-beyond the model itself.
+one bucket at a time, and hands them to its engine. Only one bucket's buffers are alive at a time:
+the extra memory of a sync is a few times the bucket size (at most 6x the larger of the bucket and
+the largest parameter, measured at TP2 in tests/test_sync_memory.py), never a copy of the model.
 """
 
 from __future__ import annotations
@@ -97,7 +98,9 @@ class WeightSync:
                         t = tensors[it.hf_names[0]]
                         flat_hf[out:out + t.numel()].copy_(t.reshape(-1))
                         out += t.numel()
-                del gathered
+                # Views into the gathered shards and regrouped copies: release them before the
+                # next bucket is allocated, so at most one bucket's buffers are alive at a time.
+                local = gathered = shards = tensors = t = None
             if pp > 1:
                 src = mp.global_rank(tp_rank=mp.tp_rank, pp_rank=bucket.stage)
                 dist.broadcast(flat_hf, src=src, group=mp.pp_group)
@@ -112,7 +115,7 @@ class WeightSync:
                     if corrupt == name:
                         t = t + 0.05 * torch.randn_like(t)
                     yield name, t
-            del flat_hf
+            t = flat_hf = None
 
     def sync(self, engine=None, *, corrupt: str | None = None) -> SyncStats:
         """Push the current weights into ``engine`` (None: this rank only helps the others)."""
