@@ -10,8 +10,8 @@ from megatron_opd.losses.topk import TopKTail
 from megatron_opd.losses.vocab_parallel import (MAX_EXACT_FLOAT32_ID, ChunkedVocabLoss, VocabShard,
                                                 check_temperature, combine_logsumexp, compute_dtype,
                                                 exp_and_logsumexp, gather_tokens, log_probs,
-                                                realign_columns, resolve_chunk_size, shifted_logits,
-                                                sum_tokens, vocab_shard)
+                                                realign_columns, resolve_chunk_size, scale_into,
+                                                shifted_logits, sum_tokens, vocab_shard)
 
 SUPPORTS = ("full", "teacher_topk", "student_topk")
 
@@ -49,12 +49,12 @@ class FullVocab:
         loss, aux = self.divergence.loss(sums)
         return loss, (big_s, lse_s, big_t, lse_t, aux)
 
-    def grad_chunk(self, z_cv: torch.Tensor, rows: slice, state, scale_c: torch.Tensor) -> torch.Tensor:
+    def grad_chunk(self, z_cv: torch.Tensor, rows: slice, state, scale_c: torch.Tensor,
+                   out: torch.Tensor) -> None:
         big_s, lse_s, big_t, lse_t, aux = state
         logp = log_probs(z_cv, big_s, lse_s, self.temperature, self.dtype)
         logq = log_probs(self._teacher(rows), big_t, lse_t, self.temperature, self.dtype)
-        grad = self.divergence.grad(logp, logq, logp.exp(), logq.exp(), aux)
-        return grad.mul_(scale_c.unsqueeze(-1))
+        scale_into(self.divergence.grad_(logp, logq, aux), scale_c, out)
 
 
 def vocab_parallel_divergence(

@@ -3,8 +3,8 @@
 Each kind sees log-probs and probabilities of the student (``logp``, ``p``) and the teacher
 (``logq``, ``q``) over a support (a vocab shard, or top-k buckets). ``sums`` gives per-row partial
 sums that add up across shards; ``loss`` turns the total into the per-token loss plus the one
-scalar the gradient needs; ``grad`` gives dD/ds, the gradient w.r.t. the student's tempered logits
-s = z / T, for the entries of the row.
+scalar the gradient needs; ``grad_`` gives dD/ds from the log-probs (overwriting them), the
+gradient w.r.t. the student's tempered logits s = z / T, for the entries of the row.
 
 For any D(p) with p = softmax(s): dD/ds_j = p_j (g_j - sum_i p_i g_i), g = dD/dp. Per kind:
   forward KL  D = sum q log(q / p)                       dD/ds = p - q
@@ -34,9 +34,9 @@ class ForwardKL:
     def loss(self, sums_cf: torch.Tensor) -> tuple[torch.Tensor, None]:
         return sums_cf[:, 0], None
 
-    def grad(self, logp, logq, p, q, aux: None) -> torch.Tensor:
-        """May overwrite its inputs."""
-        return p.sub_(q)
+    def grad_(self, logp, logq, aux: None) -> torch.Tensor:
+        """Overwrites ``logp`` and ``logq``."""
+        return logp.exp_().sub_(logq.exp_())
 
 
 class ReverseKL:
@@ -48,8 +48,9 @@ class ReverseKL:
     def loss(self, sums_cf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return sums_cf[:, 0], sums_cf[:, 0]
 
-    def grad(self, logp, logq, p, q, kl_c: torch.Tensor) -> torch.Tensor:
-        """May overwrite its inputs."""
+    def grad_(self, logp, logq, kl_c: torch.Tensor) -> torch.Tensor:
+        """Overwrites ``logp`` and ``logq``."""
+        p = logp.exp()
         return logp.sub_(logq).sub_(kl_c.unsqueeze(-1)).mul_(p)
 
 
@@ -72,9 +73,10 @@ class JSD:
         kl_qm, kl_pm = sums_cf.unbind(-1)
         return self.beta * kl_qm + (1.0 - self.beta) * kl_pm, kl_pm
 
-    def grad(self, logp, logq, p, q, kl_pm_c: torch.Tensor) -> torch.Tensor:
-        """May overwrite its inputs."""
-        logm = self._log_mixture(p, q)
+    def grad_(self, logp, logq, kl_pm_c: torch.Tensor) -> torch.Tensor:
+        """Overwrites ``logp`` and ``logq``."""
+        p = logp.exp()
+        logm = self._log_mixture(p, logq.exp_())
         return logp.sub_(logm).sub_(kl_pm_c.unsqueeze(-1)).mul_(p).mul_(1.0 - self.beta)
 
 

@@ -7,8 +7,8 @@ import torch
 from megatron_opd.losses.vocab_parallel import (ChunkedVocabLoss, VocabShard, check_temperature,
                                                 combine_logsumexp, compute_dtype, exp_and_logsumexp,
                                                 gather_tokens, local_columns, log_probs,
-                                                resolve_chunk_size, select_topk, shifted_logits,
-                                                take_columns, vocab_shard)
+                                                resolve_chunk_size, scale_into, select_topk,
+                                                shifted_logits, take_columns, vocab_shard)
 
 
 class TokenLogProb:
@@ -26,14 +26,15 @@ class TokenLogProb:
         big, lse = combine_logsumexp(parts[..., 0], parts[..., 1], self.temperature)
         return (parts[..., 2].sum(dim=0) - big) / self.temperature - lse, (big, lse)
 
-    def grad_chunk(self, z_cv: torch.Tensor, rows: slice, state, scale_c: torch.Tensor) -> torch.Tensor:
+    def grad_chunk(self, z_cv: torch.Tensor, rows: slice, state, scale_c: torch.Tensor,
+                   out: torch.Tensor) -> None:
         big, lse = state
         n = z_cv.shape[-1]
         grad = log_probs(z_cv, big, lse, self.temperature, self.dtype).exp_().neg_()
         if n:
             cols = local_columns(self.ids_t[rows].unsqueeze(-1), self.shard)
             grad.scatter_add_(-1, cols.clamp_max(n - 1), (cols < n).to(grad.dtype))
-        return grad.mul_(scale_c.unsqueeze(-1))
+        scale_into(grad, scale_c, out)
 
 
 def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, *, vocab_size: int | None = None,

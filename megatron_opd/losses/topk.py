@@ -8,8 +8,8 @@ import torch
 
 from megatron_opd.losses.vocab_parallel import (LOG_ZERO, VocabShard, column_mask, combine_logsumexp,
                                                 exp_and_logsumexp, gather_tokens, local_columns,
-                                                log_probs, select_topk, shift_, take_columns,
-                                                to_compute)
+                                                log_probs, scale_into, select_topk, shift_,
+                                                take_columns, to_compute)
 
 
 def _tail_logsumexp_(x_cv: torch.Tensor, cols_ck: torch.Tensor, temperature: float
@@ -123,9 +123,10 @@ class TopKTail:
         if s_tail is not None:
             # A rest without mass (every unselected logit -inf) gets share exp(-inf - 0) = 0.
             s_tail = (s_tail[0], torch.where(s_tail[1] > float("-inf"), s_tail[1], 0.0))
-        return loss, (ids, self.divergence.grad(logp, logq, p, q, aux), s_tail)
+        return loss, (ids, self.divergence.grad_(logp, logq, aux), s_tail)
 
-    def grad_chunk(self, z_cv: torch.Tensor, rows: slice, state, scale_c: torch.Tensor) -> torch.Tensor:
+    def grad_chunk(self, z_cv: torch.Tensor, rows: slice, state, scale_c: torch.Tensor,
+                   out: torch.Tensor) -> None:
         ids, h_cb, s_tail = state
         n, k = z_cv.shape[-1], self.k
         cols = local_columns(ids, self.shard)
@@ -138,4 +139,4 @@ class TopKTail:
         if n:
             # Selected columns: their bucket's gradient (ids held elsewhere add 0 to a clamped column).
             grad.scatter_add_(-1, cols.clamp_max(n - 1), torch.where(cols < n, h_cb[:, :k], 0.0))
-        return grad.mul_(scale_c.unsqueeze(-1))
+        scale_into(grad, scale_c, out)

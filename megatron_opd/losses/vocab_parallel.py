@@ -136,6 +136,11 @@ def exp_and_logsumexp(x_cv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return e, e.sum(dim=-1).log()
 
 
+def scale_into(grad_cv: torch.Tensor, scale_c: torch.Tensor, out: torch.Tensor) -> None:
+    """``out <- grad * scale`` per row, casting to ``out``'s dtype in the same pass."""
+    torch.mul(grad_cv, scale_c.unsqueeze(-1), out=out)
+
+
 def combine_logsumexp(max_pc: torch.Tensor, lse_pc: torch.Tensor,
                       temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge per-rank ``(max m_r, log sum exp((z - m_r) / T))`` into the global ``(M, L)``.
@@ -254,8 +259,9 @@ class ChunkedLoss(Protocol):
     """A per-token loss over the student's vocab shard, computed and differentiated chunk by chunk.
 
     ``forward_chunk`` gets the student's real columns for some rows and returns the per-token loss
-    and whatever small per-token state the backward needs. ``grad_chunk`` returns the gradient of
-    the loss w.r.t. ``z / T`` for those rows, already multiplied by ``scale_c``.
+    and whatever small per-token state the backward needs. ``grad_chunk`` writes the gradient of
+    the loss w.r.t. ``z / T`` for those rows, multiplied by ``scale_c``, into ``out`` (a view of
+    the gradient buffer, in the student's dtype).
     """
 
     shard: VocabShard
@@ -263,8 +269,8 @@ class ChunkedLoss(Protocol):
 
     def forward_chunk(self, z_cv: torch.Tensor, rows: slice) -> tuple[torch.Tensor, Any]: ...
 
-    def grad_chunk(self, z_cv: torch.Tensor, rows: slice, state: Any,
-                   scale_c: torch.Tensor) -> torch.Tensor: ...
+    def grad_chunk(self, z_cv: torch.Tensor, rows: slice, state: Any, scale_c: torch.Tensor,
+                   out: torch.Tensor) -> None: ...
 
 
 class ChunkedVocabLoss(torch.autograd.Function):
@@ -306,5 +312,5 @@ class ChunkedVocabLoss(torch.autograd.Function):
         if mask_t is not None:
             scale_t = torch.where(mask_t, scale_t, 0.0)
         for rows, state in ctx.states:
-            grad_tv[rows, :n] = loss.grad_chunk(z_tv[rows, :n], rows, state, scale_t[rows])
+            loss.grad_chunk(z_tv[rows, :n], rows, state, scale_t[rows], out=grad_tv[rows, :n])
         return grad_tv, None, None, None
