@@ -1,0 +1,239 @@
+"""Time of a bridge weight sync into a live vLLM engine against the two ways around it, and the
+peak extra memory of a sync per bucket size. All measured side by side in one run, per trainer TP.
+
+  bridge sync     WeightSync.sync(engine): TP all-gather, regroup into HF tensors, stream them
+                  bucket by bucket into the engine (reload_weights), reset its prefix cache
+  gather only     the same without an engine (WeightSync.iter_hf_tensors exhausted): the
+                  bridge's own share of a sync; the rest is vLLM loading the tensors
+  (a) save+reload save an HF checkpoint (the gathered tensors written as safetensors by rank 0,
+                  no fsync) and reload it into the running engine from disk (vLLM's
+                  reload_weights(weights_path=...)), then reset the prefix cache
+  (b) save+start  save the same checkpoint and start a fresh in-process engine on it (vLLM
+                  already imported; process start-up not counted)
+  copy floor      torch copy of the same HF tensors into preallocated buffers: the bytes/s that
+                  moving these bytes once in memory costs on this machine
+
+Times are the median of ``--repeats`` runs (engine start: one run), each the slowest rank's.
+Peak extra memory is over one exhausted WeightSync.iter_hf_tensors (no engine), from the CPU
+allocator's own accounting (c10's caffe2_report_cpu_memory_usage flag, which counts frees on
+gloo's threads too) read through torch.profiler memory events; the largest rank is shown.
+
+  python benchmarks/weight_sync.py                 # the table in docs/weight_sync.md
+  python benchmarks/weight_sync.py --tp 1 --repeats 1 --layers 4    # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from megatron_opd.testing.multiprocess import run_distributed
+
+MIB = 1 << 20
+
+
+def make_model(out_dir: Path, *, layers: int) -> Path:
+    """A random Llama-style model (~125M parameters at 12 layers), saved as an HF checkpoint."""
+    from megatron_opd.testing.tiny import make_hf_model
+
+    return make_hf_model(out_dir, "llama", vocab_size=32000, hidden_size=768, intermediate_size=2048,
+                         num_hidden_layers=layers, num_attention_heads=12, num_key_value_heads=4,
+                         head_dim=64, max_position_embeddings=2048)
+
+
+# ---------------------------------------------------------------- measurement (in each rank)
+
+def _timed(fn, repeats: int) -> float:
+    """Median over ``repeats`` of the slowest rank's time of ``fn()``."""
+    times = []
+    for _ in range(repeats):
+        dist.barrier()
+        start = time.perf_counter()
+        fn()
+        elapsed = torch.tensor(time.perf_counter() - start, dtype=torch.float64)
+        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+        times.append(elapsed.item())
+    return statistics.median(times)
+
+
+def _set_cpu_allocation_accounting(on: bool) -> None:
+    libc10 = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libc10.so"))
+    ctypes.c_bool.in_dll(libc10, "FLAGS_caffe2_report_cpu_memory_usage").value = on
+
+
+def _peak_extra_bytes(fn) -> int:
+    """The allocator's peak running total during ``fn()`` minus its total before."""
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    _set_cpu_allocation_accounting(True)
+    try:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            torch.empty(1)  # the first event carries the total before fn
+            fn()
+    finally:
+        _set_cpu_allocation_accounting(False)
+    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        e = stack.pop()
+        stack.extend(e.children)
+        if e.tag == _EventType.Allocation:
+            events.append(e)
+    events.sort(key=lambda e: e.start_time_ns)
+    start = events[0].extra_fields.total_allocated - events[0].extra_fields.alloc_size
+    return max(e.extra_fields.total_allocated for e in events) - start
+
+
+def measure(model_dir: str, work_dir: str, tp: int, *, bucket_bytes: int, memory_buckets: list[int],
+            repeats: int) -> dict:
+    from megatron_opd import parallel
+    from megatron_opd.checkpoint.load import load_model
+    from megatron_opd.checkpoint.safetensors_io import ShardedSafetensorsWriter
+    from megatron_opd.rollout.engine import RolloutEngine, write_engine_config
+    from megatron_opd.rollout.sync import WeightSync
+
+    import vllm  # noqa: F401 - imported before any timing
+
+    mp = parallel.initialize_global_model_parallel(parallel.ParallelLayout(tp, 1))
+    model = load_model(model_dir, mp)
+    rank = dist.get_rank()
+    out = {}
+
+    # Peak extra memory of a sync, per bucket size, before any engine exists.
+    out["peak_extra"] = {}
+    for b in memory_buckets:
+        sync = WeightSync(model, bucket_bytes=b)
+
+        def exhaust():
+            for _ in sync.iter_hf_tensors():
+                pass
+
+        dist.barrier()
+        peak = torch.tensor(_peak_extra_bytes(exhaust), dtype=torch.float64)
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+        out["peak_extra"][b] = (peak.item(), max(bk.hf_numel for bk in sync.plan.buckets) * 4)
+
+    sync = WeightSync(model, bucket_bytes=bucket_bytes)
+    out["params"] = sum(b.hf_numel for b in sync.plan.buckets)  # untied: HF tensors = parameters
+    ckpt = Path(work_dir) / "hf_checkpoint"
+
+    def save_checkpoint():
+        writer = ShardedSafetensorsWriter(ckpt, max_shard_bytes=5 << 30) if rank == 0 else None
+        for name, t in sync.iter_hf_tensors():
+            if writer is not None:
+                writer.add(name, t)
+        if writer is not None:
+            write_engine_config(model.arch, ckpt, dtype=torch.float32)
+            writer.close()
+
+    if rank == 0:
+        ckpt.mkdir(parents=True)
+    out["save"] = _timed(save_checkpoint, repeats)
+
+    engine = None
+
+    def start_engine():
+        nonlocal engine
+        engine = RolloutEngine(model.arch, model_dir=ckpt, max_model_len=256, kv_cache_bytes=64 * MIB)
+
+    out["engine_start"] = _timed(start_engine, 1)
+
+    def reload_from_disk():
+        engine.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(ckpt)})
+        engine.llm.reset_prefix_cache()
+
+    probe = [[1, 5, 17, 300, 4000, 31999, 7, 8]]
+    out["reload_from_disk"] = _timed(reload_from_disk, repeats)
+    from_disk = torch.tensor(engine.score(probe)[0].logprobs)
+
+    stats = []
+    out["sync"] = _timed(lambda: stats.append(sync.sync(engine)), repeats)
+    bridged = torch.tensor(engine.score(probe)[0].logprobs)
+    out["sync_vs_disk_logprob_diff"] = (bridged - from_disk).abs().max().item()
+    out["bytes"] = stats[-1].bytes
+    out["gather_only"] = _timed(lambda: sync.sync(None), repeats)
+
+    # The floor: one in-memory copy of the same tensors into preallocated buffers.
+    sources = [t.clone() for _, t in sync.iter_hf_tensors()]
+    targets = [torch.empty_like(t) for t in sources]
+
+    def copy_all():
+        for dst, src in zip(targets, sources):
+            dst.copy_(src)
+
+    out["copy"] = _timed(copy_all, repeats)
+    del sources, targets
+    engine.close()
+    return out
+
+
+# ---------------------------------------------------------------- driver
+
+def _row(cells, widths):
+    return "  ".join(str(c).rjust(w) for c, w in zip(cells, widths))
+
+
+def report(results: dict[int, dict], bucket_bytes: int) -> str:
+    lines = []
+    any_r = next(iter(results.values()))
+    lines.append(f"model: {any_r['params'] / 1e6:.1f}M parameters, {any_r['bytes'] / MIB:.0f} MiB of fp32 HF "
+                 f"tensors; bridge bucket {bucket_bytes // MIB} MiB; times in seconds")
+    head = ["TP", "sync", "gather", "save", "reload", "(a)save+reload", "start", "(b)save+start",
+            "(a)/sync", "(b)/sync"]
+    widths = [3, 6, 7, 6, 7, 15, 6, 14, 9, 9]
+    lines += ["", _row(head, widths)]
+    for tp, r in sorted(results.items()):
+        a = r["save"] + r["reload_from_disk"]
+        b = r["save"] + r["engine_start"]
+        lines.append(_row([tp, f"{r['sync']:.2f}", f"{r['gather_only']:.2f}", f"{r['save']:.2f}",
+                           f"{r['reload_from_disk']:.2f}", f"{a:.2f}", f"{r['engine_start']:.2f}",
+                           f"{b:.2f}", f"{a / r['sync']:.1f}x", f"{b / r['sync']:.1f}x"], widths))
+    head = ["TP", "sync GB/s", "gather GB/s", "copy GB/s", "copy/sync", "|sync-disk| logprob"]
+    widths = [3, 10, 12, 10, 10, 20]
+    lines += ["", _row(head, widths)]
+    for tp, r in sorted(results.items()):
+        gbs = lambda s: f"{r['bytes'] / s / 1e9:.2f}"  # noqa: E731
+        lines.append(_row([tp, gbs(r["sync"]), gbs(r["gather_only"]), gbs(r["copy"]),
+                           f"{r['sync'] / r['copy']:.1f}x", f"{r['sync_vs_disk_logprob_diff']:.1e}"], widths))
+    head = ["TP", "bucket MiB", "largest bucket MiB", "peak extra MiB", "peak/largest bucket"]
+    widths = [3, 11, 19, 15, 20]
+    lines += ["", _row(head, widths)]
+    for tp, r in sorted(results.items()):
+        for b, (peak, largest) in sorted(r["peak_extra"].items()):
+            lines.append(_row([tp, f"{b / MIB:g}", f"{largest / MIB:.1f}", f"{peak / MIB:.1f}",
+                               f"{peak / largest:.2f}"], widths))
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tp", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--layers", type=int, default=12, help="12: ~125M parameters")
+    parser.add_argument("--bucket-mib", type=int, default=256, help="the bridge's bucket (its default)")
+    parser.add_argument("--memory-bucket-mib", type=int, nargs="+", default=[16, 256])
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+
+    env = {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "HF_HUB_OFFLINE": "1", "VLLM_LOGGING_LEVEL": "ERROR"}
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="weight_sync_bench_") as tmp:
+        model_dir = make_model(Path(tmp) / "model", layers=args.layers)
+        for tp in args.tp:
+            work = Path(tmp) / f"tp{tp}"
+            results[tp] = run_distributed(measure, tp, str(model_dir), str(work), tp,
+                                          bucket_bytes=args.bucket_mib * MIB,
+                                          memory_buckets=[m * MIB for m in args.memory_bucket_mib],
+                                          repeats=args.repeats, timeout=1200, env=env)[0]
+    print(report(results, args.bucket_mib * MIB))
+
+
+if __name__ == "__main__":
+    main()
