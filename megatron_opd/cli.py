@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import traceback
 
 
 def _score_parser(sub) -> None:
@@ -63,29 +65,57 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _dispatch(args) -> int:
+    if args.command == "score":
+        from megatron_opd import score
+
+        return score.main(args)
+    if args.command == "convert":
+        from megatron_opd import convert
+
+        return convert.main(args)
+    from megatron_opd.train import run
+
+    return run.main(args)
+
+
+def _fail_fast(code: int) -> None:
+    """In a multi-rank job, leave now: tearing down process groups could wait on a peer that
+    is gone or stuck, and torchrun stops the other ranks once this one has exited non-zero."""
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        sys.stderr.flush()
+        sys.stdout.flush()
+        os._exit(code)
+
+
 def main(argv: list[str] | None = None) -> int:
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    from megatron_opd.cpu_compat import quiet_known_warnings
+
+    quiet_known_warnings()
     args = build_parser().parse_args(argv)
+    rank = os.environ.get("RANK", "0")
     try:
-        if args.command == "score":
-            from megatron_opd import score
-
-            return score.main(args)
-        if args.command == "convert":
-            from megatron_opd import convert
-
-            return convert.main(args)
-        if args.command == "train":
-            from megatron_opd.train import run
-
-            return run.main(args)
+        # `record` writes the root-cause traceback to torchrun's error file for its summary.
+        code = record(_dispatch)(args)
     except ValueError as e:
         print(f"megatron-opd {args.command}: error: {e}", file=sys.stderr)
+        _fail_fast(2)
         return 2
-    finally:
-        from megatron_opd import parallel
+    except BaseException as e:
+        if not isinstance(e, (KeyboardInterrupt, SystemExit)):
+            print(f"megatron-opd {args.command}: rank {rank} failed: {type(e).__name__}: {e}",
+                  file=sys.stderr)
+            traceback.print_exc()
+            _fail_fast(1)
+        raise
+    from megatron_opd import parallel
 
-        parallel.shutdown_distributed()
-    return 1
+    parallel.shutdown_distributed()
+    return code
 
 
 if __name__ == "__main__":

@@ -104,6 +104,7 @@ class CheckpointConfig:
     keep_last: int = 2
     resume: str = "auto"  # "auto" | "none" | a checkpoint directory
     export_hf: bool = False  # also export the final student as an HF model
+    verify: str = "hash"  # on load, check the manifest: "hash" (sizes and sha256), "size", "none"
 
 
 @dataclass
@@ -122,6 +123,13 @@ class TrainConfig:
     seed: int = 1234
     run_dir: str = "runs/opd"
     max_nonfinite_steps: int = 3  # consecutive non-finite steps before the run stops
+    gpu_memory_gb: float = 80.0  # for the dry-run's memory check
+    # Fault drill, to check that a cluster set-up fails fast and resumes: at step
+    # `inject_fault_step` on global rank `inject_fault_rank`, "raise" an exception, make the
+    # gradients "nan", or "kill_in_checkpoint" (SIGKILL mid-way through writing a checkpoint).
+    inject_fault: str = ""
+    inject_fault_step: int = -1
+    inject_fault_rank: int = 0
 
 
 @dataclass
@@ -193,6 +201,10 @@ class Config:
         need(self.eval.metric in ("exact_match", "boxed_math"),
              f"eval.metric must be exact_match or boxed_math, got {self.eval.metric!r}")
         need(self.checkpoint.keep_last >= 1, "checkpoint.keep_last must be >= 1")
+        need(self.train.inject_fault in ("", "raise", "nan", "kill_in_checkpoint"),
+             f"train.inject_fault must be raise, nan or kill_in_checkpoint, got {self.train.inject_fault!r}")
+        need(self.checkpoint.verify in ("hash", "size", "none"),
+             f"checkpoint.verify must be hash, size or none, got {self.checkpoint.verify!r}")
         need(self.checkpoint.resume in ("auto", "none") or Path(self.checkpoint.resume).is_dir(),
              f"checkpoint.resume must be auto, none or an existing directory, got {self.checkpoint.resume!r}")
 

@@ -241,7 +241,8 @@ def _parse_prompt_logprobs(seq: list[int], choice: dict, top_k: int, url: str) -
                                      f"the given token {tok}")
         result.logprobs.append(float(entries[tok]["logprob"]))
         if top_k:
-            best = sorted((v["rank"], t, float(v["logprob"])) for t, v in entries.items() if v["rank"] <= top_k)
+            best = sorted((v["rank"], t, float(v["logprob"]))
+                          for t, v in entries.items() if v["rank"] <= top_k)
             result.topk_ids.append([t for _, t, _ in best[:top_k]])
             result.topk_logprobs.append([lp for _, _, lp in best[:top_k]])
     return result

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_opd.checkpoint import mcore
+from megatron_opd.checkpoint.manifest import verify_manifest, write_manifest
 from megatron_opd.checkpoint.publish import STAGING_PREFIX
 from megatron_opd.utils import atomic_write_text, log0
 
@@ -54,8 +55,11 @@ def _rank0() -> bool:
 
 def save_checkpoint(trainable, *, run_dir: str | Path, step: int, config_yaml: str,
                     extra_state: dict, keep_last: int, source_hf_dtype: str = "float32",
-                    tokenizer_src: str | Path | None = None) -> Path:
-    """Save (collective). The checkpoint becomes visible only once complete."""
+                    tokenizer_src: str | Path | None = None, before_publish=None) -> Path:
+    """Save (collective). The checkpoint becomes visible only once complete: files are written
+    into a staging directory, a manifest of their sizes and hashes is added, the directory is
+    renamed, and only then is the tracker updated. ``before_publish`` (fault drills) runs just
+    before the rename."""
     from megatron.core import dist_checkpointing
 
     root = checkpoints_dir(run_dir)
@@ -83,6 +87,11 @@ def save_checkpoint(trainable, *, run_dir: str | Path, step: int, config_yaml: s
         if tokenizer_src is not None and Path(tokenizer_src).is_dir():
             mcore.copy_tokenizer_files(tokenizer_src, staging)
         (staging / STATE_FILE).write_text(json.dumps({"step": step, **extra_state}, indent=2))
+    dist.barrier()
+    write_manifest(staging)
+    if before_publish is not None:
+        before_publish()
+    if _rank0():
         final = root / name
         if final.exists():
             shutil.rmtree(final)
@@ -100,14 +109,16 @@ def _prune(root: Path, *, keep_last: int, keep: str) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def load_checkpoint(trainable, path: str | Path) -> dict:
-    """Restore model, optimizer and this rank's RNG from ``path``; returns the trainer state."""
+def load_checkpoint(trainable, path: str | Path, *, verify: str = "hash") -> dict:
+    """Restore model, optimizer and this rank's RNG from ``path`` after checking its manifest
+    (``verify``: hash, size or none); returns the trainer state."""
     from megatron.core import dist_checkpointing
 
     path = Path(path)
     state_file = path / STATE_FILE
     if not state_file.is_file():
         raise ValueError(f"{path}: not a complete training checkpoint (no {STATE_FILE})")
+    verify_manifest(path, mode=verify)
     meta = mcore.read_meta(path)
     model = trainable.model
     if meta["padded_vocab_size"] != model.padded_vocab_size:

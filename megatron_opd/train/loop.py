@@ -59,7 +59,9 @@ def _tokenizer(path: str):
 class Trainer:
     """Builds everything from a validated :class:`Config` (collective: all ranks) and trains."""
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, *, engine: RolloutEngine | None = None):
+        """``engine`` reuses a running student engine (same architecture), e.g. across runs in
+        one process; by default one is started."""
         from megatron_opd.checkpoint.load import load_model
 
         self.cfg = cfg
@@ -96,8 +98,9 @@ class Trainer:
                                     cfg.data.max_prompt_tokens + r.max_turns * r.max_new_tokens * 2)
         # Engines after the trainer's groups exist, on every rank at the same point (vLLM joins
         # the world group collectively).
-        self.engine = RolloutEngine(self.arch, kv_cache_bytes=int(r.kv_cache_gb * (1 << 30)),
-                                    max_model_len=self.max_total_tokens, seed=cfg.train.seed)
+        self.engine = engine or RolloutEngine(self.arch, kv_cache_bytes=int(r.kv_cache_gb * (1 << 30)),
+                                              max_model_len=self.max_total_tokens, seed=cfg.train.seed)
+        self._own_engine = engine is None
         self.sync = WeightSync(self.student, bucket_bytes=int(r.bucket_mb * (1 << 20)))
         self.teacher_engine = None
         if r.lmbda < 1.0 and r.offpolicy_source == "teacher":
@@ -159,7 +162,7 @@ class Trainer:
             path = Path(c.resume)
         if path is None:
             return
-        state = checkpointing.load_checkpoint(self.trainable, path)
+        state = checkpointing.load_checkpoint(self.trainable, path, verify=c.verify)
         self.start_step = int(state["step"])
         log0(f"resumed from {path} at step {self.start_step}")
 
@@ -210,6 +213,9 @@ class Trainer:
         for group in self.trainable.optimizer.param_groups:
             group["lr"] = lr
         outputs = forward_backward(self.trainable, mbs, output_fn)
+        self._fault_drill(step, "raise")
+        if self._fault_drill(step, "nan"):
+            next(iter(self.student.module.parameters())).main_grad.fill_(float("nan"))
         finite = self._grads_finite(outputs)
         grad_norm = float("nan")
         if finite:
@@ -241,6 +247,15 @@ class Trainer:
         check_mismatch(metrics.get("rollout/logprob_abs_diff_max", 0.0),
                        threshold=cfg.rollout.mismatch_threshold, version=self.engine.version - 1)
         return metrics
+
+    def _fault_drill(self, step: int, kind: str) -> bool:
+        """True (or raise, for "raise") when the configured fault drill fires here."""
+        t = self.cfg.train
+        if t.inject_fault != kind or t.inject_fault_step != step or dist.get_rank() != t.inject_fault_rank:
+            return False
+        if kind == "raise":
+            raise RuntimeError(f"injected fault (train.inject_fault=raise) at step {step} on rank {dist.get_rank()}")
+        return True
 
     def _grads_finite(self, outputs) -> bool:
         """All ranks agree whether every gradient (and the loss) is finite."""
@@ -319,11 +334,20 @@ class Trainer:
         return {"eval/accuracy": counts[0].item() / max(counts[1].item(), 1.0)}
 
     def save(self, step: int) -> Path:
+        import os
+        import signal
+
         c = self.cfg.checkpoint
+
+        def drill():
+            if self._fault_drill(step, "kill_in_checkpoint"):
+                os.kill(os.getpid(), signal.SIGKILL)
+
         path = checkpointing.save_checkpoint(self.trainable, run_dir=self.run_dir, step=step,
                                              config_yaml=self.cfg.to_yaml(),
                                              extra_state={"skipped_steps": self.nonfinite_total},
-                                             keep_last=c.keep_last, tokenizer_src=self.cfg.student.path)
+                                             keep_last=c.keep_last, tokenizer_src=self.cfg.student.path,
+                                             before_publish=drill)
         log0(f"saved {path}")
         return path
 
@@ -359,6 +383,7 @@ class Trainer:
 
     def close(self) -> None:
         self.logger.close()
-        self.engine.close()
+        if self._own_engine:
+            self.engine.close()
         if self.teacher_engine is not None:
             self.teacher_engine.close()

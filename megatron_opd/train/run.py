@@ -19,13 +19,40 @@ def describe_layouts(cfg, world_size: int) -> str:
     return "\n".join(lines)
 
 
+def dry_run(cfg, world: int) -> str:
+    """Validate for ``world`` GPUs and describe the layouts and per-GPU memory (no GPU needed)."""
+    from pathlib import Path
+
+    from megatron_opd.memory import estimate, format_table
+    from megatron_opd.models.config import ArchConfig
+
+    cfg.validate(world_size=world)
+    out = [cfg.to_yaml(), describe_layouts(cfg, world)]
+    archs = {}
+    for name, m in (("student", cfg.student), ("teacher", cfg.teacher)):
+        if not m.path:
+            continue
+        if not (Path(m.path) / "config.json").is_file():
+            out.append(f"{name}: no config.json at {m.path}; memory not estimated")
+            continue
+        arch = ArchConfig.from_hf_dir(m.path)
+        arch.check_parallel(tp=m.tp, pp=m.pp, what=name)
+        archs[name] = arch
+    dp = world // (cfg.student.tp * cfg.student.pp)
+    if cfg.train.prompts_per_step < dp:
+        raise ValueError(f"train.prompts_per_step={cfg.train.prompts_per_step} is smaller than the "
+                         f"student's data-parallel size {dp}")
+    if "student" in archs:
+        rows = estimate(cfg, archs["student"], archs.get("teacher"), world_size=world)
+        out.append(format_table(rows, gpu_memory_gb=cfg.train.gpu_memory_gb))
+    return "\n".join(out)
+
+
 def main(args) -> int:
     cfg = load_config(args.config, args.overrides)
     if args.dry_run:
         world = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
-        cfg.validate(world_size=world)
-        print(cfg.to_yaml())
-        print(describe_layouts(cfg, world))
+        print(dry_run(cfg, world))
         return 0
     from megatron_opd.train.loop import Trainer
 

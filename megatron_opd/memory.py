@@ -1,0 +1,90 @@
+"""Per-GPU memory estimate of a run's layout, for `megatron-opd train --dry-run --world-size N`.
+
+A planning estimate, not a measurement: parameter and optimizer bytes are exact for the layout;
+activations follow Korthikanti et al. (2022) for a transformer layer with flash attention and
+sequence parallelism (about 34 bytes x tokens x hidden / TP per layer, for the micro-batches a
+1F1B pipeline keeps in flight); logits count the student's shard, its gradient and the chunked
+loss's temporaries (the teacher's shard waits on the CPU between phases).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from megatron_opd.models.config import ArchConfig, padded_vocab_size
+
+GiB = 1 << 30
+
+
+def parameter_count(arch: ArchConfig, *, tp: int, pp: int, stage: int) -> int:
+    """Parameters held by one rank of pipeline stage ``stage`` (after TP splitting)."""
+    h, f = arch.hidden_size, arch.ffn_hidden_size
+    q, kv = arch.num_attention_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim
+    layer = (h * (q + 2 * kv) + (q + 2 * kv if arch.family.qkv_bias else 0) + q * h + 3 * h * f) // tp
+    layer += 2 * h + (2 * arch.head_dim if arch.family.qk_norm else 0)
+    n = layer * (arch.num_layers // pp)
+    vocab = padded_vocab_size(arch.vocab_size, tp) // tp * h
+    if stage == 0:
+        n += vocab
+    if stage == pp - 1:
+        n += h
+        if not arch.tie_word_embeddings or pp > 1:
+            n += vocab
+    return n
+
+
+@dataclass
+class MemoryRow:
+    what: str
+    parameters: float
+    gradients: float
+    optimizer: float
+    activations: float
+    logits: float
+    engine: float
+
+    @property
+    def total(self) -> float:
+        return self.parameters + self.gradients + self.optimizer + self.activations + self.logits + self.engine
+
+
+def estimate(cfg, student: ArchConfig, teacher: ArchConfig | None, *, world_size: int) -> list[MemoryRow]:
+    """GiB per GPU for the busiest stage of the student and of the teacher."""
+    bpe = 2  # bf16 parameters on GPUs
+    s = cfg.student
+    dp = world_size // (s.tp * s.pp)
+    tokens = cfg.data.micro_batch_tokens
+    worst = max(range(s.pp), key=lambda st: parameter_count(student, tp=s.tp, pp=s.pp, stage=st))
+    p = parameter_count(student, tp=s.tp, pp=s.pp, stage=worst)
+    optim_shard = dp if cfg.optim.use_distributed_optimizer else 1
+    in_flight = s.pp  # 1F1B keeps up to pp micro-batches of activations on the first stage
+    acts = 34 * tokens * student.hidden_size / s.tp * (student.num_layers // s.pp) * in_flight
+    v_local = padded_vocab_size(student.vocab_size, s.tp) // s.tp
+    chunk = cfg.loss.chunk_size or max(1, (1 << 24) // v_local)
+    logits = tokens * v_local * (bpe + 4) + 6 * min(chunk, tokens) * v_local * 4
+    # the colocated engine (TP 1 per rank) holds the whole student
+    engine = parameter_count(student, tp=1, pp=1, stage=0) * bpe + cfg.rollout.kv_cache_gb * GiB
+    rows = [MemoryRow("student (+ colocated rollout engine)", p * bpe / GiB, p * 4 / GiB,
+                      p * (8 + 4) / optim_shard / GiB, acts / GiB, logits / GiB, engine / GiB)]
+    if teacher is not None and cfg.teacher.path:
+        t = cfg.teacher
+        tw = max(range(t.pp), key=lambda st: parameter_count(teacher, tp=t.tp, pp=t.pp, stage=st))
+        tp_params = parameter_count(teacher, tp=t.tp, pp=t.pp, stage=tw)
+        t_acts = 2 * tokens * teacher.hidden_size * bpe / t.tp * 4  # forward only: a few live layers
+        t_logits = tokens * (padded_vocab_size(teacher.vocab_size, t.tp) // t.tp) * bpe
+        rows.append(MemoryRow("teacher (frozen, forward only)", tp_params * bpe / GiB, 0.0, 0.0,
+                              t_acts / GiB, t_logits / GiB, 0.0))
+    return rows
+
+
+def format_table(rows: list[MemoryRow], *, gpu_memory_gb: float) -> str:
+    cols = ("parameters", "gradients", "optimizer", "activations", "logits", "engine", "total")
+    lines = [f"{'per GPU, GiB':38s} " + " ".join(f"{c:>11s}" for c in cols)]
+    for r in rows:
+        vals = [getattr(r, c) for c in cols]
+        lines.append(f"{r.what:38s} " + " ".join(f"{v:11.2f}" for v in vals))
+    total = sum(r.total for r in rows)
+    verdict = "fits" if total <= gpu_memory_gb else "DOES NOT FIT"
+    lines.append(f"colocated (student, engine and teacher share every GPU): {total:.2f} GiB per GPU, "
+                 f"{verdict} in {gpu_memory_gb:g} GiB (train.gpu_memory_gb)")
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""Synthetic tasks generated locally (the demo's arithmetic)."""

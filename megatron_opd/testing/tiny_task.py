@@ -1,0 +1,42 @@
+"""A tiny OPD set-up for trainer tests: arithmetic data and random student/teacher models in the
+demo's shapes (no warm start), plus the recipe overrides that make a run take seconds."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def make_task_dir(root: str | Path, *, num_train: int = 2000) -> Path:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from megatron_opd.tasks import arithmetic as task
+
+    root = Path(root)
+    train, _ = task.write_datasets(root, num_eval=64)
+    lines = train.read_text().splitlines()[:num_train]  # the trainer tokenizes every row at start
+    train.write_text("\n".join(lines) + "\n")
+    for name, seed in (("teacher", 0), ("student", 1)):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**task.llama_config(hidden=64, heads=2, layers=2)))
+        model.save_pretrained(root / name)
+        task.make_tokenizer(root / name)
+    return root
+
+
+def base_overrides(root: str | Path, run_dir: str | Path, steps: int) -> list[str]:
+    root = Path(root)
+    return [f"student.path={root / 'student'}", f"teacher.path={root / 'teacher'}",
+            f"data.train_path={root / 'train.jsonl'}", f"data.eval_path={root / 'eval.jsonl'}",
+            f"train.run_dir={run_dir}", f"train.steps={steps}", "train.prompts_per_step=16",
+            "student.tp=2", "teacher.tp=2", "data.micro_batch_tokens=104", "rollout.max_new_tokens=5",
+            "rollout.kv_cache_gb=0.0625", "rollout.bucket_mb=1", "optim.lr=3e-3", "optim.decay=constant",
+            "logging.tensorboard=false", "logging.progress_bar=false", "eval.every=0",
+            "rollout.mismatch_threshold=1e-4"]
+
+
+def losses(run_dir: str | Path) -> dict:
+    """step -> (loss, grad_norm, trainer-vs-rollout mismatch) from a run's metrics.jsonl."""
+    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: (r["loss"], r["grad_norm"], r.get("rollout/logprob_abs_diff_max")) for r in rows if "loss" in r}

@@ -1,0 +1,220 @@
+"""Running at cluster scale and surviving faults, on CPU with real processes: Slurm templates,
+fail-fast ranks, kill-during-checkpoint + resume, checkpoint integrity, non-finite guard, and the
+layout dry-run of a 64-GPU recipe."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from megatron_opd.testing.multiprocess import DistributedTestError, run_distributed
+from megatron_opd.testing.tiny_task import base_overrides, losses, make_task_dir
+
+ROOT = Path(__file__).resolve().parent.parent
+SLURM = ROOT / "examples" / "slurm"
+
+
+@pytest.fixture(scope="module")
+def task_dir(tmp_path_factory):
+    return make_task_dir(tmp_path_factory.mktemp("task"))
+
+
+def _torchrun(args: list, *, nproc: int = 2, timeout: float = 300, env=None):
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--max-restarts=0",
+           "-m", "megatron_opd.cli", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+# --- Slurm templates ------------------------------------------------------------------------------
+
+def _fake_slurm(bin_dir: Path, log: Path, *, execute: bool) -> dict:
+    """Stub `scontrol` and `srun` that record their arguments (and srun runs its command)."""
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    (bin_dir / "scontrol").write_text(
+        "#!/bin/bash\n"
+        f"echo \"scontrol $*\" >> {log}\n"
+        "if [ \"$1 $2\" = \"show hostnames\" ]; then printf 'gpu-node-07\\ngpu-node-08\\ngpu-node-09\\n'; fi\n")
+    run = 'exec "${@:$i}"' if execute else "exit 0"
+    (bin_dir / "srun").write_text(
+        "#!/bin/bash\n"
+        f"printf 'srun' >> {log}; for a in \"$@\"; do printf ' %q' \"$a\" >> {log}; done; echo >> {log}\n"
+        # skip srun's own options, then run (or not) the command
+        "i=1; for a in \"$@\"; do case \"$a\" in --*) i=$((i+1));; *) break;; esac; done\n"
+        f"{run}\n")
+    for f in ("scontrol", "srun"):
+        (bin_dir / f).chmod(0o755)
+    return {"PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "opd-test",
+            "SLURM_JOB_NODELIST": "gpu-node-[07-09]", "SLURM_JOB_NUM_NODES": "3", "SLURM_GPUS_ON_NODE": "8",
+            "PYTHON": sys.executable}
+
+
+def test_multi_node_template_renders_torchrun_with_rendezvous_on_first_node(tmp_path):
+    log = tmp_path / "calls.log"
+    env = _fake_slurm(tmp_path / "bin", log, execute=False)
+    proc = subprocess.run(["bash", str(SLURM / "train_multi_node.sbatch"), "examples/recipe.yaml",
+                           "optim.lr=1e-6", "rollout.stop_token_ids=[1, 2]"],
+                          cwd=tmp_path, env={**os.environ, **env}, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    calls = log.read_text()
+    assert "scontrol show hostnames gpu-node-[07-09]" in calls
+    srun = [line for line in calls.splitlines() if line.startswith("srun")][0]
+    assert "--ntasks=3" in srun and "--ntasks-per-node=1" in srun
+    for expected in ("--nnodes=3", "--nproc-per-node=8", "--rdzv-backend=c10d",
+                     "--rdzv-endpoint=gpu-node-07:29500", "--rdzv-id=4242", "-m megatron_opd.cli train",
+                     "train.run_dir=", "checkpoint.resume=auto", "optim.lr=1e-6"):
+        assert expected in srun.replace("\\ ", " "), (expected, srun)
+    assert "rollout.stop_token_ids=\\[1,\\ 2\\]" in srun or "stop_token_ids=[1, 2]" in srun.replace("\\", "")
+
+
+def test_convert_template_sizes_the_launch_from_tp_and_pp(tmp_path):
+    log = tmp_path / "calls.log"
+    env = _fake_slurm(tmp_path / "bin", log, execute=False)
+    proc = subprocess.run(["bash", str(SLURM / "convert.sbatch"), "hf-to-mcore", "--hf", "/m", "--out", "/o",
+                           "--tp", "4", "--pp", "2"], cwd=tmp_path, env={**os.environ, **env},
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    srun = log.read_text().splitlines()[0]
+    assert "--nproc-per-node=8" in srun and "convert hf-to-mcore --hf /m --out /o --tp 4 --pp 2" in srun.replace("\\", "")
+
+
+@pytest.mark.vllm
+def test_single_node_template_runs_the_tiny_recipe(task_dir, tmp_path):
+    log = tmp_path / "calls.log"
+    env = _fake_slurm(tmp_path / "bin", log, execute=True)
+    env.update(GPUS_PER_NODE="2", RUN_DIR=str(tmp_path / "run"))
+    overrides = [o for o in base_overrides(task_dir, tmp_path / "ignored", 2) if not o.startswith("train.run_dir")]
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("logging: {progress_bar: false}\n")
+    proc = subprocess.run(["bash", str(SLURM / "train_single_node.sbatch"), str(recipe), *overrides],
+                          cwd=tmp_path, env={**os.environ, **env}, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    srun = log.read_text().splitlines()[0]
+    assert "--standalone" in srun and "--nproc-per-node=2" in srun
+    assert sorted(losses(tmp_path / "run")) == [1, 2]
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "step_00000002"
+
+
+# --- fail fast ------------------------------------------------------------------------------------
+
+@pytest.mark.vllm
+def test_rank_raising_mid_step_stops_every_rank_quickly(task_dir, tmp_path):
+    error_file = tmp_path / "error.json"
+    args = ["train", *base_overrides(task_dir, tmp_path / "run", 3), "train.inject_fault=raise",
+            "train.inject_fault_step=1", "train.inject_fault_rank=1"]
+    start = time.time()
+    proc = _torchrun(args, env={"TORCHELASTIC_ERROR_FILE": str(error_file)})
+    elapsed = time.time() - start
+    assert proc.returncode != 0
+    assert "rank 1 failed: RuntimeError: injected fault" in proc.stderr
+    # torchrun's summary names the root cause rank and the exception
+    assert "rank      : 1" in proc.stderr or "rank: 1" in proc.stderr
+    # bounded: start-up (~40 s on 2 cores) + one step; no collective hang
+    assert elapsed < 240, elapsed
+
+
+# --- kill during checkpoint, resume ---------------------------------------------------------------
+
+@pytest.mark.vllm
+def test_sigkill_during_checkpoint_write_resumes_from_previous_and_continues_identically(task_dir, tmp_path):
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    common = ["checkpoint.every=1", "checkpoint.keep_last=3"]
+    proc = _torchrun(["train", *base_overrides(task_dir, ref, 3), *common])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    killed = _torchrun(["train", *base_overrides(task_dir, run, 3), *common, "train.inject_fault=kill_in_checkpoint",
+                        "train.inject_fault_step=2", "train.inject_fault_rank=0"])
+    assert killed.returncode != 0
+    ckpts = run / "checkpoints"
+    assert (ckpts / "latest").read_text().strip() == "step_00000001"  # step 2 never published
+    assert list(ckpts.glob(".staging-*"))  # the half-written one is there, and ignored
+    resumed = _torchrun(["train", *base_overrides(task_dir, run, 3), *common])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stderr and "step_00000001" in resumed.stderr
+    assert not list(ckpts.glob(".staging-*"))  # stale staging cleaned
+    a, b = losses(ref), losses(run)
+    assert a[2] == b[2] and a[3] == b[3]  # the curve continues bit-identically
+
+
+# --- checkpoint integrity -------------------------------------------------------------------------
+
+def _corrupt_and_load(task_root: str, ckpt: str, mode: str) -> str:
+    from megatron_opd.checkpoint.manifest import verify_manifest
+
+    try:
+        verify_manifest(ckpt, mode=mode)
+    except ValueError as e:
+        return str(e)
+    return ""
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize("damage", ["flip_byte", "truncate"])
+def test_damaged_checkpoint_is_refused_naming_the_file(task_dir, tmp_path, damage):
+    run = tmp_path / "run"
+    proc = _torchrun(["train", *base_overrides(task_dir, run, 1)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = run / "checkpoints" / "step_00000001"
+    victim = sorted((ckpt / "model").glob("*.distcp"))[0]
+    data = bytearray(victim.read_bytes())
+    if damage == "flip_byte":
+        data[len(data) // 2] ^= 0xFF
+    else:
+        data = data[: len(data) - 100]
+    victim.write_bytes(bytes(data))
+    proc = _torchrun(["train", *base_overrides(task_dir, run, 2)])
+    assert proc.returncode != 0
+    assert str(victim) in proc.stderr
+    assert ("corrupted" if damage == "flip_byte" else "truncated") in proc.stderr
+
+
+# --- numerical guard ------------------------------------------------------------------------------
+
+def _nan_run(task_root: str, run_dir: str, limit: int) -> dict:
+    from megatron_opd.config import load_config
+    from megatron_opd.train.loop import NonFiniteError, Trainer
+
+    ov = base_overrides(Path(task_root), Path(run_dir), 3) + [
+        "train.inject_fault=nan", "train.inject_fault_step=1", "train.inject_fault_rank=1",
+        f"train.max_nonfinite_steps={limit}"]
+    trainer = Trainer(load_config(None, ov))
+    try:
+        trainer.train()
+        stopped = False
+    except NonFiniteError:
+        stopped = True
+    finally:
+        trainer.close()
+    return {"stopped": stopped}
+
+
+@pytest.mark.vllm
+def test_nonfinite_gradient_skips_the_step_and_stops_after_the_limit(task_dir, tmp_path):
+    out = run_distributed(_nan_run, 2, str(task_dir), str(tmp_path / "a"), 2, timeout=600)
+    assert out[0] == {"stopped": False}
+    rows = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    by_step = {r["step"]: r for r in rows}
+    assert by_step[1]["skipped_steps"] == 0 and by_step[2]["skipped_steps"] == 1 and by_step[3]["skipped_steps"] == 1
+    out = run_distributed(_nan_run, 2, str(task_dir), str(tmp_path / "b"), 1, timeout=600)
+    assert out[0] == {"stopped": True}
+
+
+# --- layout dry-run -------------------------------------------------------------------------------
+
+def test_dry_run_of_a_64_gpu_recipe_prints_layout_and_memory(tmp_path):
+    recipe = ROOT / "examples" / "llama3.1_8b_from_70b_tp8pp2.yaml"
+    models = [f"student.path={ROOT / 'examples/model_configs/llama-3.1-8b'}",
+              f"teacher.path={ROOT / 'examples/model_configs/llama-3.1-70b'}"]
+    proc = subprocess.run([sys.executable, "-m", "megatron_opd.cli", "train", "--config", str(recipe),
+                           "--dry-run", "--world-size", "64", *models], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "student: tp=8 pp=1 dp=8" in out and "teacher: tp=8 pp=2 dp=4" in out
+    for column in ("parameters", "gradients", "optimizer", "activations", "logits", "total"):
+        assert column in out
+    bad = subprocess.run([sys.executable, "-m", "megatron_opd.cli", "train", "--config", str(recipe),
+                          "--dry-run", "--world-size", "60", *models], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "does not divide the world size 60" in bad.stderr
