@@ -181,12 +181,13 @@ def _peak_live_bytes(prof) -> int:
 # ---------------------------------------------------------------- driver
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", default=["4096x32768", "1024x151936"],
                         help="TOKENSxVOCAB, fp32 logits (default: %(default)s)")
     parser.add_argument("--tp", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1,
                         help="intra-op threads per rank, for every method (default: %(default)s)")
     args = parser.parse_args()

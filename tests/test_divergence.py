@@ -166,8 +166,9 @@ def sweep_topk(rank, world, group) -> list[tuple[str, float, float]]:
                         ev, eg = compare(problem, rank, world, group, kind=kind, beta=beta,
                                          temperature=temperature, chunk_size=20, support=support, top_k=k)
                         out.append((f"{geo_name} {support} k={k} {kind} beta={beta} T={temperature}", ev, eg))
-                    ev, eg = compare(problem, rank, world, group, kind=kind, beta=beta, temperature=temperature,
-                                     chunk_size=20, support="teacher_topk", given_ids=ids, given_logprobs=given)
+                    ev, eg = compare(problem, rank, world, group, kind=kind, beta=beta,
+                                     temperature=temperature, chunk_size=20, support="teacher_topk",
+                                     given_ids=ids, given_logprobs=given)
                     out.append((f"{geo_name} given k={k} {kind} beta={beta} T={temperature}", ev, eg))
     return out
 
@@ -206,7 +207,8 @@ def sweep_extreme(rank, world, group) -> list[str]:
                     x = shard(student, rank, world).clone().requires_grad_()
                     out = vocab_parallel_divergence(
                         x, shard(teacher, rank, world), kind=kind, beta=beta, temperature=temperature,
-                        tp_group=group, chunk_size=20, support=support, top_k=None if support == "full" else 3)
+                        tp_group=group, chunk_size=20, support=support,
+                        top_k=None if support == "full" else 3)
                     out.sum().backward()
                     if not (out.isfinite().all() and x.grad.isfinite().all()):
                         failures.append(f"{pair_name} {support} {kind} beta={beta} T={temperature}")
@@ -335,7 +337,8 @@ def sweep_logprobs(rank, world, group) -> list[tuple[str, float, float]]:
                                           chunk_size=chunk_size)
             (kl * grad_out).sum().backward()
             out.append((f"token_logprobs T={temperature} chunk={chunk_size}", rel_err(lp, ref, ref), 0.0))
-            out.append((f"sampled_token_reverse_kl T={temperature} chunk={chunk_size}", rel_err(kl, ref_kl, ref_kl),
+            out.append((f"sampled_token_reverse_kl T={temperature} chunk={chunk_size}",
+                        rel_err(kl, ref_kl, ref_kl),
                         rel_err(x.grad, shard(s_ref.grad, rank, world), s_ref.grad)))
             top_ids, top_lp = topk_logprobs(shard(s, rank, world), 5, vocab_size=vocab, tp_group=group,
                                             temperature=temperature, chunk_size=chunk_size)
@@ -360,8 +363,10 @@ def check_logprob_collectives(rank, world, group) -> list[str]:
             "token_logprobs backward": [],
             "topk_logprobs": [call for c in chunks for call in (("all_gather_single", (world * c, 5, 2)),
                                                                 ("all_gather_single", (world * c, 2)))]}
-    issued = {"token_logprobs forward": fwd.calls, "token_logprobs backward": bwd.calls, "topk_logprobs": top.calls}
-    return [f"{name}: issued {issued[name]}, documented {want[name]}" for name in want if issued[name] != want[name]]
+    issued = {"token_logprobs forward": fwd.calls, "token_logprobs backward": bwd.calls,
+              "topk_logprobs": top.calls}
+    return [f"{name}: issued {issued[name]}, documented {want[name]}"
+            for name in want if issued[name] != want[name]]
 
 
 def run_checks(with_megatron: bool = True) -> dict:
@@ -490,6 +495,39 @@ def test_gradient_nonzero_iff_distributions_differ(kind, beta):
                 assert out.abs().max() < 1e-6 and x.grad.abs().max() < 1e-6, (temperature, out)
 
 
+def _peak_live_bytes(fn) -> int:
+    """Peak bytes of tensors allocated (and not yet freed) while ``fn`` runs, from profiler events."""
+    cpu = [torch.profiler.ProfilerActivity.CPU]
+    with torch.profiler.profile(activities=cpu, profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    live = peak = 0
+    for e in events:
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
+@pytest.mark.parametrize("support", ["full", "teacher_topk"])
+def test_extra_memory_is_per_chunk_not_per_token(support):
+    """Peak memory of forward + backward minus the gradient is the same for 4x the tokens."""
+    vocab, chunk = 3000, 16
+    extra = {}
+    for num_tokens in (64, 256):
+        g = torch.Generator().manual_seed(0)
+        s = torch.randn(num_tokens, vocab, generator=g).requires_grad_()
+        t = torch.randn(num_tokens, vocab, generator=g)
+        kw = dict(kind="jsd", beta=0.5, chunk_size=chunk, support=support,
+                  top_k=None if support == "full" else 8)
+        peak = _peak_live_bytes(lambda: vocab_parallel_divergence(s, t, **kw).sum().backward())
+        extra[num_tokens] = peak - s.numel() * s.element_size()
+    chunk_bytes = chunk * vocab * 4
+    assert extra[64] < 8 * chunk_bytes, extra
+    # Per-token state (a few scalars, or k ids and bucket gradients) may grow; nothing V-sized may.
+    assert extra[256] - extra[64] < 192 * 256, extra
+
+
 def test_teacher_topk_with_k_equal_vocab_is_full_support():
     s, t, vocab = _small(tokens=8, dtype=torch.float32)
     full = vocab_parallel_divergence(s, t, kind="jsd", beta=0.3, vocab_size=vocab)
@@ -517,7 +555,8 @@ def test_non_contiguous_leading_dims_and_default_chunk():
     (dict(kind="forward_kl", vocab_size=50), "vocab_size 50 exceeds the columns of student_logits"),
     (dict(kind="forward_kl", support="topk"), "support must be one of"),
     (dict(kind="forward_kl", support="teacher_topk"), "needs top_k"),
-    (dict(kind="forward_kl", support="teacher_topk", top_k=20), r"top_k must be an integer in \[1, vocab_size=11\]"),
+    (dict(kind="forward_kl", support="teacher_topk", top_k=20),
+     r"top_k must be an integer in \[1, vocab_size=11\]"),
     (dict(kind="forward_kl", loss_mask=torch.ones(4, dtype=torch.bool)), "loss_mask shape"),
     (dict(kind="forward_kl", chunk_size=0), "chunk_size must be a positive integer"),
     (dict(kind="forward_kl", teacher_topk_ids=torch.zeros(5, 2, dtype=torch.long),

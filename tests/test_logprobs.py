@@ -1,4 +1,4 @@
-"""token_logprobs, topk_logprobs and sampled_token_reverse_kl on one process (sharded runs: test_divergence)."""
+"""token_logprobs, topk_logprobs, sampled_token_reverse_kl in one process (sharded: test_divergence)."""
 
 import pytest
 import torch
@@ -76,7 +76,8 @@ def test_sampled_token_reverse_kl_is_logprob_difference_and_ignores_masked_ids()
 
 
 @pytest.mark.parametrize("call,message", [
-    (lambda x: token_logprobs(x, torch.tensor([0, 40]), vocab_size=37), r"token_ids must lie in \[0, vocab_size=37\)"),
+    (lambda x: token_logprobs(x, torch.tensor([0, 40]), vocab_size=37),
+     r"token_ids must lie in \[0, vocab_size=37\)"),
     (lambda x: token_logprobs(x, torch.tensor([0, 1, 2])), "token_ids shape"),
     (lambda x: token_logprobs(x, torch.tensor([0, 1]), temperature=-1.0), "temperature must be a positive"),
     (lambda x: topk_logprobs(x, 41), r"k must be an integer in \[1, vocab_size=40\]"),

@@ -142,7 +142,8 @@ def vocab_parallel_divergence(
         if teacher_topk_ids is None or teacher_topk_logprobs is None:
             raise ValueError("teacher_topk_ids and teacher_topk_logprobs must be given together")
         k = teacher_topk_ids.shape[-1]
-        for name, t in (("teacher_topk_ids", teacher_topk_ids), ("teacher_topk_logprobs", teacher_topk_logprobs)):
+        for name, t in (("teacher_topk_ids", teacher_topk_ids),
+                        ("teacher_topk_logprobs", teacher_topk_logprobs)):
             if tuple(t.shape) != lead + (k,):
                 raise ValueError(f"{name} must have shape {lead + (k,)} (student leading dims + [K]), "
                                  f"got {tuple(t.shape)}")
@@ -184,7 +185,8 @@ def vocab_parallel_divergence(
                             teacher_shard=teacher_shard)
 
     z_tv = student_logits.reshape(-1, shard.width)
-    out = ChunkedVocabLoss.apply(z_tv, loss, mask_t, resolve_chunk_size(chunk_size, width, student_logits.device))
+    chunk = resolve_chunk_size(chunk_size, width, student_logits.device)
+    out = ChunkedVocabLoss.apply(z_tv, loss, mask_t, chunk)
     return out.view(lead)
 
 

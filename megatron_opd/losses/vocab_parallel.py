@@ -179,6 +179,10 @@ def sum_tokens(x_cf: torch.Tensor, shard: VocabShard) -> torch.Tensor:
     return x_cf
 
 
+def _overlap(a: tuple[int, int], b: tuple[int, int]) -> int:
+    return max(0, min(a[1], b[1]) - max(a[0], b[0]))
+
+
 def realign_columns(x_cv: torch.Tensor, src: VocabShard, dst: VocabShard) -> torch.Tensor:
     """This rank's real columns in ``dst``'s layout, from real columns held in ``src``'s layout.
 
@@ -188,11 +192,9 @@ def realign_columns(x_cv: torch.Tensor, src: VocabShard, dst: VocabShard) -> tor
     """
     if src.width == dst.width or not src.sharded:
         return x_cv
-    def overlap(a: tuple[int, int], b: tuple[int, int]) -> int:
-        return max(0, min(a[1], b[1]) - max(a[0], b[0]))
     me = src.rank
-    send = [overlap(src.valid_range(me), dst.valid_range(r)) for r in range(src.world)]
-    recv = [overlap(src.valid_range(r), dst.valid_range(me)) for r in range(src.world)]
+    send = [_overlap(src.valid_range(me), dst.valid_range(r)) for r in range(src.world)]
+    recv = [_overlap(src.valid_range(r), dst.valid_range(me)) for r in range(src.world)]
     # all_to_all splits dim 0, so columns travel as rows of the transpose.
     inp = x_cv.t().contiguous()
     out = inp.new_empty((sum(recv), x_cv.shape[0]))
