@@ -13,7 +13,9 @@ peak extra memory of a sync per bucket size. All measured side by side in one ru
   copy floor      torch copy of the same HF tensors into preallocated buffers: the bytes/s that
                   moving these bytes once in memory costs on this machine
 
-Times are the median of ``--repeats`` runs (engine start: one run), each the slowest rank's.
+Each time is the slowest rank's. The methods run round robin, ``--repeats`` rounds, and the best
+round of each is shown (engine start: one run): on a small machine shared with other work, a
+median still swings by several times between runs.
 Peak extra memory is over one exhausted WeightSync.iter_hf_tensors (no engine), from the CPU
 allocator's own accounting (c10's caffe2_report_cpu_memory_usage flag, which counts frees on
 gloo's threads too) read through torch.profiler memory events; the largest rank is shown.
@@ -27,7 +29,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import os
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -51,17 +52,14 @@ def make_model(out_dir: Path, *, layers: int) -> Path:
 
 # ---------------------------------------------------------------- measurement (in each rank)
 
-def _timed(fn, repeats: int) -> float:
-    """Median over ``repeats`` of the slowest rank's time of ``fn()``."""
-    times = []
-    for _ in range(repeats):
-        dist.barrier()
-        start = time.perf_counter()
-        fn()
-        elapsed = torch.tensor(time.perf_counter() - start, dtype=torch.float64)
-        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
-        times.append(elapsed.item())
-    return statistics.median(times)
+def _timed(fn) -> float:
+    """The slowest rank's time of ``fn()``."""
+    dist.barrier()
+    start = time.perf_counter()
+    fn()
+    elapsed = torch.tensor(time.perf_counter() - start, dtype=torch.float64)
+    dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+    return elapsed.item()
 
 
 def _set_cpu_allocation_accounting(on: bool) -> None:
@@ -136,31 +134,20 @@ def measure(model_dir: str, work_dir: str, tp: int, *, bucket_bytes: int, memory
 
     if rank == 0:
         ckpt.mkdir(parents=True)
-    out["save"] = _timed(save_checkpoint, repeats)
-
+    first_save = _timed(save_checkpoint)
     engine = None
 
     def start_engine():
         nonlocal engine
         engine = RolloutEngine(model.arch, model_dir=ckpt, max_model_len=256, kv_cache_bytes=64 * MIB)
 
-    out["engine_start"] = _timed(start_engine, 1)
+    out["engine_start"] = _timed(start_engine)
 
     def reload_from_disk():
         engine.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(ckpt)})
         engine.llm.reset_prefix_cache()
 
-    probe = [[1, 5, 17, 300, 4000, 31999, 7, 8]]
-    out["reload_from_disk"] = _timed(reload_from_disk, repeats)
-    from_disk = torch.tensor(engine.score(probe)[0].logprobs)
-
     stats = []
-    out["sync"] = _timed(lambda: stats.append(sync.sync(engine)), repeats)
-    bridged = torch.tensor(engine.score(probe)[0].logprobs)
-    out["sync_vs_disk_logprob_diff"] = (bridged - from_disk).abs().max().item()
-    out["bytes"] = stats[-1].bytes
-    out["gather_only"] = _timed(lambda: sync.sync(None), repeats)
-
     # The floor: one in-memory copy of the same tensors into preallocated buffers.
     sources = [t.clone() for _, t in sync.iter_hf_tensors()]
     targets = [torch.empty_like(t) for t in sources]
@@ -169,8 +156,25 @@ def measure(model_dir: str, work_dir: str, tp: int, *, bucket_bytes: int, memory
         for dst, src in zip(targets, sources):
             dst.copy_(src)
 
-    out["copy"] = _timed(copy_all, repeats)
+    methods = {"save": save_checkpoint, "reload_from_disk": reload_from_disk,
+               "sync": lambda: stats.append(sync.sync(engine)), "gather_only": lambda: sync.sync(None),
+               "copy": copy_all}
+    # Round robin, so that every method sees the same background load; the best run of each.
+    times = {name: [] for name in methods}
+    for _ in range(repeats):
+        for name, fn in methods.items():
+            times[name].append(_timed(fn))
+    out.update({name: min(t) for name, t in times.items()})
+    out["save"] = min(out["save"], first_save)
+    out["bytes"] = stats[-1].bytes
     del sources, targets
+
+    probe = [[1, 5, 17, 300, 4000, 31999, 7, 8]]
+    reload_from_disk()
+    from_disk = torch.tensor(engine.score(probe)[0].logprobs)
+    sync.sync(engine)
+    bridged = torch.tensor(engine.score(probe)[0].logprobs)
+    out["sync_vs_disk_logprob_diff"] = (bridged - from_disk).abs().max().item()
     engine.close()
     return out
 
@@ -219,7 +223,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=12, help="12: ~125M parameters")
     parser.add_argument("--bucket-mib", type=int, default=256, help="the bridge's bucket (its default)")
     parser.add_argument("--memory-bucket-mib", type=int, nargs="+", default=[16, 256])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
 
     env = {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "HF_HUB_OFFLINE": "1", "VLLM_LOGGING_LEVEL": "ERROR"}
