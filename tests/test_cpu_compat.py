@@ -76,7 +76,7 @@ def _exercise_shims(model_dir: str, ckpt_dir: str) -> dict:
         assert applied and norm > 0.01  # clipping engaged
     same = all(torch.equal(grads[False][n], grads[True][n]) for n in grads[False])
     sd = model.module.sharded_state_dict()
-    dist_checkpointing.save(sd, ckpt_dir)
+    dist_checkpointing.save(sd, ckpt_dir)  # megatron's own path, manager queue included
     before = {n: p.detach().clone() for n, p in model.module.named_parameters()}
     with torch.no_grad():
         for p in model.module.parameters():

@@ -78,16 +78,32 @@ def _cast_sharded(sharded_state_dict: dict, dtype: torch.dtype, *, empty: bool) 
     return dict_list_map_inplace(cast, sharded_state_dict)
 
 
+def dist_save(sharded_state_dict: dict, directory: str | Path) -> None:
+    """``dist_checkpointing.save``, synchronously, without megatron's results-queue manager.
+
+    megatron's torch_dist writer hands write results back through a queue that, by default, is
+    served by a spawned ``multiprocessing.Manager`` process (made for asynchronous saves). We save
+    synchronously, so a plain in-process queue does the same job; this spares a process start per
+    rank and leaves no orphaned manager (holding the job's stdout) when a rank is killed.
+    """
+    import queue
+
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._results_queue is None:
+        filesystem_async._results_queue = queue.Queue()
+    dist_checkpointing.save(sharded_state_dict, str(directory))
+
+
 def save_model(model: ShardedModel, out_dir: str | Path, *, dtype: torch.dtype | None = None,
                extra_meta: dict | None = None) -> None:
     """Write ``model`` (all ranks participate) as a dist checkpoint into ``out_dir``."""
-    from megatron.core import dist_checkpointing
-
     out_dir = Path(out_dir)
     dtype = dtype or model.config.params_dtype
     (out_dir / MODEL_SUBDIR).mkdir(parents=True, exist_ok=True)
     sd = _cast_sharded(model.module.sharded_state_dict(), dtype, empty=False)
-    dist_checkpointing.save(sd, str(out_dir / MODEL_SUBDIR))
+    dist_save(sd, out_dir / MODEL_SUBDIR)
     if not dist.is_initialized() or dist.get_rank() == 0:
         meta = {"format_version": FORMAT_VERSION, "arch": model.arch.to_dict(),
                 "padded_vocab_size": model.padded_vocab_size, "dtype": DTYPE_NAMES[dtype],

@@ -60,8 +60,6 @@ def save_checkpoint(trainable, *, run_dir: str | Path, step: int, config_yaml: s
     into a staging directory, a manifest of their sizes and hashes is added, the directory is
     renamed, and only then is the tracker updated. ``before_publish`` (fault drills) runs just
     before the rename."""
-    from megatron.core import dist_checkpointing
-
     root = checkpoints_dir(run_dir)
     name = step_dir_name(step)
     box = [f"{STAGING_PREFIX}{name}-{uuid.uuid4().hex[:8]}" if _rank0() else None]
@@ -79,7 +77,7 @@ def save_checkpoint(trainable, *, run_dir: str | Path, step: int, config_yaml: s
     mcore.save_model(model, staging, extra_meta={"hf_dtype": source_hf_dtype})
     model_sd = model.module.sharded_state_dict()
     optim_sd = trainable.optimizer.sharded_state_dict(model_sd)
-    dist_checkpointing.save(optim_sd, str(staging / "optimizer"))
+    mcore.dist_save(optim_sd, staging / "optimizer")
     torch.save(_rng_state(), staging / "rng" / f"rank_{dist.get_rank():05d}.pt")
     dist.barrier()
     if _rank0():
