@@ -4,9 +4,9 @@ HF-named tensors, bucket by bucket, following a :class:`~megatron_opd.rollout.pl
 Per bucket: one all-gather of the stage's TP shards (flattened), regrouping into HF tensors with
 the family table's transforms, and (PP > 1) one broadcast of the bucket from its stage to the other
 stages of the pipeline. Every rank of a model replica ends up with every HF tensor of the bucket,
-one bucket at a time, and hands them to its engine. Only one bucket's buffers are alive at a time:
-the extra memory of a sync is a few times the bucket size (at most 6x the larger of the bucket and
-the largest parameter, measured at TP2 in tests/test_sync_memory.py), never a copy of the model.
+one bucket at a time, and hands them to its engine. Each bucket's buffers are dropped before the next:
+the extra memory of a sync is a few times the largest bucket (2x at TP1, 3.5-6.2x at TP2; see
+docs/weight_sync.md and tests/test_sync_memory.py), never a copy of the model.
 """
 
 from __future__ import annotations
