@@ -176,6 +176,9 @@ class Config:
             need(self.loss.top_k >= 1, f"loss.top_k must be >= 1 with loss.support={self.loss.support!r}"
                  + (" and a served teacher" if self.teacher.served_url else ""))
         if self.teacher.served_url:
+            need(self.teacher.temperature == 1.0,
+                 "teacher.temperature must be 1.0 with a served teacher (vLLM's prompt log-probs are "
+                 "always at temperature 1)")
             need(self.loss.support == "teacher_topk_input" or self.loss.kind == "sampled_reverse_kl",
                  "a served teacher (teacher.served_url) gives top-k log-probs only: set "
                  "loss.support=teacher_topk_input or loss.kind=sampled_reverse_kl")

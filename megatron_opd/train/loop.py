@@ -132,9 +132,11 @@ class Trainer:
             from megatron_opd.rollout.served_teacher import ServedTeacher
             from megatron_opd.train.teacher import ServedTeacherSource
 
+            # vocab_size: an out-of-vocabulary id would take the server's engine down
             client = ServedTeacher(cfg.teacher.served_url, model=cfg.teacher.served_model or None,
                                    top_k=cfg.loss.top_k, timeout=cfg.teacher.served_timeout_s,
-                                   max_concurrency=cfg.teacher.served_concurrency)
+                                   max_concurrency=cfg.teacher.served_concurrency,
+                                   vocab_size=self.arch.vocab_size)
             self.served = ServedTeacherSource(client, need=self.need, top_k=cfg.loss.top_k)
             return
         from megatron_opd.train.teacher import MegatronTeacher
