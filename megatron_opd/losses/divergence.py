@@ -7,11 +7,12 @@ import torch
 from megatron_opd.losses.kinds import make_divergence
 from megatron_opd.losses.logprobs import token_logprobs
 from megatron_opd.losses.topk import TopKTail
-from megatron_opd.losses.vocab_parallel import (MAX_EXACT_FLOAT32_ID, ChunkedVocabLoss, VocabShard,
-                                                check_temperature, combine_logsumexp, compute_dtype,
-                                                exp_and_logsumexp, gather_tokens, log_probs,
-                                                realign_columns, resolve_chunk_size, scale_into,
-                                                shifted_logits, sum_tokens, vocab_shard)
+from megatron_opd.losses.vocab_parallel import (MAX_EXACT_FLOAT32_ID, ChunkedVocabLoss, LogitRows,
+                                                StoredLogits, VocabShard, check_temperature,
+                                                combine_logsumexp, compute_dtype, exp_and_logsumexp,
+                                                gather_tokens, log_probs, realign_columns,
+                                                resolve_chunk_size, scale_into, shifted_logits,
+                                                sum_tokens, vocab_shard)
 
 SUPPORTS = ("full", "teacher_topk", "student_topk")
 
@@ -19,15 +20,14 @@ SUPPORTS = ("full", "teacher_topk", "student_topk")
 class FullVocab:
     """The divergence over the whole (sharded) vocabulary; only per-token scalars cross ranks."""
 
-    def __init__(self, divergence, shard: VocabShard, teacher_tv: torch.Tensor,
-                 teacher_shard: VocabShard, *, temperature: float, dtype: torch.dtype):
+    def __init__(self, divergence, shard: VocabShard, teacher: LogitRows, *, temperature: float,
+                 dtype: torch.dtype):
         self.divergence, self.shard, self.temperature, self.dtype = divergence, shard, temperature, dtype
-        self.teacher_tv, self.teacher_shard = teacher_tv, teacher_shard
+        self.teacher = teacher
 
     def _teacher(self, rows: slice) -> torch.Tensor:
         """The teacher's real logits for ``rows`` in the student's column layout."""
-        z_cv = self.teacher_tv[rows, :self.teacher_shard.num_valid]
-        return realign_columns(z_cv, self.teacher_shard, self.shard)
+        return realign_columns(self.teacher(rows), self.teacher.shard, self.shard)
 
     def forward_chunk(self, z_cv: torch.Tensor, rows: slice):
         temperature = self.temperature
@@ -128,14 +128,41 @@ def vocab_parallel_divergence(
     if student_logits.dim() < 1 or not student_logits.is_floating_point():
         raise TypeError(f"student_logits must be a floating tensor [..., V_local], got "
                         f"{student_logits.dtype} of shape {tuple(student_logits.shape)}")
-    shard = vocab_shard(student_logits, vocab_size=vocab_size, tp_group=tp_group, what="student_logits")
-    dtype = compute_dtype(student_logits.dtype)
-    mask_t = _flat_mask(loss_mask, lead)
-    given = teacher_topk_ids is not None or teacher_topk_logprobs is not None
+    shard = vocab_shard(student_logits.shape[-1], vocab_size=vocab_size, tp_group=tp_group,
+                        what="student_logits")
+    teacher = None
+    if teacher_logits is not None:
+        if tuple(teacher_logits.shape[:-1]) != lead:
+            raise ValueError(f"teacher_logits leading shape {tuple(teacher_logits.shape[:-1])} != "
+                             f"student_logits leading shape {lead}")
+        teacher_shard = vocab_shard(teacher_logits.shape[-1], vocab_size=shard.vocab_size,
+                                    tp_group=tp_group, what="teacher_logits")
+        teacher = StoredLogits(teacher_logits.detach().reshape(-1, teacher_shard.width), teacher_shard)
+    loss = chunked_divergence(divergence, shard, teacher, lead=lead,
+                              dtype=compute_dtype(student_logits.dtype), temperature=temperature,
+                              support=support, top_k=top_k,
+                              teacher_topk_ids=teacher_topk_ids, teacher_topk_logprobs=teacher_topk_logprobs,
+                              teacher_name="teacher_logits")
+    mask_t = flat_mask(loss_mask, lead, what="student_logits")
+    z_tv = student_logits.reshape(-1, shard.width)
+    width = max(shard.width, teacher.shard.width) if teacher is not None else shard.width
+    chunk = resolve_chunk_size(chunk_size, width, student_logits.device)
+    out = ChunkedVocabLoss.apply(z_tv, loss, mask_t, chunk)
+    return out.view(lead)
 
+
+def chunked_divergence(divergence, shard: VocabShard, teacher: LogitRows | None, *,
+                       lead: tuple[int, ...], dtype: torch.dtype, temperature: float, support: str,
+                       top_k: int | None, teacher_topk_ids: torch.Tensor | None,
+                       teacher_topk_logprobs: torch.Tensor | None, teacher_name: str):
+    """The :class:`ChunkedLoss` of a divergence against a teacher given as logit rows or as top-k
+    ids + log-probs, after checking the support arguments (``teacher_name`` names the teacher's
+    tensor in errors). Shared by the logits and the fused-linear entry points."""
+    given = teacher_topk_ids is not None or teacher_topk_logprobs is not None
     if given:
-        if teacher_logits is not None:
-            raise ValueError("pass either teacher_logits or teacher_topk_ids/teacher_topk_logprobs, not both")
+        if teacher is not None:
+            raise ValueError(f"pass either {teacher_name} or teacher_topk_ids/teacher_topk_logprobs, "
+                             "not both")
         if support != "teacher_topk":
             raise ValueError(f'teacher_topk_ids/teacher_topk_logprobs need support="teacher_topk", '
                              f"got support={support!r}")
@@ -154,40 +181,22 @@ def vocab_parallel_divergence(
         if ids.numel() and (ids.min() < 0 or ids.max() >= shard.vocab_size):
             raise ValueError(f"teacher_topk_ids must lie in [0, vocab_size={shard.vocab_size}), got "
                              f"[{ids.min().item()}, {ids.max().item()}]")
-        loss = TopKTail(divergence, shard, temperature=temperature, dtype=dtype, k=k, select="given",
-                        teacher_ids_tk=ids,
-                        teacher_logprobs_tk=teacher_topk_logprobs.detach().reshape(-1, k))
-        width = shard.width
-    else:
-        if teacher_logits is None:
-            raise ValueError("teacher_logits is required (or teacher_topk_ids + teacher_topk_logprobs)")
-        if tuple(teacher_logits.shape[:-1]) != lead:
-            raise ValueError(f"teacher_logits leading shape {tuple(teacher_logits.shape[:-1])} != "
-                             f"student_logits leading shape {lead}")
-        teacher_shard = vocab_shard(teacher_logits, vocab_size=shard.vocab_size, tp_group=tp_group,
-                                    what="teacher_logits")
-        teacher_tv = teacher_logits.detach().reshape(-1, teacher_logits.shape[-1])
-        width = max(shard.width, teacher_shard.width)
-        if support == "full":
-            if top_k is not None:
-                raise ValueError(f'top_k={top_k} needs support="teacher_topk" or "student_topk"')
-            loss = FullVocab(divergence, shard, teacher_tv, teacher_shard,
-                             temperature=temperature, dtype=dtype)
-        else:
-            if top_k is None:
-                raise ValueError(f"support={support!r} needs top_k")
-            _check_top_k(top_k, shard.vocab_size)
-            if dtype == torch.float32 and shard.vocab_size > MAX_EXACT_FLOAT32_ID:
-                raise ValueError(f"top-k selection carries ids as float32: vocab_size "
-                                 f"{shard.vocab_size} > {MAX_EXACT_FLOAT32_ID}")
-            loss = TopKTail(divergence, shard, temperature=temperature, dtype=dtype, k=top_k,
-                            select=support.removesuffix("_topk"), teacher_tv=teacher_tv,
-                            teacher_shard=teacher_shard)
-
-    z_tv = student_logits.reshape(-1, shard.width)
-    chunk = resolve_chunk_size(chunk_size, width, student_logits.device)
-    out = ChunkedVocabLoss.apply(z_tv, loss, mask_t, chunk)
-    return out.view(lead)
+        return TopKTail(divergence, shard, temperature=temperature, dtype=dtype, k=k, select="given",
+                        teacher_ids_tk=ids, teacher_logprobs_tk=teacher_topk_logprobs.detach().reshape(-1, k))
+    if teacher is None:
+        raise ValueError(f"{teacher_name} is required (or teacher_topk_ids + teacher_topk_logprobs)")
+    if support == "full":
+        if top_k is not None:
+            raise ValueError(f'top_k={top_k} needs support="teacher_topk" or "student_topk"')
+        return FullVocab(divergence, shard, teacher, temperature=temperature, dtype=dtype)
+    if top_k is None:
+        raise ValueError(f"support={support!r} needs top_k")
+    _check_top_k(top_k, shard.vocab_size)
+    if dtype == torch.float32 and shard.vocab_size > MAX_EXACT_FLOAT32_ID:
+        raise ValueError(f"top-k selection carries ids as float32: vocab_size "
+                         f"{shard.vocab_size} > {MAX_EXACT_FLOAT32_ID}")
+    return TopKTail(divergence, shard, temperature=temperature, dtype=dtype, k=top_k,
+                    select=support.removesuffix("_topk"), teacher=teacher)
 
 
 def sampled_token_reverse_kl(
@@ -214,7 +223,7 @@ def sampled_token_reverse_kl(
     if tuple(sampled_ids.shape) != lead or tuple(teacher_logprobs.shape) != lead:
         raise ValueError(f"sampled_ids {tuple(sampled_ids.shape)} and teacher_logprobs "
                          f"{tuple(teacher_logprobs.shape)} must have the student's leading shape {lead}")
-    mask = None if loss_mask is None else _flat_mask(loss_mask, lead).view(lead)
+    mask = None if loss_mask is None else flat_mask(loss_mask, lead, what="student_logits").view(lead)
     if mask is not None:
         sampled_ids = torch.where(mask, sampled_ids, 0)
     logp = token_logprobs(student_logits, sampled_ids, vocab_size=vocab_size, tp_group=tp_group,
@@ -228,9 +237,10 @@ def _check_top_k(k: int, vocab_size: int) -> None:
         raise ValueError(f"top_k must be an integer in [1, vocab_size={vocab_size}], got {k!r}")
 
 
-def _flat_mask(loss_mask: torch.Tensor | None, lead: tuple[int, ...]) -> torch.Tensor | None:
+def flat_mask(loss_mask: torch.Tensor | None, lead: tuple[int, ...], *, what: str) -> torch.Tensor | None:
+    """``loss_mask`` ``[*lead]`` as a flat bool tensor (None stays None)."""
     if loss_mask is None:
         return None
     if tuple(loss_mask.shape) != lead:
-        raise ValueError(f"loss_mask shape {tuple(loss_mask.shape)} != student_logits leading shape {lead}")
+        raise ValueError(f"loss_mask shape {tuple(loss_mask.shape)} != {what} leading shape {lead}")
     return loss_mask.reshape(-1) != 0

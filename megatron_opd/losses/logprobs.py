@@ -51,7 +51,7 @@ def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, *, vocab_size:
     lead = tuple(logits.shape[:-1])
     if tuple(token_ids.shape) != lead:
         raise ValueError(f"token_ids shape {tuple(token_ids.shape)} != logits leading shape {lead}")
-    shard = vocab_shard(logits, vocab_size=vocab_size, tp_group=tp_group, what="logits")
+    shard = vocab_shard(logits.shape[-1], vocab_size=vocab_size, tp_group=tp_group, what="logits")
     ids_t = token_ids.reshape(-1).long()
     if ids_t.numel() and (ids_t.min() < 0 or ids_t.max() >= shard.vocab_size):
         raise ValueError(f"token_ids must lie in [0, vocab_size={shard.vocab_size}), got "
@@ -72,7 +72,7 @@ def topk_logprobs(logits: torch.Tensor, k: int, *, vocab_size: int | None = None
     (values and ids, ``tp x chunk x k x 2``) and one all_gather of ``[chunk, 2]`` (max, log-sum-exp).
     """
     check_temperature(temperature)
-    shard = vocab_shard(logits, vocab_size=vocab_size, tp_group=tp_group, what="logits")
+    shard = vocab_shard(logits.shape[-1], vocab_size=vocab_size, tp_group=tp_group, what="logits")
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= shard.vocab_size:
         raise ValueError(f"k must be an integer in [1, vocab_size={shard.vocab_size}], got {k!r}")
     lead = tuple(logits.shape[:-1])

@@ -6,10 +6,10 @@ import math
 
 import torch
 
-from megatron_opd.losses.vocab_parallel import (LOG_ZERO, VocabShard, column_mask, combine_logsumexp,
-                                                exp_and_logsumexp, gather_tokens, local_columns,
-                                                log_probs, scale_into, select_topk, shift_,
-                                                take_columns, to_compute)
+from megatron_opd.losses.vocab_parallel import (LOG_ZERO, LogitRows, VocabShard, column_mask,
+                                                combine_logsumexp, exp_and_logsumexp, gather_tokens,
+                                                local_columns, log_probs, scale_into, select_topk,
+                                                shift_, take_columns, to_compute)
 
 
 def _tail_logsumexp_(x_cv: torch.Tensor, cols_ck: torch.Tensor, temperature: float
@@ -62,20 +62,20 @@ class TopKTail:
     """
 
     def __init__(self, divergence, shard: VocabShard, *, temperature: float, dtype: torch.dtype,
-                 k: int, select: str, teacher_tv: torch.Tensor | None = None,
-                 teacher_shard: VocabShard | None = None, teacher_ids_tk: torch.Tensor | None = None,
+                 k: int, select: str, teacher: LogitRows | None = None,
+                 teacher_ids_tk: torch.Tensor | None = None,
                  teacher_logprobs_tk: torch.Tensor | None = None):
         assert select in ("teacher", "student", "given"), select
         self.divergence, self.shard, self.temperature, self.dtype = divergence, shard, temperature, dtype
         self.k, self.select = k, select
         self.has_tail = k < shard.vocab_size
-        self.teacher_tv, self.teacher_shard = teacher_tv, teacher_shard
+        self.teacher = teacher
         self.teacher_ids_tk, self.teacher_logprobs_tk = teacher_ids_tk, teacher_logprobs_tk
 
     def _from_logits(self, x_s: torch.Tensor, rows: slice):
         """Selected ids and bucket log-probs of both sides, with the student's tail (M, L)."""
-        k, temperature, t_shard = self.k, self.temperature, self.teacher_shard
-        x_t = to_compute(self.teacher_tv[rows, :t_shard.num_valid], self.dtype)
+        k, temperature, t_shard = self.k, self.temperature, self.teacher.shard
+        x_t = to_compute(self.teacher(rows), self.dtype)
         if self.select == "teacher":
             ids, t_sel = select_topk(x_t, t_shard, k, self.dtype)
             other_local = take_columns(x_s, local_columns(ids, self.shard))

@@ -53,13 +53,13 @@ class VocabShard:
         return rank * self.width, rank * self.width + self.valid_count(rank)
 
 
-def vocab_shard(logits: torch.Tensor, *, vocab_size: int | None, tp_group, what: str) -> VocabShard:
-    """The shard geometry of ``logits`` (``[..., V_local]``), checking ``vocab_size`` against it."""
+def vocab_shard(width: int, *, vocab_size: int | None, tp_group, what: str) -> VocabShard:
+    """The shard geometry of ``width`` columns per rank (``what`` names them in errors), checking
+    ``vocab_size`` against it."""
     if tp_group is None:
         rank, world = 0, 1
     else:
         rank, world = dist.get_rank(tp_group), dist.get_world_size(tp_group)
-    width = logits.shape[-1]
     total = world * width
     if vocab_size is None:
         vocab_size = total
@@ -69,6 +69,26 @@ def vocab_shard(logits: torch.Tensor, *, vocab_size: int | None, tp_group, what:
         raise ValueError(f"vocab_size {vocab_size} exceeds the columns of {what}: "
                          f"tp * V_local = {world} * {width} = {total}")
     return VocabShard(tp_group if world > 1 else None, rank, world, width, vocab_size)
+
+
+class LogitRows(Protocol):
+    """A model's real logit columns (the first ``shard.num_valid`` of its shard) for a slice of
+    token rows: read from stored logits, or computed on demand from hidden states."""
+
+    shard: VocabShard
+
+    def __call__(self, rows: slice) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class StoredLogits:
+    """Rows of given ``[tokens, V_local]`` logits (views, no copies)."""
+
+    z_tv: torch.Tensor
+    shard: VocabShard
+
+    def __call__(self, rows: slice) -> torch.Tensor:
+        return self.z_tv[rows, :self.shard.num_valid]
 
 
 def resolve_chunk_size(chunk_size: int | None, width: int, device: torch.device) -> int:
@@ -262,17 +282,41 @@ class ChunkedLoss(Protocol):
 
     ``forward_chunk`` gets the student's real columns for some rows and returns the per-token loss
     and whatever small per-token state the backward needs. ``grad_chunk`` writes the gradient of
-    the loss w.r.t. ``z / T`` for those rows, multiplied by ``scale_c``, into ``out`` (a view of
-    the gradient buffer, in the student's dtype).
+    the loss w.r.t. ``z / T`` for those rows, multiplied by ``scale_c``, into ``out`` (casting to
+    its dtype).
     """
 
     shard: VocabShard
     temperature: float
+    dtype: torch.dtype  # the compute dtype: fp32, or fp64 for fp64 inputs
 
     def forward_chunk(self, z_cv: torch.Tensor, rows: slice) -> tuple[torch.Tensor, Any]: ...
 
     def grad_chunk(self, z_cv: torch.Tensor, rows: slice, state: Any, scale_c: torch.Tensor,
                    out: torch.Tensor) -> None: ...
+
+
+def forward_chunks(loss: ChunkedLoss, student: LogitRows, num_rows: int, chunk_size: int,
+                   mask_t: torch.Tensor | None, device: torch.device) -> tuple[torch.Tensor, list]:
+    """The forward of a chunked loss: per-token values ``[num_rows]`` (0 where ``mask_t`` is False)
+    and the ``(rows, state)`` of every chunk for :func:`grad_scale` + ``loss.grad_chunk``."""
+    values, states = [], []
+    for begin in range(0, num_rows, chunk_size):
+        rows = slice(begin, begin + chunk_size)
+        value_c, state = loss.forward_chunk(student(rows), rows)
+        values.append(value_c)
+        states.append((rows, state))
+    out = torch.cat(values) if values else torch.zeros(0, dtype=loss.dtype, device=device)
+    if mask_t is not None:
+        out = torch.where(mask_t, out, 0.0)
+    return out, states
+
+
+def grad_scale(grad_t: torch.Tensor, loss: ChunkedLoss, mask_t: torch.Tensor | None) -> torch.Tensor:
+    """Per-token factor of ``loss.grad_chunk``: the incoming gradient times d(z / T)/dz = 1 / T;
+    masked tokens contribute nothing."""
+    scale_t = grad_t.to(loss.dtype) / loss.temperature
+    return scale_t if mask_t is None else torch.where(mask_t, scale_t, 0.0)
 
 
 class ChunkedVocabLoss(torch.autograd.Function):
@@ -287,18 +331,10 @@ class ChunkedVocabLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z_tv: torch.Tensor, loss: ChunkedLoss, mask_t: torch.Tensor | None,
                 chunk_size: int) -> torch.Tensor:
-        n = loss.shard.num_valid
-        values, states = [], []
-        for begin in range(0, z_tv.shape[0], chunk_size):
-            rows = slice(begin, begin + chunk_size)
-            value_c, state = loss.forward_chunk(z_tv[rows, :n], rows)
-            values.append(value_c)
-            states.append((rows, state))
-        out = torch.cat(values) if values else z_tv.new_zeros(0, dtype=compute_dtype(z_tv.dtype))
-        if mask_t is not None:
-            out = torch.where(mask_t, out, 0.0)
+        out, ctx.states = forward_chunks(loss, StoredLogits(z_tv, loss.shard), z_tv.shape[0], chunk_size,
+                                         mask_t, z_tv.device)
         ctx.save_for_backward(z_tv, mask_t)
-        ctx.loss, ctx.states = loss, states
+        ctx.loss = loss
         return out
 
     @staticmethod
@@ -309,10 +345,7 @@ class ChunkedVocabLoss(torch.autograd.Function):
         n = loss.shard.num_valid
         grad_tv = torch.empty_like(z_tv, memory_format=torch.contiguous_format)
         grad_tv[:, n:] = 0
-        # d(z / T)/dz = 1 / T; masked tokens contribute nothing.
-        scale_t = grad_t.to(compute_dtype(z_tv.dtype)) / loss.temperature
-        if mask_t is not None:
-            scale_t = torch.where(mask_t, scale_t, 0.0)
+        scale_t = grad_scale(grad_t, loss, mask_t)
         for rows, state in ctx.states:
             loss.grad_chunk(z_tv[rows, :n], rows, state, scale_t[rows], out=grad_tv[rows, :n])
         return grad_tv, None, None, None
