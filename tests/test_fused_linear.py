@@ -9,6 +9,7 @@ checks run inside one spawned job per TP size and return their worst errors.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 
@@ -19,8 +20,10 @@ from test_divergence import (DISTINCT_KINDS, KIND_BETAS, LEAD, TEMPERATURES, Rec
                              expected_collectives, geometries, reference_divergence, reference_log_softmax,
                              rel_err)
 
-from megatron_opd.losses import (fused_linear_divergence, fused_linear_token_logprobs,
-                                 fused_linear_topk_logprobs, vocab_parallel_divergence)
+from megatron_opd.losses import (fused_linear_divergence, fused_linear_divergence_sum,
+                                 fused_linear_token_logprobs, fused_linear_topk_logprobs,
+                                 vocab_parallel_divergence)
+from megatron_opd.losses import vocab_parallel
 from megatron_opd.testing.multiprocess import run_distributed
 
 HIDDEN, TEACHER_HIDDEN = 6, 9  # neither divides the other nor any vocabulary here
@@ -77,48 +80,77 @@ def reference(problem, *, dtype, **kw):
     return ref, h_ref.grad, w_ref.grad
 
 
-def compare(problem, rank, world, group, *, dtype=torch.float32, **kw) -> tuple[float, float, float]:
-    """(value, hidden-gradient, weight-gradient) errors of this rank against the reference."""
+def compare(problem, rank, world, group, *, dtype=torch.float32, summed=False, **kw
+            ) -> tuple[float, float, float]:
+    """(value, hidden-gradient, weight-gradient) errors of this rank against the reference: of
+    fused_linear_divergence with the reference's per-token gradient, or (``summed``) of
+    fused_linear_divergence_sum with that gradient as the token weights (same gradients)."""
     h, w, h_t, w_t, mask, grad_out, vocab = problem
     ref_kw = {k: v for k, v in kw.items() if k != "chunk_size"}
     ref, dh_ref, dw_ref = reference(problem, dtype=dtype, **ref_kw)
     x = h.to(dtype, copy=True).requires_grad_()
     wx = rows(w, rank, world).to(dtype, copy=True).requires_grad_()
-    call = dict(kw)
+    call = dict(kw, loss_mask=mask, vocab_size=vocab, tp_group=group)
     teacher = (None, None)
     if "given_ids" in call:
         call["teacher_topk_ids"] = call.pop("given_ids")
         call["teacher_topk_logprobs"] = call.pop("given_logprobs")
     else:
         teacher = (h_t.to(dtype), rows(w_t, rank, world).to(dtype))
-    out = fused_linear_divergence(x, wx, *teacher, loss_mask=mask, vocab_size=vocab, tp_group=group, **call)
-    (out * grad_out).sum().backward()
+    if summed:
+        total, out = fused_linear_divergence_sum(x, wx, *teacher, token_weights=grad_out, **call)
+        total.backward()
+        weighted = ref * grad_out
+        value_err = max(rel_err(out, ref, ref), rel_err(total, weighted.sum(), weighted.abs().sum()))
+    else:
+        out = fused_linear_divergence(x, wx, *teacher, **call)
+        (out * grad_out).sum().backward()
+        value_err = rel_err(out, ref, ref)
     assert out.dtype == torch.float32 and x.grad.dtype == dtype and wx.grad.dtype == dtype
     dw_full = torch.zeros(w.shape, dtype=torch.float64)
     dw_full[:vocab] = dw_ref
-    return (rel_err(out, ref, ref), rel_err(x.grad, dh_ref, dh_ref),
-            rel_err(wx.grad, rows(dw_full, rank, world), dw_ref))
+    return (value_err, rel_err(x.grad, dh_ref, dh_ref), rel_err(wx.grad, rows(dw_full, rank, world), dw_ref))
 
 
 # ---------------------------------------------------------------- sweeps (run on every rank)
 
 def sweep_full(rank, world, group) -> list[tuple]:
+    """Each kind at each temperature once, alternating per-token / summed (so every kind sees both).
+    With the padded teacher the loss walks each chunk of logits in pieces of 3 tokens."""
     out = []
     chunks = itertools.cycle((20, 15, None))
+    summed = itertools.cycle((False, True))
     for geo_name, geo in geometries(world).items():
         problem = make_problem(**geo)
-        for kind, beta in KIND_BETAS:
-            for temperature in TEMPERATURES:
-                chunk = next(chunks)
-                errs = compare(problem, rank, world, group, kind=kind, beta=beta, temperature=temperature,
-                               chunk_size=chunk)
-                out.append((f"{geo_name} {kind} beta={beta} T={temperature} chunk={chunk}",) + errs)
+        with pieces_of_logits(384 if geo_name == "teacher_wider" else None):
+            for kind, beta in KIND_BETAS:
+                for temperature in TEMPERATURES:
+                    chunk, sm = next(chunks), next(summed)
+                    errs = compare(problem, rank, world, group, kind=kind, beta=beta, temperature=temperature,
+                                   chunk_size=chunk, summed=sm)
+                    out.append((f"{geo_name} {kind} beta={beta} T={temperature} chunk={chunk} summed={sm}",)
+                               + errs)
     return out
+
+
+@contextlib.contextmanager
+def pieces_of_logits(elements: int | None):
+    """Make the loss's pieces (the logits version's default chunk) ``elements`` logits, so that
+    tiny vocabularies also run several pieces per chunk of logits."""
+    saved = dict(vocab_parallel.CHUNK_ELEMENTS)
+    if elements is not None:
+        vocab_parallel.CHUNK_ELEMENTS["cpu"] = elements
+    try:
+        yield
+    finally:
+        vocab_parallel.CHUNK_ELEMENTS.clear()
+        vocab_parallel.CHUNK_ELEMENTS.update(saved)
 
 
 def sweep_topk(rank, world, group) -> list[tuple]:
     out = []
     geos = geometries(world)
+    summed = itertools.cycle((False, True))
     for k, geo_name in ((1, "padded"), (5, "teacher_wider"), (None, "padded")):
         problem = make_problem(**geos[geo_name], seed=1)
         h, w, h_t, w_t, _, _, vocab = problem
@@ -127,23 +159,26 @@ def sweep_topk(rank, world, group) -> list[tuple]:
         ids = logq.topk(k, dim=-1).indices
         for (kind, beta), temperature in zip(DISTINCT_KINDS, itertools.cycle((0.5, 2.0))):
             for support in ("teacher_topk", "student_topk"):
+                sm = next(summed)
                 errs = compare(problem, rank, world, group, kind=kind, beta=beta, temperature=temperature,
-                               chunk_size=20, support=support, top_k=k)
-                out.append((f"{geo_name} {support} k={k} {kind} beta={beta} T={temperature}",) + errs)
+                               chunk_size=20, support=support, top_k=k, summed=sm)
+                out.append((f"{geo_name} {support} k={k} {kind} beta={beta} T={temperature} summed={sm}",)
+                           + errs)
+            sm = next(summed)
             errs = compare(problem, rank, world, group, kind=kind, beta=beta, temperature=temperature,
                            chunk_size=20, support="teacher_topk", given_ids=ids,
-                           given_logprobs=logq.gather(-1, ids).float())
-            out.append((f"{geo_name} given k={k} {kind} beta={beta} T={temperature}",) + errs)
+                           given_logprobs=logq.gather(-1, ids).float(), summed=sm)
+            out.append((f"{geo_name} given k={k} {kind} beta={beta} T={temperature} summed={sm}",) + errs)
     return out
 
 
 def sweep_bf16(rank, world, group) -> list[tuple]:
     problem = make_problem(**geometries(world)["teacher_wider"], seed=2)
     out = []
-    for kind, beta in DISTINCT_KINDS:
+    for (kind, beta), sm in itertools.product(DISTINCT_KINDS, (False, True)):
         errs = compare(problem, rank, world, group, dtype=torch.bfloat16, kind=kind, beta=beta,
-                       temperature=1.0, chunk_size=20)
-        out.append((f"bf16 full {kind} beta={beta}",) + errs)
+                       temperature=1.0, chunk_size=20, summed=sm)
+        out.append((f"bf16 full {kind} beta={beta} summed={sm}",) + errs)
     return out
 
 
@@ -214,7 +249,7 @@ def check_hidden_grad_reduction(rank, world, group) -> list[tuple]:
 
 
 def check_collectives(rank, world, group) -> list[str]:
-    """Forward: the logits version's per chunk; backward: one all_reduce of [tokens, d] in all."""
+    """The logits version's per chunk, plus one all_reduce of the [tokens, d] hidden-state gradient."""
     geo = geometries(world)
     problem = make_problem(**geo["padded"])
     wide = make_problem(**geo["teacher_wider"])
@@ -232,23 +267,31 @@ def check_collectives(rank, world, group) -> list[str]:
                                 teacher_topk_logprobs=torch.full((*LEAD, 5), -3.0)), dict(k=5)),
     }
     mismatches = []
-    for case, (prob, kw, exp_kw) in cases.items():
+    for (case, (prob, kw, exp_kw)), summed in itertools.product(cases.items(), (False, True)):
         h, w, h_t, w_t, mask, _, vocab = prob
         x = h.clone().requires_grad_()
         wx = rows(w, rank, world).clone().requires_grad_()
         teacher = (None, None) if "teacher_topk_ids" in kw else (h_t, rows(w_t, rank, world))
+        call = dict(kw, vocab_size=vocab, loss_mask=mask, tp_group=group, chunk_size=7)
         with RecordCollectives() as fwd:
-            out = fused_linear_divergence(x, wx, *teacher, vocab_size=vocab, loss_mask=mask, tp_group=group,
-                                          chunk_size=7, **kw)
+            out = (fused_linear_divergence_sum(x, wx, *teacher, **call)[0] if summed
+                   else fused_linear_divergence(x, wx, *teacher, **call).sum())
         with RecordCollectives() as bwd:
-            out.sum().backward()
-        want_fwd, want_bwd = expected_collectives(case, chunks, world, **exp_kw)
-        # The teacher-column realignment recomputes in the backward like the logits version's.
-        want_bwd = want_bwd + [("all_reduce", (tokens, HIDDEN))]
+            out.backward()
+        # The logits version's, per piece; the gradient's realignment of teacher columns, and the
+        # hidden-state all_reduce, in the forward when summed (the gradient is computed there).
+        per_piece = [expected_collectives(case, [c], world, **exp_kw) for c in chunks]
+        reduce_h = [("all_reduce", (tokens, HIDDEN))]
+        if summed:
+            want_fwd, want_bwd = [call for f, b in per_piece for call in f + b] + reduce_h, []
+        else:
+            want_fwd = [call for f, _ in per_piece for call in f]
+            want_bwd = [call for _, b in per_piece for call in b] + reduce_h
+        name = f"{case} {'summed' if summed else 'per-token'}"
         if fwd.calls != want_fwd:
-            mismatches.append(f"{case} forward: issued {fwd.calls}, documented {want_fwd}")
+            mismatches.append(f"{name} forward: issued {fwd.calls}, documented {want_fwd}")
         if bwd.calls != want_bwd:
-            mismatches.append(f"{case} backward: issued {bwd.calls}, documented {want_bwd}")
+            mismatches.append(f"{name} backward: issued {bwd.calls}, documented {want_bwd}")
     return mismatches
 
 
@@ -352,6 +395,26 @@ def test_gradcheck_float64(kind, beta, support):
     assert torch.autograd.gradcheck(lambda a, b: fused_linear_divergence(a, b, *teacher, **kw), inputs)
 
 
+@pytest.mark.parametrize("kind,beta", DISTINCT_KINDS)
+@pytest.mark.parametrize("support", ["full", "given"])
+def test_gradcheck_summed_float64(kind, beta, support):
+    """The weighted sum, gradients computed in the forward; pieces of 2 tokens in chunks of 4."""
+    h, w, h_t, w_t, vocab = _small()
+    kw = dict(kind=kind, beta=beta, temperature=0.7, vocab_size=vocab, chunk_size=4,
+              loss_mask=torch.tensor([True, False, True, True, True]),
+              token_weights=torch.tensor([0.5, 2.0, -1.0, 1.0, 3.0], dtype=torch.float64))
+    teacher = (h_t, w_t)
+    if support == "given":
+        logq = torch.log_softmax((h_t @ w_t[:vocab].t()), -1)
+        ids = logq.topk(4, dim=-1).indices
+        kw.update(support="teacher_topk", teacher_topk_ids=ids, teacher_topk_logprobs=logq.gather(-1, ids))
+        teacher = (None, None)
+    inputs = (h.clone().requires_grad_(), w.clone().requires_grad_())
+    with pieces_of_logits(2 * 9):
+        assert torch.autograd.gradcheck(
+            lambda a, b: fused_linear_divergence_sum(a, b, *teacher, **kw)[0], inputs)
+
+
 def test_gradcheck_token_logprobs_float64():
     h, w, _, _, vocab = _small()
     ids = torch.tensor([0, 3, 8, 1, 5])
@@ -389,8 +452,9 @@ def _peak_live_bytes(fn) -> int:
     return peak
 
 
+@pytest.mark.parametrize("summed", [False, True])
 @pytest.mark.parametrize("support", ["full", "teacher_topk"])
-def test_extra_memory_is_per_chunk_not_per_token(support):
+def test_extra_memory_is_per_chunk_not_per_token(support, summed):
     """Peak memory of forward + backward minus the two gradients is the same for 4x the tokens."""
     vocab, hidden, chunk = 3000, 32, 16
     g = torch.Generator().manual_seed(0)
@@ -402,8 +466,13 @@ def test_extra_memory_is_per_chunk_not_per_token(support):
         wx = w.clone().requires_grad_()
         kw = dict(kind="jsd", beta=0.5, chunk_size=chunk, support=support,
                   top_k=None if support == "full" else 8)
-        peak = _peak_live_bytes(lambda: fused_linear_divergence(h, wx, h_t, w_t, **kw).sum().backward())
-        extra[num_tokens] = peak - (h.numel() + w.numel()) * 4
+        if summed:
+            step = lambda: fused_linear_divergence_sum(h, wx, h_t, w_t, **kw)[0].backward()  # noqa: E731
+        else:
+            step = lambda: fused_linear_divergence(h, wx, h_t, w_t, **kw).sum().backward()  # noqa: E731
+        peak = _peak_live_bytes(step)
+        # The gradients, and the summed version's copies scaled by the incoming gradient.
+        extra[num_tokens] = peak - (h.numel() + w.numel()) * 4 * (2 if summed else 1)
     chunk_bytes = chunk * vocab * 4
     assert extra[64] < 10 * chunk_bytes, extra
     assert extra[256] - extra[64] < 192 * 256, extra

@@ -13,31 +13,93 @@ from megatron_opd.losses.vocab_parallel import (ChunkedLoss, VocabShard, check_t
                                                 forward_chunks, grad_scale, resolve_chunk_size, sum_tokens,
                                                 vocab_shard)
 
-# Default chunk: about this many logits per chunk. Larger than the logits path's 2^20 on CPU: each
-# chunk multiplies its hidden states by the whole weight shard, and a matmul with few rows reads
-# the weight once per handful of tokens (measured in docs/losses.md).
-FUSED_CHUNK_ELEMENTS = 1 << 24
+# Default chunk: about this many logits per chunk of tokens (128 MiB in fp32, 220 tokens of a 152k
+# vocabulary). Each chunk's logits come from one matmul with the whole weight shard, which needs a
+# few hundred rows to run at full speed; the loss then walks the chunk in cache-sized pieces of the
+# logits version's default size (docs/losses.md).
+FUSED_CHUNK_ELEMENTS = 1 << 25
 
 
-@dataclass(frozen=True)
 class LinearLogits:
-    """Rows of ``h @ W[:num_valid]^T``, computed on demand; padded rows of ``W`` are never used."""
+    """Rows of ``h @ W[:num_valid]^T``, one chunk of ``chunk`` rows at a time.
 
-    h_td: torch.Tensor
-    w_vd: torch.Tensor
-    shard: VocabShard
+    Asking for rows outside the current chunk computes the chunk that starts at the aligned row
+    into a reused buffer (padded rows of ``W`` are never multiplied); rows inside it are views of
+    the buffer, valid until the next chunk is computed. Rows must be asked for in order.
+    """
+
+    def __init__(self, h_td: torch.Tensor, w_vd: torch.Tensor, shard: VocabShard, *, chunk: int):
+        self.h_td, self.w_vd, self.shard, self.chunk = h_td, w_vd, shard, chunk
+        self._buf: torch.Tensor | None = None
+        self._start = self._stop = 0
 
     def __call__(self, rows: slice) -> torch.Tensor:
-        return self.h_td[rows] @ self.w_vd[:self.shard.num_valid].t()
+        stop = min(rows.stop, self.h_td.shape[0])
+        if not self._start <= rows.start < stop <= self._stop:
+            self._start = rows.start - rows.start % self.chunk
+            self._stop = min(self._start + self.chunk, self.h_td.shape[0])
+            if self._buf is None:
+                self._buf = self.h_td.new_empty((min(self.chunk, self.h_td.shape[0]), self.shard.num_valid))
+            torch.mm(self.h_td[self._start:self._stop], self.w_vd[:self.shard.num_valid].t(),
+                     out=self._buf[:self._stop - self._start])
+        return self._buf[rows.start - self._start:stop - self._start]
+
+    def release(self) -> None:
+        self._buf = None
+        self._start = self._stop = 0
+
+
+class LinearGrads:
+    """``dH = dZ W`` and ``dW = dZ^T H`` of ``Z = H W[:num_valid]^T``, given ``dZ`` piece by piece.
+
+    The loss writes ``dZ`` into :meth:`slot` views of a chunk-sized buffer (in the compute dtype);
+    when a chunk is complete its two matmuls run. ``dW`` accumulates in the compute dtype, so that
+    bf16/fp16 weight gradients are not rounded after every chunk; ``dH`` is one matmul per chunk
+    in the input dtype.
+    """
+
+    def __init__(self, h_td: torch.Tensor, w_vd: torch.Tensor, num_valid: int, *, chunk: int,
+                 dtype: torch.dtype, need_h: bool = True, need_w: bool = True):
+        self.h_td, self.w_vd, self.n, self.chunk = h_td, w_vd, num_valid, chunk
+        self.dz = h_td.new_empty((min(chunk, h_td.shape[0]), num_valid), dtype=dtype)
+        self.dh_td = torch.empty_like(h_td, memory_format=torch.contiguous_format) if need_h else None
+        self.dw_vd = w_vd.new_zeros(w_vd.shape, dtype=dtype) if need_w else None
+        self._start = self._stop = 0
+
+    def slot(self, rows: slice) -> torch.Tensor:
+        start = rows.start - rows.start % self.chunk
+        if start != self._start:
+            self._flush()
+            self._start = start
+        self._stop = min(rows.stop, self.h_td.shape[0])
+        return self.dz[rows.start - start:self._stop - start]
+
+    def _flush(self) -> None:
+        rows = slice(self._start, self._stop)
+        dz = self.dz[:self._stop - self._start]
+        if self.dh_td is not None:
+            torch.mm(dz.to(self.h_td.dtype), self.w_vd[:self.n], out=self.dh_td[rows])
+        if self.dw_vd is not None:
+            self.dw_vd[:self.n].addmm_(dz.t(), self.h_td[rows].to(self.dz.dtype))
+        self._stop = self._start
+
+    def finish(self, shard: VocabShard | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``(dH, dW)``, dH summed over ``shard``'s group unless ``shard`` is None."""
+        self._flush()
+        if self.dh_td is not None and shard is not None:
+            sum_tokens(self.dh_td, shard)
+        dw = None if self.dw_vd is None else self.dw_vd.to(self.w_vd.dtype)
+        self.dz = self.dw_vd = None
+        return self.dh_td, dw
 
 
 class FusedLinearLoss(torch.autograd.Function):
-    """Run a :class:`~megatron_opd.losses.vocab_parallel.ChunkedLoss` on ``h @ W^T`` chunk by chunk.
+    """Run a :class:`~megatron_opd.losses.vocab_parallel.ChunkedLoss` on ``h @ W^T``, chunk by chunk.
 
     The forward computes each chunk's logits, hands them to the loss and keeps only per-token
     state. The backward recomputes each chunk's logits, gets the loss's analytic gradient ``dZ``
-    w.r.t. them (``[chunk, V_local]``), and turns it into ``dH[chunk] = dZ @ W`` and
-    ``dW += dZ^T @ H[chunk]``: nothing of size ``tokens x V`` ever exists.
+    w.r.t. them, and turns it into ``dH[chunk] = dZ @ W`` and ``dW += dZ^T @ H[chunk]``
+    (:class:`LinearGrads`): nothing of size ``tokens x V`` ever exists.
 
     ``dH`` is this rank's vocab shard's share of the hidden-state gradient. The loss depends on
     ``h`` through every rank's shard, so the full gradient is the sum over the TP group: with
@@ -48,11 +110,16 @@ class FusedLinearLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h_td: torch.Tensor, w_vd: torch.Tensor, loss: ChunkedLoss, mask_t: torch.Tensor | None,
-                chunk_size: int, reduce_hidden_grad: bool) -> torch.Tensor:
-        student = LinearLogits(h_td, w_vd, loss.shard)
-        out, ctx.states = forward_chunks(loss, student, h_td.shape[0], chunk_size, mask_t, h_td.device)
+                chunks: tuple[int, int], reduce_hidden_grad: bool,
+                teacher: LinearLogits | None) -> torch.Tensor:
+        chunk, piece = chunks
+        student = LinearLogits(h_td, w_vd, loss.shard, chunk=chunk)
+        out, ctx.states = forward_chunks(loss, student, h_td.shape[0], piece, mask_t, h_td.device)
+        for source in (student, teacher):
+            if source is not None:
+                source.release()
         ctx.save_for_backward(h_td, w_vd, mask_t)
-        ctx.loss, ctx.chunk_size, ctx.reduce_hidden_grad = loss, chunk_size, reduce_hidden_grad
+        ctx.loss, ctx.chunk, ctx.teacher, ctx.reduce_hidden_grad = loss, chunk, teacher, reduce_hidden_grad
         return out
 
     @staticmethod
@@ -60,31 +127,59 @@ class FusedLinearLoss(torch.autograd.Function):
     def backward(ctx, grad_t: torch.Tensor):
         h_td, w_vd, mask_t = ctx.saved_tensors
         loss = ctx.loss
-        need_h, need_w = ctx.needs_input_grad[:2]
-        student = LinearLogits(h_td, w_vd, loss.shard)
-        n = loss.shard.num_valid
-        w_real = w_vd[:n]
+        student = LinearLogits(h_td, w_vd, loss.shard, chunk=ctx.chunk)
+        grads = LinearGrads(h_td, w_vd, loss.shard.num_valid, chunk=ctx.chunk, dtype=loss.dtype,
+                            need_h=ctx.needs_input_grad[0], need_w=ctx.needs_input_grad[1])
         scale_t = grad_scale(grad_t, loss, mask_t)
-        # dZ and the weight gradient in the compute dtype: for bf16/fp16 weights the sum over
-        # chunks is not rounded after every chunk. dH is one matmul per chunk, in the input dtype.
-        acc = loss.dtype
-        dz_buf = h_td.new_empty((min(ctx.chunk_size, h_td.shape[0]), n), dtype=acc)
-        dh_td = torch.empty_like(h_td, memory_format=torch.contiguous_format) if need_h else None
-        dw_vd = w_vd.new_zeros(w_vd.shape, dtype=acc) if need_w else None
         for rows, state in ctx.states:
+            loss.grad_chunk(student(rows), rows, state, scale_t[rows], out=grads.slot(rows))
+        if ctx.teacher is not None:
+            ctx.teacher.release()
+        dh_td, dw_vd = grads.finish(loss.shard if ctx.reduce_hidden_grad else None)
+        return dh_td, dw_vd, None, None, None, None, None
+
+
+class FusedLinearLossSum(torch.autograd.Function):
+    """``sum_t weight_t * loss_t`` of a :class:`ChunkedLoss` on ``h @ W^T``, with the gradients
+    computed in the forward: each chunk's logits (both models') are used for the value and, while
+    still there, for ``dZ`` and its two matmuls, so no logits are recomputed. The backward only
+    scales the kept ``dH``, ``dW`` by the incoming gradient. Also returns the per-token loss
+    (not differentiable). ``dH`` is all-reduced in the forward (``reduce_hidden_grad``)."""
+
+    @staticmethod
+    def forward(ctx, h_td: torch.Tensor, w_vd: torch.Tensor, loss: ChunkedLoss, mask_t: torch.Tensor | None,
+                weights_t: torch.Tensor, chunks: tuple[int, int], reduce_hidden_grad: bool,
+                teacher: LinearLogits | None) -> tuple[torch.Tensor, torch.Tensor]:
+        chunk, piece = chunks
+        student = LinearLogits(h_td, w_vd, loss.shard, chunk=chunk)
+        grads = LinearGrads(h_td, w_vd, loss.shard.num_valid, chunk=chunk, dtype=loss.dtype,
+                            need_h=ctx.needs_input_grad[0], need_w=ctx.needs_input_grad[1])
+        scale_t = grad_scale(weights_t, loss, mask_t)
+        values = []
+        for begin in range(0, h_td.shape[0], piece):
+            rows = slice(begin, begin + piece)
             z_cv = student(rows)
-            dz_cv = dz_buf[:z_cv.shape[0]]
-            loss.grad_chunk(z_cv, rows, state, scale_t[rows], out=dz_cv)
-            del z_cv
-            if need_h:
-                torch.mm(dz_cv.to(h_td.dtype), w_real, out=dh_td[rows])
-            if need_w:
-                dw_vd[:n].addmm_(dz_cv.t(), h_td[rows].to(acc))
-        if need_h and ctx.reduce_hidden_grad:
-            sum_tokens(dh_td, loss.shard)
-        if need_w:
-            dw_vd = dw_vd.to(w_vd.dtype)
-        return dh_td, dw_vd, None, None, None, None
+            value_c, state = loss.forward_chunk(z_cv, rows)
+            loss.grad_chunk(z_cv, rows, state, scale_t[rows], out=grads.slot(rows))
+            values.append(value_c)
+        for source in (student, teacher):
+            if source is not None:
+                source.release()
+        # Kept on ctx, not saved tensors: they are outputs of this forward, not inputs.
+        ctx.dh_td, ctx.dw_vd = grads.finish(loss.shard if reduce_hidden_grad else None)
+        per_token = torch.cat(values) if values else h_td.new_zeros(0, dtype=loss.dtype)
+        if mask_t is not None:
+            per_token = torch.where(mask_t, per_token, 0.0)
+        ctx.mark_non_differentiable(per_token)
+        return torch.linalg.vecdot(per_token, weights_t.to(per_token.dtype)), per_token
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor, _grad_per_token):
+        # New tensors, not in-place: a second backward (retain_graph) must give the same result.
+        return (None if ctx.dh_td is None else ctx.dh_td * grad.to(ctx.dh_td.dtype),
+                None if ctx.dw_vd is None else ctx.dw_vd * grad.to(ctx.dw_vd.dtype),
+                None, None, None, None, None, None)
 
 
 def _check_linear(hidden: torch.Tensor, weight: torch.Tensor, *, what: str) -> None:
@@ -101,10 +196,64 @@ def _check_linear(hidden: torch.Tensor, weight: torch.Tensor, *, what: str) -> N
                         f"{hidden.device} and {weight.dtype} on {weight.device}")
 
 
-def _chunk_size(chunk_size: int | None, width: int, device: torch.device) -> int:
+def _chunks(chunk_size: int | None, width: int, device: torch.device) -> tuple[int, int]:
+    """(tokens per chunk of logits, tokens per piece the loss works on), the first a multiple of
+    the second: pieces as small as the logits version's default chunk keep its temporaries in cache."""
     if chunk_size is None:
-        return max(1, FUSED_CHUNK_ELEMENTS // max(width, 1))
-    return resolve_chunk_size(chunk_size, width, device)
+        chunk = max(1, FUSED_CHUNK_ELEMENTS // max(width, 1))
+    else:
+        chunk = resolve_chunk_size(chunk_size, width, device)
+    piece = min(chunk, resolve_chunk_size(None, width, device))
+    return chunk - chunk % piece, piece
+
+
+@dataclass
+class _Fused:
+    """A fused-linear loss, its inputs flattened to tokens, ready for one of the autograd functions."""
+
+    loss: ChunkedLoss
+    lead: tuple[int, ...]
+    h_td: torch.Tensor
+    w_vd: torch.Tensor
+    mask_t: torch.Tensor | None
+    chunks: tuple[int, int]
+    teacher: LinearLogits | None
+
+
+def _fused_divergence(student_hidden, student_lm_head_shard, teacher_hidden, teacher_lm_head_shard, *, kind,
+                      beta, temperature, loss_mask, vocab_size, chunk_size, tp_group, support, top_k,
+                      teacher_topk_ids, teacher_topk_logprobs) -> _Fused:
+    divergence = make_divergence(kind, beta)
+    check_temperature(temperature)
+    if support not in SUPPORTS:
+        raise ValueError(f"support must be one of {SUPPORTS}, got {support!r}")
+    _check_linear(student_hidden, student_lm_head_shard, what="student")
+    lead = tuple(student_hidden.shape[:-1])
+    shard = vocab_shard(student_lm_head_shard.shape[0], vocab_size=vocab_size, tp_group=tp_group,
+                        what="student_lm_head_shard")
+    if (teacher_hidden is None) != (teacher_lm_head_shard is None):
+        raise ValueError("teacher_hidden and teacher_lm_head_shard must be given together")
+    width = shard.width
+    teacher_shard = None
+    if teacher_hidden is not None:
+        _check_linear(teacher_hidden, teacher_lm_head_shard, what="teacher")
+        if tuple(teacher_hidden.shape[:-1]) != lead:
+            raise ValueError(f"teacher_hidden leading shape {tuple(teacher_hidden.shape[:-1])} != "
+                             f"student_hidden leading shape {lead}")
+        teacher_shard = vocab_shard(teacher_lm_head_shard.shape[0], vocab_size=shard.vocab_size,
+                                    tp_group=tp_group, what="teacher_lm_head_shard")
+        width = max(width, teacher_shard.width)
+    chunks = _chunks(chunk_size, width, student_hidden.device)
+    teacher = None
+    if teacher_shard is not None:
+        teacher = LinearLogits(teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1]),
+                               teacher_lm_head_shard.detach(), teacher_shard, chunk=chunks[0])
+    loss = chunked_divergence(divergence, shard, teacher, lead=lead,
+                              dtype=compute_dtype(student_hidden.dtype), temperature=temperature,
+                              support=support, top_k=top_k, teacher_topk_ids=teacher_topk_ids,
+                              teacher_topk_logprobs=teacher_topk_logprobs, teacher_name="teacher_hidden")
+    return _Fused(loss, lead, student_hidden.reshape(-1, student_hidden.shape[-1]), student_lm_head_shard,
+                  flat_mask(loss_mask, lead, what="student_hidden"), chunks, teacher)
 
 
 def fused_linear_divergence(
@@ -140,9 +289,10 @@ def fused_linear_divergence(
             padding), taken as constants; or None with ``teacher_topk_ids`` +
             ``teacher_topk_logprobs`` ``[..., K]``.
         kind, beta, temperature, loss_mask, vocab_size, support, top_k: as for the logits version.
-        chunk_size: tokens per chunk; default about 2**24 logits (``2**24 // V_local`` tokens).
-            Peak extra memory is a few ``chunk_size x V_local`` fp32 temporaries, plus the
-            gradients, whatever the number of tokens.
+        chunk_size: tokens whose logits exist at once; default about 2**25 logits
+            (``2**25 // V_local`` tokens). Peak extra memory is about three ``chunk_size x
+            V_local`` buffers (both models' logits and their gradient) plus the gradients,
+            whatever the number of tokens.
         tp_group: the tensor-parallel group the vocabulary is split over; None = unsharded.
         reduce_hidden_grad: True (default): the hidden-state gradient is all-reduced over
             ``tp_group`` in the backward, so every rank gets the full gradient of the loss, what
@@ -155,43 +305,69 @@ def fused_linear_divergence(
         differentiable w.r.t. ``student_hidden`` and ``student_lm_head_shard`` (gradients in their
         dtype; the weight's accumulated over chunks in fp32).
 
-    Collectives: those of the logits version per chunk in the forward (the backward recomputes
-    each chunk's logits locally and issues none per chunk), plus with ``reduce_hidden_grad`` and
-    TP > 1 one all_reduce of the ``[tokens, d]`` hidden-state gradient at the end of the backward.
-    Compute: the forward multiplies both models' hidden states by their weight shards once, the
-    backward recomputes both and adds the two gradient matmuls: 6 matmuls of ``tokens x d x
-    V_local`` against 4 for an output layer followed by the logits version.
+    Collectives: those of the logits version, per piece of ``min(chunk_size, 2**20 // V_local)``
+    tokens (the loss walks each chunk in cache-sized pieces); plus, with ``reduce_hidden_grad``
+    and TP > 1, one all_reduce of the ``[tokens, d]`` hidden-state gradient at the end of the
+    backward. Compute: the backward recomputes both models' logits, so 6 matmuls of ``tokens x d
+    x V_local`` against 4 for an output layer followed by the logits version; when the per-token
+    losses are summed with known weights, :func:`fused_linear_divergence_sum` needs 4.
     """
-    divergence = make_divergence(kind, beta)
-    check_temperature(temperature)
-    if support not in SUPPORTS:
-        raise ValueError(f"support must be one of {SUPPORTS}, got {support!r}")
-    _check_linear(student_hidden, student_lm_head_shard, what="student")
-    lead = tuple(student_hidden.shape[:-1])
-    shard = vocab_shard(student_lm_head_shard.shape[0], vocab_size=vocab_size, tp_group=tp_group,
-                        what="student_lm_head_shard")
-    teacher = None
-    if (teacher_hidden is None) != (teacher_lm_head_shard is None):
-        raise ValueError("teacher_hidden and teacher_lm_head_shard must be given together")
-    if teacher_hidden is not None:
-        _check_linear(teacher_hidden, teacher_lm_head_shard, what="teacher")
-        if tuple(teacher_hidden.shape[:-1]) != lead:
-            raise ValueError(f"teacher_hidden leading shape {tuple(teacher_hidden.shape[:-1])} != "
-                             f"student_hidden leading shape {lead}")
-        teacher_shard = vocab_shard(teacher_lm_head_shard.shape[0], vocab_size=shard.vocab_size,
-                                    tp_group=tp_group, what="teacher_lm_head_shard")
-        teacher = LinearLogits(teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1]),
-                               teacher_lm_head_shard.detach(), teacher_shard)
-    loss = chunked_divergence(divergence, shard, teacher, lead=lead,
-                              dtype=compute_dtype(student_hidden.dtype), temperature=temperature,
-                              support=support, top_k=top_k, teacher_topk_ids=teacher_topk_ids,
-                              teacher_topk_logprobs=teacher_topk_logprobs, teacher_name="teacher_hidden")
-    mask_t = flat_mask(loss_mask, lead, what="student_hidden")
-    width = max(shard.width, teacher.shard.width) if teacher is not None else shard.width
-    chunk = _chunk_size(chunk_size, width, student_hidden.device)
-    h_td = student_hidden.reshape(-1, student_hidden.shape[-1])
-    out = FusedLinearLoss.apply(h_td, student_lm_head_shard, loss, mask_t, chunk, reduce_hidden_grad)
-    return out.view(lead)
+    f = _fused_divergence(student_hidden, student_lm_head_shard, teacher_hidden, teacher_lm_head_shard,
+                          kind=kind, beta=beta, temperature=temperature, loss_mask=loss_mask,
+                          vocab_size=vocab_size, chunk_size=chunk_size, tp_group=tp_group, support=support,
+                          top_k=top_k, teacher_topk_ids=teacher_topk_ids,
+                          teacher_topk_logprobs=teacher_topk_logprobs)
+    out = FusedLinearLoss.apply(f.h_td, f.w_vd, f.loss, f.mask_t, f.chunks, reduce_hidden_grad, f.teacher)
+    return out.view(f.lead)
+
+
+def fused_linear_divergence_sum(
+    student_hidden: torch.Tensor,
+    student_lm_head_shard: torch.Tensor,
+    teacher_hidden: torch.Tensor | None = None,
+    teacher_lm_head_shard: torch.Tensor | None = None,
+    *,
+    kind: str,
+    token_weights: torch.Tensor | None = None,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    loss_mask: torch.Tensor | None = None,
+    vocab_size: int | None = None,
+    chunk_size: int | None = None,
+    tp_group=None,
+    support: str = "full",
+    top_k: int | None = None,
+    teacher_topk_ids: torch.Tensor | None = None,
+    teacher_topk_logprobs: torch.Tensor | None = None,
+    reduce_hidden_grad: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sum of token_weights * D over the unmasked tokens, D)``: the weighted sum of
+    :func:`fused_linear_divergence`'s per-token loss ``D`` (a differentiable scalar) and ``D``
+    itself (``[...]``, 0 where masked, not differentiable).
+
+    Arguments as for :func:`fused_linear_divergence`; ``token_weights`` ``[...]`` (default 1).
+    Because the sum's gradient is known up to one scalar, this computes the gradients in the
+    forward, from each chunk's logits while they exist: no logits are recomputed (4 matmuls of
+    ``tokens x d x V_local``, as many as an output layer followed by the logits version), and the
+    ``[tokens, d]`` and ``[V_local, d]`` gradients are held from the forward to the backward,
+    which only scales them. With ``reduce_hidden_grad`` the all_reduce of the hidden-state
+    gradient is issued in the forward.
+    """
+    f = _fused_divergence(student_hidden, student_lm_head_shard, teacher_hidden, teacher_lm_head_shard,
+                          kind=kind, beta=beta, temperature=temperature, loss_mask=loss_mask,
+                          vocab_size=vocab_size, chunk_size=chunk_size, tp_group=tp_group, support=support,
+                          top_k=top_k, teacher_topk_ids=teacher_topk_ids,
+                          teacher_topk_logprobs=teacher_topk_logprobs)
+    if token_weights is None:
+        weights_t = f.h_td.new_ones(f.h_td.shape[0], dtype=f.loss.dtype)
+    elif tuple(token_weights.shape) != f.lead:
+        raise ValueError(f"token_weights shape {tuple(token_weights.shape)} != student_hidden leading "
+                         f"shape {f.lead}")
+    else:
+        weights_t = token_weights.detach().reshape(-1).to(f.loss.dtype)
+    total, per_token = FusedLinearLossSum.apply(f.h_td, f.w_vd, f.loss, f.mask_t, weights_t, f.chunks,
+                                                reduce_hidden_grad, f.teacher)
+    return total, per_token.view(f.lead)
 
 
 def fused_linear_token_logprobs(hidden: torch.Tensor, lm_head_shard: torch.Tensor, token_ids: torch.Tensor, *,
@@ -201,7 +377,7 @@ def fused_linear_token_logprobs(hidden: torch.Tensor, lm_head_shard: torch.Tenso
     """:func:`~megatron_opd.losses.token_logprobs` of the logits ``hidden @ lm_head_shard^T``,
     chunk by chunk; differentiable w.r.t. both (arguments as for :func:`fused_linear_divergence`).
 
-    Collectives: those of ``token_logprobs`` per chunk in the forward, and the all_reduce of the
+    Collectives: those of ``token_logprobs`` per piece in the forward, and the all_reduce of the
     hidden-state gradient in the backward (``reduce_hidden_grad``, TP > 1).
     """
     check_temperature(temperature)
@@ -216,9 +392,9 @@ def fused_linear_token_logprobs(hidden: torch.Tensor, lm_head_shard: torch.Tenso
         raise ValueError(f"token_ids must lie in [0, vocab_size={shard.vocab_size}), got "
                          f"[{ids_t.min().item()}, {ids_t.max().item()}]")
     loss = TokenLogProb(shard, ids_t, temperature=temperature, dtype=compute_dtype(hidden.dtype))
-    chunk = _chunk_size(chunk_size, shard.width, hidden.device)
-    out = FusedLinearLoss.apply(hidden.reshape(-1, hidden.shape[-1]), lm_head_shard, loss, None, chunk,
-                                reduce_hidden_grad)
+    chunks = _chunks(chunk_size, shard.width, hidden.device)
+    out = FusedLinearLoss.apply(hidden.reshape(-1, hidden.shape[-1]), lm_head_shard, loss, None, chunks,
+                                reduce_hidden_grad, None)
     return out.view(lead)
 
 
@@ -231,7 +407,7 @@ def fused_linear_topk_logprobs(hidden: torch.Tensor, lm_head_shard: torch.Tensor
     _check_linear(hidden, lm_head_shard, what="student")
     lead = tuple(hidden.shape[:-1])
     h_td = hidden.reshape(-1, hidden.shape[-1])
-    chunk = _chunk_size(chunk_size, lm_head_shard.shape[0], hidden.device)
+    chunk, _ = _chunks(chunk_size, lm_head_shard.shape[0], hidden.device)
     ids, lps = [], []
     for begin in range(0, max(h_td.shape[0], 1), chunk):
         z_cv = h_td[begin:begin + chunk] @ lm_head_shard.t()
