@@ -2,16 +2,67 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import contextlib
+from typing import Any, Callable, Iterator
 
 import torch
 
 from megatron_opd.models.builder import ShardedModel
 
-# output_fn(logits_shard [b, s, V/TP], micro_batch) on the last stage:
+# output_fn(logits_shard [b, s, V/TP], micro_batch) on the last stage (within final_hidden_states:
+# the final hidden states [b, s, h] instead):
 #   training: returns (loss_sum, num_tokens, metrics_dict), megatron's per-token loss convention;
 #   forward_only: returns anything, collected in order.
 OutputFn = Callable[[torch.Tensor, dict], Any]
+
+
+def _pass_through(hidden_states, weight=None, runtime_gather_output=None):
+    return hidden_states, None
+
+
+@contextlib.contextmanager
+def final_hidden_states(model: ShardedModel) -> Iterator[None]:
+    """Within: the last pipeline stage's output layer passes its input through, so the model
+    returns its final hidden states (after the final norm) as ``[b, s, h]`` where it returned
+    logits ``[b, s, V/TP]``, for a loss fused with :func:`output_weight`. Nothing else changes:
+    the weight keeps its gradient hooks, and megatron's tied-embedding bookkeeping (which reads
+    ``post_process``) is untouched. With sequence parallelism the hidden states are this rank's
+    sequence shard ``[b, s/TP, h]`` (the output layer would have all-gathered them). No-op on
+    other stages.
+    """
+    layer = getattr(model.module, "output_layer", None)
+    if layer is None:
+        yield
+        return
+    layer.forward = _pass_through  # an instance attribute: shadows ColumnParallelLinear.forward
+    try:
+        yield
+    finally:
+        del layer.forward
+
+
+def gather_sequence_parallel(hidden_bsh: torch.Tensor, model: ShardedModel) -> torch.Tensor:
+    """The whole sequence ``[b, s, h]`` from this rank's sequence-parallel shard ``[b, s/TP, h]``
+    (the all-gather megatron's output layer does first); unchanged without sequence parallelism.
+    The backward reduce-scatters: it sums the TP ranks' gradients, so a fused loss must leave its
+    hidden-state gradient unreduced (``reduce_hidden_grad=not model.config.sequence_parallel``)."""
+    if not model.config.sequence_parallel:
+        return hidden_bsh
+    from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
+
+    full_sbh = gather_from_sequence_parallel_region(hidden_bsh.transpose(0, 1),
+                                                    tensor_parallel_output_grad=True, group=model.mp.tp_group)
+    return full_sbh.transpose(0, 1)
+
+
+def output_weight(model: ShardedModel) -> torch.nn.Parameter:
+    """The last stage's output-layer weight shard ``[V_padded/TP, h]``: the word embeddings when
+    they are tied and this stage holds them (PP = 1), else ``output_layer.weight`` (with PP > 1
+    the last stage's copy of tied embeddings, whose gradient megatron adds to the first stage's)."""
+    gpt = model.module
+    if gpt.share_embeddings_and_output_weights:
+        return gpt.shared_embedding_or_output_weight()
+    return gpt.output_layer.weight
 
 
 def _schedule_groups(model: ShardedModel):

@@ -3,6 +3,7 @@ exactly, metrics, evaluation."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from pathlib import Path
@@ -13,6 +14,7 @@ import torch.distributed as dist
 from megatron_opd import parallel
 from megatron_opd.config import Config
 from megatron_opd.parallel import ParallelLayout
+from megatron_opd.pipeline import final_hidden_states, gather_sequence_parallel, output_weight
 from megatron_opd.rollout.consistency import check_mismatch
 from megatron_opd.rollout.engine import RolloutEngine
 from megatron_opd.rollout.sync import WeightSync
@@ -23,7 +25,7 @@ from megatron_opd.train.environments import make_environment
 from megatron_opd.train.evaluation import METRICS
 from megatron_opd.train.experience import build_sequences
 from megatron_opd.train.metrics import MetricsLogger
-from megatron_opd.train.objective import micro_batch_loss, teacher_need
+from megatron_opd.train.objective import OutputHeads, micro_batch_loss, teacher_need
 from megatron_opd.train.optim import OptimConfig, Trainable, forward_backward, make_trainable, optimizer_step
 from megatron_opd.utils import log0
 
@@ -84,6 +86,9 @@ class Trainer:
         self.tokenizer = _tokenizer(cfg.student.path)
         self.need = teacher_need(cfg.loss)
         self._build_teacher()
+        # A loss fused with the output layers needs the teacher's output-layer shard on the
+        # student's last stage (once: the teacher is frozen).
+        self.teacher_lm_head = self.teacher.lm_head_for(self.mp) if self.need == "hidden" else None
         self.stop_ids = list(cfg.rollout.stop_token_ids) or self._eos_ids()
         self.records = load_prompts(cfg.data.train_path, self.tokenizer, vocab_size=self.arch.vocab_size,
                                     max_prompt_tokens=cfg.data.max_prompt_tokens)
@@ -202,19 +207,27 @@ class Trainer:
 
         t2 = time.perf_counter()
         vocab = self.arch.vocab_size
+        fused = cfg.loss.fused_linear
+        heads = None
+        if fused and mp.is_last_stage:
+            heads = OutputHeads(output_weight(self.student), self.teacher_lm_head,
+                                reduce_hidden_grad=not self.student.config.sequence_parallel)
 
-        def output_fn(logits, batch):
+        def output_fn(output, batch):
+            if fused:  # the final hidden states [1, L, h] instead of logits
+                output = gather_sequence_parallel(output, self.student)
             loss_sum, n, metrics = micro_batch_loss(
-                logits, batch, signals[batch["index"]], loss=cfg.loss, vocab_size=vocab,
+                output, batch, signals[batch["index"]], loss=cfg.loss, vocab_size=vocab,
                 tp_group=mp.tp_group, rollout_temperature=cfg.rollout.temperature,
-                teacher_temperature=cfg.teacher.temperature)
+                teacher_temperature=cfg.teacher.temperature, heads=heads)
             metrics["loss_sum"] = loss_sum.detach().clone()
             return loss_sum, n, metrics
 
         lr = learning_rate(cfg, step)
         for group in self.trainable.optimizer.param_groups:
             group["lr"] = lr
-        outputs = forward_backward(self.trainable, mbs, output_fn)
+        with final_hidden_states(self.student) if fused else contextlib.nullcontext():
+            outputs = forward_backward(self.trainable, mbs, output_fn)
         self._fault_drill(step, "raise")
         if self._fault_drill(step, "nan"):
             next(iter(self.student.module.parameters())).main_grad.fill_(float("nan"))

@@ -1,15 +1,19 @@
 """The teacher phase: score every student micro-batch with the teacher and deliver what the loss
-needs (logit shards, top-k, or log-probs of the sampled tokens) to the student's last stage.
+needs (logit shards, final hidden states for a loss fused with the output layer, top-k, or
+log-probs of the sampled tokens) to the student's last stage.
 
 An in-process teacher is a megatron model on process groups of its own (its own TP/PP/DP, no DDP
 or optimizer state). It scores the micro-batches of *all* student replicas, split over its own
 replicas, and each result travels point to point to the student ranks that compute the loss for
 it. Full-vocabulary signals need teacher TP == student TP (rank r's shard goes to student TP rank
-r). Signals are kept on the CPU between the phases.
+r). Signals are kept on the CPU between the phases. For a fused-linear loss the teacher sends its
+final hidden states ``[L, h]`` instead of its logits ``[L, V/TP]`` (h << V/TP), and each student
+last-stage rank receives the teacher's output-layer weight shard once (:meth:`MegatronTeacher.lm_head_for`).
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -18,10 +22,10 @@ import torch.distributed as dist
 from megatron_opd import parallel
 from megatron_opd.losses import token_logprobs, topk_logprobs
 from megatron_opd.parallel import ModelParallel, ParallelLayout
-from megatron_opd.pipeline import run_schedule
+from megatron_opd.pipeline import final_hidden_states, gather_sequence_parallel, output_weight, run_schedule
 from megatron_opd.train.data import block_causal_mask
 
-LOGITS, TOPK, TOKEN = "logits", "topk", "token"
+LOGITS, HIDDEN, TOPK, TOKEN = "logits", "hidden", "topk", "token"
 
 
 @dataclass
@@ -29,6 +33,7 @@ class TeacherSignal:
     """What the loss of one micro-batch gets from the teacher (fields per ``need``)."""
 
     logits: torch.Tensor | None = None          # [L, V_local] (teacher's vocab shard)
+    hidden: torch.Tensor | None = None          # [L, h] final hidden states (fused-linear losses)
     topk_ids: torch.Tensor | None = None        # [L, K]
     topk_logprobs: torch.Tensor | None = None   # [L, K]
     token_logprobs: torch.Tensor | None = None  # [L] of the micro-batch's targets
@@ -87,11 +92,13 @@ class MegatronTeacher:
         mbs = [_unwire(work[k][2], device, sw) for k in mine]
         vocab = self.arch.vocab_size
 
-        def output_fn(logits, mb):
-            z = logits[0]
+        def output_fn(output, mb):
+            z = output[0]
             out = {}
             if self.need == LOGITS:
                 out["logits"] = z.detach().to("cpu", copy=True)
+            if self.need == HIDDEN:
+                out["hidden"] = gather_sequence_parallel(output, self.model)[0].to("cpu", copy=True)
             if self.need == TOPK:
                 ids, lps = topk_logprobs(z, self.top_k, vocab_size=vocab, tp_group=tmp.tp_group,
                                          temperature=self.temperature)
@@ -102,9 +109,41 @@ class MegatronTeacher:
                                                        temperature=self.temperature).cpu()
             return out
 
-        results = run_schedule(self.model, mbs, output_fn, forward_only=True) if mbs else []
+        hidden = final_hidden_states(self.model) if self.need == HIDDEN else contextlib.nullcontext()
+        with hidden:
+            results = run_schedule(self.model, mbs, output_fn, forward_only=True) if mbs else []
         produced = dict(zip(mine, results)) if tmp.is_last_stage else {}
         return self._deliver(work, produced, student)
+
+    @torch.no_grad()
+    def lm_head_for(self, student: ModelParallel) -> torch.Tensor | None:
+        """The teacher's output-layer weight shard ``[V_padded_teacher/TP, h]`` that matches this
+        rank's student vocab shard (teacher TP rank = student TP rank), on the student's last
+        stage; None elsewhere. Collective over the whole world; a one-time transfer for a loss
+        fused with the output layers (the teacher is frozen)."""
+        tmp = self.mp
+        if tmp.layout.tp != student.layout.tp:
+            raise ValueError(f"a fused-linear loss over the full vocabulary needs teacher.tp == student.tp, "
+                             f"got {tmp.layout.tp} and {student.layout.tp}")
+        me = dist.get_rank()
+        t_last, s_last = tmp.layout.pp - 1, student.layout.pp - 1
+        mine = None
+        for d in range(student.dp_size):
+            for r in range(student.layout.tp):
+                dst = student.global_rank(tp_rank=r, pp_rank=s_last, dp_rank=d)
+                src = tmp.global_rank(tp_rank=r, pp_rank=t_last, dp_rank=d % tmp.dp_size)
+                if me == src:
+                    weight = output_weight(self.model).detach()
+                    if me == dst:
+                        mine = weight
+                    else:
+                        dist.send(weight.contiguous(), dst=dst)
+                elif me == dst:
+                    config = self.model.config
+                    mine = torch.empty(self.model.padded_vocab_size // tmp.layout.tp, config.hidden_size,
+                                       dtype=config.params_dtype)
+                    dist.recv(mine, src=src)
+        return mine
 
     def _deliver(self, work, produced: dict, student: ModelParallel) -> list[TeacherSignal | None]:
         """Move each result from the teacher rank that made it to the student ranks that need it."""
@@ -116,14 +155,16 @@ class MegatronTeacher:
         my_count = sum(1 for d, _, _ in work if d == student.dp_rank)
         if student.is_last_stage:
             mine = [TeacherSignal() for _ in range(my_count)]
-        keys = {LOGITS: ("logits",), TOPK: ("topk_ids", "topk_logprobs"), TOKEN: ("token_logprobs",)}[self.need]
+        keys = {LOGITS: ("logits",), HIDDEN: ("hidden",), TOPK: ("topk_ids", "topk_logprobs"),
+                TOKEN: ("token_logprobs",)}[self.need]
         for k, (d, i, w) in enumerate(work):
             e = k % tmp.dp_size
             L = w["input_ids"].shape[1]
             for r in range(student.layout.tp):
                 dst = student.global_rank(tp_rank=r, pp_rank=s_last, dp_rank=d)
-                # Full logits: teacher TP rank r holds the shard student TP rank r needs.
-                src_tp = r if self.need == LOGITS else 0
+                # Full logits: teacher TP rank r holds the shard student TP rank r needs (hidden
+                # states are the same on every teacher TP rank: spread the sends the same way).
+                src_tp = r if self.need in (LOGITS, HIDDEN) else 0
                 src = tmp.global_rank(tp_rank=src_tp, pp_rank=t_last, dp_rank=e)
                 if me != src and me != dst:
                     continue
@@ -146,6 +187,8 @@ class MegatronTeacher:
         if key == "logits":
             return torch.empty(L, self.model.padded_vocab_size // self.mp.layout.tp,
                                dtype=self.model.config.params_dtype)
+        if key == "hidden":
+            return torch.empty(L, self.model.config.hidden_size, dtype=self.model.config.params_dtype)
         if key == "topk_ids":
             return torch.empty(L, self.top_k, dtype=torch.long)
         if key == "topk_logprobs":
