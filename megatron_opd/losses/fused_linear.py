@@ -155,19 +155,20 @@ class FusedLinearLossSum(torch.autograd.Function):
         grads = LinearGrads(h_td, w_vd, loss.shard.num_valid, chunk=chunk, dtype=loss.dtype,
                             need_h=ctx.needs_input_grad[0], need_w=ctx.needs_input_grad[1])
         scale_t = grad_scale(weights_t, loss, mask_t)
-        values = []
+        # Written as the pieces go (see forward_chunks on why no small per-piece tensors are kept).
+        per_token = h_td.new_empty(h_td.shape[0], dtype=loss.dtype)
         for begin in range(0, h_td.shape[0], piece):
             rows = slice(begin, begin + piece)
             z_cv = student(rows)
             value_c, state = loss.forward_chunk(z_cv, rows)
             loss.grad_chunk(z_cv, rows, state, scale_t[rows], out=grads.slot(rows))
-            values.append(value_c)
+            per_token[rows] = value_c
+            del z_cv, value_c, state
         for source in (student, teacher):
             if source is not None:
                 source.release()
         # Kept on ctx, not saved tensors: they are outputs of this forward, not inputs.
         ctx.dh_td, ctx.dw_vd = grads.finish(loss.shard if reduce_hidden_grad else None)
-        per_token = torch.cat(values) if values else h_td.new_zeros(0, dtype=loss.dtype)
         if mask_t is not None:
             per_token = torch.where(mask_t, per_token, 0.0)
         ctx.mark_non_differentiable(per_token)
