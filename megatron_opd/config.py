@@ -60,7 +60,7 @@ class RolloutConfig:
     # Fail the run when trainer-vs-rollout log-prob mismatch exceeds this (null: never).
     mismatch_threshold: float | None = 1e-3
     max_turns: int = 1
-    environment: str = ""  # a multi-turn environment, e.g. "calculator" (see train/environments.py)
+    environment: str = ""  # a multi-turn environment (see train/environments.py), "" = single turn
 
 
 @dataclass
@@ -192,6 +192,11 @@ class Config:
              f"rollout.offpolicy_source must be 'dataset' or 'teacher', got {self.rollout.offpolicy_source!r}")
         need(self.rollout.n >= 1, f"rollout.n must be >= 1, got {self.rollout.n}")
         need(self.rollout.temperature > 0, f"rollout.temperature must be > 0, got {self.rollout.temperature}")
+        need(0 < self.rollout.top_p <= 1, f"rollout.top_p must be in (0, 1], got {self.rollout.top_p}")
+        need(self.rollout.top_p == 1 or self.rollout.mismatch_threshold is None,
+             f"rollout.top_p={self.rollout.top_p} with rollout.mismatch_threshold set: vLLM's log-probs "
+             "are of the top-p truncated distribution, the trainer's of the full one, so they differ by "
+             "design; set rollout.mismatch_threshold=null to sample with top-p")
         need(self.rollout.max_new_tokens >= 1, "rollout.max_new_tokens must be >= 1")
         need(self.rollout.max_turns >= 1, "rollout.max_turns must be >= 1")
         need(self.data.micro_batch_tokens >= 8, "data.micro_batch_tokens must be >= 8")

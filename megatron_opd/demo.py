@@ -34,12 +34,10 @@ STUDENT_TARGET = (0.12, 0.40)  # warm-start accuracy window: mid-jump
 
 
 def _encoded(split: str, num: int | None = None) -> tuple[torch.Tensor, list[str]]:
-    rows = task.pairs(split)
-    g = torch.Generator().manual_seed(0)
-    order = torch.randperm(len(rows), generator=g).tolist()
-    rows = [rows[i] for i in order[:num]] if num else [rows[i] for i in order]
-    seqs = [task.encode(task.prompt(a, b) + task.answer(a, b)) + [task.EOS_ID] for a, b in rows]
-    return torch.tensor(seqs), [task.answer(a, b) for a, b in rows]
+    rows = torch.tensor(task.pairs(split))
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(0))[:num]
+    a, b = rows[order, 0], rows[order, 1]
+    return task.encode_pairs(a, b), [task.answer(x, y) for x, y in zip(a.tolist(), b.tolist())]
 
 
 @torch.no_grad()
@@ -159,7 +157,8 @@ def main() -> int:
     start = time.time()
     RUN_DIR.mkdir(parents=True, exist_ok=True)
     data_dir = RUN_DIR / "data"
-    train_path, eval_path = task.write_datasets(data_dir)
+    # 100k training prompts: more than the runs draw (steps x prompts per step)
+    train_path, eval_path = task.write_datasets(data_dir, num_train=100_000)
     cache = RUN_DIR / "cache"
     info = prepare(cache)
     common = [f"student.path={cache / 'student'}", f"teacher.path={cache / 'teacher'}",

@@ -94,6 +94,7 @@ def test_resume_reproduces_losses_bit_for_bit(task_dir, tmp_path):
     ("teacher.tp=1", "teacher.tp (1) must equal student.tp (2)"),
     ("optim.lr=abc", "optim.lr: expected a number"),
     ("train.stepz=3", "unknown config field 'train.stepz'"),
+    ("rollout.top_p=0.9", "set rollout.mismatch_threshold=null to sample with top-p"),
 ])
 def test_config_errors_name_the_field(task_dir, tmp_path, override, message):
     with pytest.raises(ValueError) as e:

@@ -13,6 +13,7 @@ route that works on CPU, where the linear kernels repack weights), then the pref
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -27,8 +28,33 @@ VLLM_ENV = {
     "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # engine core in this process
     "HF_HUB_OFFLINE": "1",
     "TOKENIZERS_PARALLELISM": "false",
+    "VLLM_LOGGING_LEVEL": "WARNING",  # vLLM logs every prefix-cache reset at INFO
 }
+RELOAD_LOGGER = "vllm.model_executor.model_loader.reload.layerwise"
 VLLM_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+class IncompleteWeightUpdate(RuntimeError):
+    """An update left some of the engine's layers with their previous weights."""
+
+
+class _ReloadFailures(logging.Filter):
+    """Collects vLLM's "<Layer>: Failed to load weights" warnings: a layer that received no
+    tensor during a reload silently keeps its old weights, which would make rollouts stale.
+    Rotary embeddings always report it (their frequencies are a buffer, not a checkpoint
+    tensor), so theirs are dropped without being counted."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers: list[str] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).endswith("Failed to load weights"):
+            return True
+        layer = str(record.args[0]) if record.args else record.getMessage()
+        if not layer.endswith("RotaryEmbedding"):
+            self.layers.append(layer)
+        return False
 
 
 @dataclass(frozen=True)
@@ -97,6 +123,9 @@ class RolloutEngine:
             os.environ.setdefault(k, v)
         from vllm import LLM
 
+        self._reload_failures = _ReloadFailures()
+        logging.getLogger(RELOAD_LOGGER).addFilter(self._reload_failures)
+
         self.arch = arch
         self.version = 0  # advances after every complete weight update
         self._tmp = None
@@ -114,9 +143,19 @@ class RolloutEngine:
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
         """Load HF-named tensors (streamed; consumed once) into the engine; returns the new
-        version. Tied models must include ``lm_head.weight`` (vLLM's head is a separate copy)."""
+        version. Tied models must include ``lm_head.weight`` (vLLM's head is a separate copy).
+
+        Raises :class:`IncompleteWeightUpdate` (the version does not advance) when a layer of
+        the engine received none of its tensors."""
+        self._reload_failures.layers.clear()
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(named_tensors)})
-        self.llm.reset_prefix_cache()
+        if not self.llm.reset_prefix_cache():
+            raise RuntimeError("vLLM refused to reset its prefix cache after a weight update "
+                               "(requests still running?): cached prefixes would keep the old weights")
+        if self._reload_failures.layers:
+            raise IncompleteWeightUpdate(
+                f"weight update v{self.version + 1} left {len(self._reload_failures.layers)} engine "
+                f"layer(s) with their old weights: {sorted(set(self._reload_failures.layers))}")
         self.version += 1
         return self.version
 
@@ -158,6 +197,7 @@ class RolloutEngine:
         return [_scored(seq, out.prompt_logprobs, top_k) for seq, out in zip(sequences, outputs)]
 
     def close(self) -> None:
+        logging.getLogger(RELOAD_LOGGER).removeFilter(self._reload_failures)
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None

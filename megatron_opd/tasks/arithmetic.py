@@ -9,15 +9,20 @@ hash. The metric is exact match of the greedy answer.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import random
 from pathlib import Path
 
+import torch
+
 PAD, EOS = "<pad>", "<eos>"
 VOCAB = [PAD, EOS] + [str(d) for d in range(10)] + ["+", "="]
 EOS_ID = VOCAB.index(EOS)
 PAD_ID = VOCAB.index(PAD)
+DIGIT0 = VOCAB.index("0")
+PLUS_ID, EQ_ID = VOCAB.index("+"), VOCAB.index("=")
 
 
 def answer(a: int, b: int) -> str:
@@ -32,8 +37,25 @@ def held_out(a: int, b: int) -> bool:
     return hashlib.sha256(f"{a},{b}".encode()).digest()[0] < 26  # ~10 %
 
 
+@functools.lru_cache(maxsize=1)
+def _held_out_table() -> torch.Tensor:
+    return torch.tensor([[held_out(a, b) for b in range(1000)] for a in range(1000)])
+
+
 def pairs(split: str) -> list[tuple[int, int]]:
-    return [(a, b) for a in range(1000) for b in range(1000) if held_out(a, b) == (split == "eval")]
+    """All (a, b) of the split, in order."""
+    a, b = torch.nonzero(_held_out_table() == (split == "eval"), as_tuple=True)
+    return list(zip(a.tolist(), b.tolist()))
+
+
+def encode_pairs(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``[N, 13]`` token ids of ``a+b=`` followed by the reversed 4-digit sum and <eos>."""
+    digit = lambda x, p: DIGIT0 + (x // p) % 10  # noqa: E731
+    s = a + b
+    cols = [digit(a, 100), digit(a, 10), digit(a, 1), torch.full_like(a, PLUS_ID),
+            digit(b, 100), digit(b, 10), digit(b, 1), torch.full_like(a, EQ_ID),
+            digit(s, 1), digit(s, 10), digit(s, 100), digit(s, 1000), torch.full_like(a, EOS_ID)]
+    return torch.stack(cols, dim=1)
 
 
 def make_tokenizer(out_dir: str | Path):
@@ -49,8 +71,10 @@ def make_tokenizer(out_dir: str | Path):
     return fast
 
 
-def write_datasets(out_dir: str | Path, *, num_eval: int = 1000, seed: int = 0) -> tuple[Path, Path]:
-    """train.jsonl (all training pairs, with reference completions) and eval.jsonl."""
+def write_datasets(out_dir: str | Path, *, num_train: int | None = None, num_eval: int = 1000,
+                   seed: int = 0) -> tuple[Path, Path]:
+    """train.jsonl (training pairs with reference completions; all of them unless ``num_train``)
+    and eval.jsonl (``num_eval`` held-out pairs)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
@@ -59,7 +83,7 @@ def write_datasets(out_dir: str | Path, *, num_eval: int = 1000, seed: int = 0) 
     ev = pairs("eval")
     rng.shuffle(ev)
     paths = []
-    for name, rows in (("train.jsonl", train), ("eval.jsonl", ev[:num_eval])):
+    for name, rows in (("train.jsonl", train[:num_train]), ("eval.jsonl", ev[:num_eval])):
         p = out_dir / name
         with p.open("w") as f:
             for a, b in rows:

@@ -14,9 +14,7 @@ def make_task_dir(root: str | Path, *, num_train: int = 2000) -> Path:
     from megatron_opd.tasks import arithmetic as task
 
     root = Path(root)
-    train, _ = task.write_datasets(root, num_eval=64)
-    lines = train.read_text().splitlines()[:num_train]  # the trainer tokenizes every row at start
-    train.write_text("\n".join(lines) + "\n")
+    task.write_datasets(root, num_train=num_train, num_eval=64)
     for name, seed in (("teacher", 0), ("student", 1)):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**task.llama_config(hidden=64, heads=2, layers=2)))

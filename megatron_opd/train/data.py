@@ -124,12 +124,15 @@ def step_prompt_indices(num_records: int, *, step: int, prompts_per_step: int, s
     """The dataset indices of ``step``'s prompts: a deterministic stream of epoch permutations,
     so the data position is just the step number (resume picks up exactly)."""
     out = []
+    perms: dict[int, torch.Tensor] = {}
     start = step * prompts_per_step
     for pos in range(start, start + prompts_per_step):
         epoch, offset = divmod(pos, num_records)
         if shuffle:
-            perm = torch.randperm(num_records, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-            out.append(int(perm[offset]))
+            if epoch not in perms:
+                perms[epoch] = torch.randperm(num_records,
+                                              generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+            out.append(int(perms[epoch][offset]))
         else:
             out.append(offset)
     return out
