@@ -124,9 +124,12 @@ class TrainConfig:
     run_dir: str = "runs/opd"
     max_nonfinite_steps: int = 3  # consecutive non-finite steps before the run stops
     gpu_memory_gb: float = 80.0  # for the dry-run's memory check
+    host_memory_gb: float = 512.0  # CPU RAM per node, for the dry-run's memory check
     # Fault drill, to check that a cluster set-up fails fast and resumes: at step
     # `inject_fault_step` on global rank `inject_fault_rank`, "raise" an exception, make the
-    # gradients "nan", or "kill_in_checkpoint" (SIGKILL mid-way through writing a checkpoint).
+    # gradients "nan", or "kill_in_checkpoint" (SIGKILL mid-way through writing the checkpoint of
+    # step `inject_fault_step`). Drills fire in a job's first attempt only (not after a torchrun
+    # restart), so that the restart shows the recovery.
     inject_fault: str = ""
     inject_fault_step: int = -1
     inject_fault_rank: int = 0

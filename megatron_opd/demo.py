@@ -30,13 +30,16 @@ RUN_DIR = Path(os.environ.get("MEGATRON_OPD_DEMO_DIR", "runs/demo"))
 RECIPES = Path(__file__).resolve().parent.parent / "examples"
 TEACHER = dict(hidden=128, heads=4, layers=2)
 STUDENT = dict(hidden=64, heads=2, layers=2)
-STUDENT_TARGET = (0.12, 0.40)  # warm-start accuracy window: mid-jump
+STUDENT_TARGET = (0.12, 0.45)  # warm-start accuracy window: mid-jump
+# Tried in this order (seeds 5 and 6 jumped early in a measurement here; the stall rule moves on).
+STUDENT_SEEDS = (5, 6, 1, 2, 3, 4, 7, 8)
 
 
 def _encoded(split: str, num: int | None = None) -> tuple[torch.Tensor, list[str]]:
-    rows = torch.tensor(task.pairs(split))
-    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(0))[:num]
-    a, b = rows[order, 0], rows[order, 1]
+    """Token ids and answers of the split's first ``num`` pairs in the datasets' order (for
+    "eval": the prompts of eval.jsonl, on which the trainer's runs are scored too)."""
+    rows = torch.tensor(task.shuffled_pairs(split)[:num])
+    a, b = rows[:, 0], rows[:, 1]
     return task.encode_pairs(a, b), [task.answer(x, y) for x, y in zip(a.tolist(), b.tolist())]
 
 
@@ -53,9 +56,12 @@ def accuracy(model, prompts: torch.Tensor, answers: list[str]) -> float:
     return (ids[:, 8:] == want).all(dim=1).float().mean().item()
 
 
-def warm_start(out_dir: Path, shape: dict, *, seed: int, stop, max_steps: int = 2000,
-               eval_every: int = 50, eval_from: int = 0) -> float:
-    """Supervised training on the task until ``stop(accuracy)``; saves an HF model + tokenizer."""
+def warm_start(out_dir: Path, shape: dict, *, seed: int, stop, give_up=None, max_steps: int = 2000,
+               eval_every: int = 50, eval_from: int = 0) -> float | None:
+    """Supervised training on the task until ``stop(accuracy)``; saves the most accurate weights
+    seen (loss spikes happen at this learning rate) as an HF model + tokenizer and returns their
+    accuracy. ``give_up(step, smoothed_loss, accuracy)`` abandons a run that will not get there
+    (returns None, saves nothing)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(seed)
@@ -68,7 +74,7 @@ def warm_start(out_dir: Path, shape: dict, *, seed: int, stop, max_steps: int = 
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, 2000) / 2000)))
     g = torch.Generator().manual_seed(seed)
-    acc = 0.0
+    acc, best, smooth = 0.0, (-1.0, None), None
     start = time.time()
     for step in range(1, max_steps + 1):
         batch = train[torch.randint(0, len(train), (256,), generator=g)]
@@ -78,15 +84,41 @@ def warm_start(out_dir: Path, shape: dict, *, seed: int, stop, max_steps: int = 
         loss.backward()
         opt.step()
         sched.step()
+        smooth = loss.item() if smooth is None else 0.9 * smooth + 0.1 * loss.item()
         if step >= eval_from and step % eval_every == 0:
             acc = accuracy(model, ev, answers)
-            print(f"  [{out_dir.name}] step {step} loss {loss.item():.3f} held-out accuracy {acc:.3f} "
+            print(f"  [{out_dir.name} seed {seed}] step {step} loss {smooth:.3f} held-out accuracy {acc:.3f} "
                   f"({time.time() - start:.0f}s)", flush=True)
+            if acc > best[0]:
+                best = (acc, {k: v.clone() for k, v in model.state_dict().items()})
             if stop(acc):
                 break
+            if give_up is not None and give_up(step, smooth, acc):
+                return None
+    if not stop(acc):
+        model.load_state_dict(best[1])
+        acc = best[0]
     model.save_pretrained(out_dir)
     task.make_tokenizer(out_dir)
     return acc
+
+
+class StudentStall:
+    """When to abandon a student seed (as measured on this task): some seeds
+    sit on the loss plateau near 1.38 for well over 1000 steps; others leave it and then stall
+    near 0.1 accuracy, and such students do not respond to distillation. Seeds that jump reach
+    the window within ~100 steps of leaving the plateau."""
+
+    def __init__(self, lo: float):
+        self.lo = lo
+        self.left_plateau = None
+
+    def __call__(self, step: int, loss: float, acc: float) -> bool:
+        if self.left_plateau is None and loss < 0.8:
+            self.left_plateau = step
+        if self.left_plateau is None:
+            return step >= 1200
+        return step - self.left_plateau > 200 and acc < self.lo
 
 
 def prepare(cache: Path) -> dict:
@@ -97,22 +129,24 @@ def prepare(cache: Path) -> dict:
         if all((cache / k / "config.json").is_file() for k in ("teacher", "student")):
             print(f"using cached warm starts in {cache}: {info}", flush=True)
             return info
-    print("training the teacher (plain PyTorch, ~2 min)...", flush=True)
-    teacher_acc = warm_start(cache / "teacher", TEACHER, seed=0, stop=lambda a: a >= 0.99,
-                             eval_every=100, eval_from=600)
+    print("training the teacher (plain PyTorch, 2-4 min)...", flush=True)
+    teacher_acc = warm_start(cache / "teacher", TEACHER, seed=0, stop=lambda a: a >= 0.98,
+                             eval_every=100, eval_from=500)
     lo, hi = STUDENT_TARGET
     student_acc = None
-    for seed in (1, 2, 3):
+    for seed in STUDENT_SEEDS:
         print(f"training the student to mid-jump accuracy (seed {seed})...", flush=True)
         shutil.rmtree(cache / "student", ignore_errors=True)
         acc = warm_start(cache / "student", STUDENT, seed=seed, stop=lambda a: a >= lo,
-                         eval_every=20, eval_from=600, max_steps=1800)
-        if lo <= acc <= hi:
+                         give_up=StudentStall(lo), eval_every=25, eval_from=300, max_steps=1600)
+        if acc is not None and lo <= acc <= hi:
             student_acc = acc
             break
-        print(f"  seed {seed} ended at accuracy {acc:.3f}, outside {STUDENT_TARGET}; next seed", flush=True)
+        shutil.rmtree(cache / "student", ignore_errors=True)
+        why = "stalled" if acc is None else f"ended at accuracy {acc:.3f}, outside {STUDENT_TARGET}"
+        print(f"  seed {seed} {why}; next seed", flush=True)
     if student_acc is None:
-        raise RuntimeError("no student seed reached the warm-start accuracy window")
+        raise RuntimeError(f"no student seed of {STUDENT_SEEDS} reached the warm-start accuracy window")
     info = {"teacher_accuracy": teacher_acc, "student_accuracy": student_acc}
     info_file.write_text(json.dumps(info))
     return info

@@ -61,7 +61,11 @@ def estimate(cfg, student: ArchConfig, teacher: ArchConfig | None, *, world_size
     acts = 34 * tokens * student.hidden_size / s.tp * (student.num_layers // s.pp) * in_flight
     v_local = padded_vocab_size(student.vocab_size, s.tp) // s.tp
     chunk = cfg.loss.chunk_size or max(1, (1 << 24) // v_local)
-    logits = tokens * v_local * (bpe + 4) + 6 * min(chunk, tokens) * v_local * 4
+    temporaries = 6 * min(chunk, tokens) * v_local * 4
+    if cfg.loss.fused_linear:  # logits exist one chunk at a time; the hidden-state gradient instead
+        logits = tokens * student.hidden_size * 4 + temporaries
+    else:  # the logits shard, its gradient, the loss's chunk temporaries
+        logits = tokens * v_local * (bpe + 4) + temporaries
     # the colocated engine (TP 1 per rank) holds the whole student
     engine = parameter_count(student, tp=1, pp=1, stage=0) * bpe + cfg.rollout.kv_cache_gb * GiB
     rows = [MemoryRow("student (+ colocated rollout engine)", p * bpe / GiB, p * 4 / GiB,
@@ -71,7 +75,7 @@ def estimate(cfg, student: ArchConfig, teacher: ArchConfig | None, *, world_size
         tw = max(range(t.pp), key=lambda st: parameter_count(teacher, tp=t.tp, pp=t.pp, stage=st))
         tp_params = parameter_count(teacher, tp=t.tp, pp=t.pp, stage=tw)
         t_acts = 2 * tokens * teacher.hidden_size * bpe / t.tp * 4  # forward only: a few live layers
-        t_logits = tokens * (padded_vocab_size(teacher.vocab_size, t.tp) // t.tp) * bpe
+        t_logits = 0.0 if cfg.loss.fused_linear else tokens * (padded_vocab_size(teacher.vocab_size, t.tp) // t.tp) * bpe
         rows.append(MemoryRow("teacher (frozen, forward only)", tp_params * bpe / GiB, 0.0, 0.0,
                               t_acts / GiB, t_logits / GiB, 0.0))
     return rows
@@ -87,4 +91,67 @@ def format_table(rows: list[MemoryRow], *, gpu_memory_gb: float) -> str:
     verdict = "fits" if total <= gpu_memory_gb else "DOES NOT FIT"
     lines.append(f"colocated (student, engine and teacher share every GPU): {total:.2f} GiB per GPU, "
                  f"{verdict} in {gpu_memory_gb:g} GiB (train.gpu_memory_gb)")
+    if total > gpu_memory_gb:
+        biggest = max(("activations", "logits", "engine", "optimizer"),
+                      key=lambda c: sum(getattr(r, c) for r in rows))
+        lines.append("  to fit: " + FIT_HINTS[biggest])
     return "\n".join(lines)
+
+
+def fits(rows: list[MemoryRow], *, gpu_memory_gb: float) -> bool:
+    return sum(r.total for r in rows) <= gpu_memory_gb
+
+
+FIT_HINTS = {
+    "activations": "fewer tokens per micro-batch (data.micro_batch_tokens) or more model parallelism "
+                   "(student.tp, student.pp)",
+    "logits": "loss.fused_linear=true, a smaller data.micro_batch_tokens, or a larger student.tp",
+    "engine": "a smaller rollout.kv_cache_gb",
+    "optimizer": "optim.use_distributed_optimizer=true, or a larger student.tp / student.pp",
+}
+
+
+def step_tokens_per_replica(cfg, *, world_size: int) -> int:
+    """Upper bound on the tokens one student replica trains on per step (every sequence at its
+    longest: the prompt limit plus every turn's new tokens)."""
+    s, r = cfg.student, cfg.rollout
+    dp = world_size // (s.tp * s.pp)
+    sequences = -(-cfg.train.prompts_per_step // dp) * r.n
+    return sequences * (cfg.data.max_prompt_tokens + r.max_turns * r.max_new_tokens)
+
+
+def teacher_signal_bytes_per_token(cfg, student: ArchConfig, teacher: ArchConfig | None) -> tuple[float, str]:
+    """Host bytes per token a student last-stage rank keeps of the teacher between the phases."""
+    from megatron_opd.train.objective import teacher_need
+
+    bpe = 2
+    need = teacher_need(cfg.loss)
+    if need == "token":
+        return 4, "log-probs of the sampled tokens"
+    if need == "topk":
+        return cfg.loss.top_k * 12, f"top-{cfg.loss.top_k} ids and log-probs"
+    width = (teacher or student)
+    if need == "hidden":
+        return width.hidden_size * bpe, "final hidden states (loss.fused_linear)"
+    return padded_vocab_size(width.vocab_size, cfg.teacher.tp) // cfg.teacher.tp * bpe, "logit shards"
+
+
+def host_table(cfg, student: ArchConfig, teacher: ArchConfig | None, *, world_size: int,
+               host_memory_gb: float, gpus_per_node: int = 8) -> tuple[str, bool]:
+    """Micro-batches per step and the host memory the teacher's signals take; (text, fits)."""
+    tokens = step_tokens_per_replica(cfg, world_size=world_size)
+    per_token, what = teacher_signal_bytes_per_token(cfg, student, teacher)
+    rank_gb = tokens * per_token / GiB
+    node_gb = rank_gb * gpus_per_node
+    fits = node_gb <= host_memory_gb
+    lines = [f"per student replica and step, at most: {tokens} tokens in about "
+             f"{-(-tokens // cfg.data.micro_batch_tokens)} micro-batches of data.micro_batch_tokens="
+             f"{cfg.data.micro_batch_tokens}",
+             f"teacher signals kept on the host between the phases ({what}): {rank_gb:.2f} GiB per rank, "
+             f"{node_gb:.1f} GiB per {gpus_per_node}-GPU node, "
+             + ("fits" if fits else "DOES NOT FIT") + f" in {host_memory_gb:g} GiB (train.host_memory_gb)"]
+    if not fits:
+        lines.append("  to fit: loss.fused_linear=true (hidden states instead of logit shards), "
+                     "loss.support=teacher_topk_input, or fewer tokens per step (train.prompts_per_step, "
+                     "rollout.n, rollout.max_new_tokens)")
+    return "\n".join(lines), fits

@@ -35,7 +35,7 @@ def init_distributed(*, timeout_minutes: float = 30.0) -> None:
     if dist.is_initialized():
         return
     if "RANK" not in os.environ:
-        from megatron_opd.testing.multiprocess import free_port
+        from megatron_opd.utils import free_port
 
         os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
                            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())})

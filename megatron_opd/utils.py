@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -12,6 +13,13 @@ import torch.distributed as dist
 
 def rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
+
+
+def free_port() -> int:
+    """A free TCP port on localhost (for a rendezvous of processes on this machine)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def log0(message: str) -> None:

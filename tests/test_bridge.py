@@ -40,8 +40,8 @@ def _bridge_check(model_dir: str, layouts: list, syncs: int) -> dict:
     from megatron_opd.train.optim import OptimConfig, make_trainable
 
     engine = None
-    report = {"max_sampled": 0.0, "max_given": 0.0, "greedy_checked": 0, "syncs": 0}
-    for tp, pp in layouts:
+    report = {"max_sampled": 0.0, "max_given": 0.0, "min_stale": float("inf"), "greedy_checked": 0, "syncs": 0}
+    for layout_index, (tp, pp) in enumerate(layouts):
         mp = parallel.initialize_global_model_parallel(parallel.ParallelLayout(tp, pp))
         model = load_model(model_dir, mp)
         if engine is None:  # one engine per rank, created after the trainer's groups exist
@@ -49,29 +49,34 @@ def _bridge_check(model_dir: str, layouts: list, syncs: int) -> dict:
         t = make_trainable(model, OptimConfig(lr=2e-2, clip_grad=0.0))
         sync = WeightSync(model, bucket_bytes=40_000)
         for k in range(syncs):
-            _train_step(t, k)
+            # Every layout starts from the checkpoint again: a step on data of its own makes its
+            # weights differ from those the engine holds from the previous layout.
+            _train_step(t, 10 * layout_index + k)
+            stale = engine.score(GIVEN)  # the engine's weights before this sync
             version = sync.sync(engine).version
             sampled = engine.generate(PROMPTS, SamplingConfig(n=2, temperature=0.7, max_new_tokens=6, seed=k))
             greedy = engine.generate(PROMPTS, SamplingConfig(temperature=0.0, max_new_tokens=6))
             given = engine.score(GIVEN)
             everything = [None] * dist.get_world_size()
-            dist.all_gather_object(everything, (sampled, greedy, given))
-            seqs = [c.prompt_ids + c.token_ids for s, _, _ in everything for c in s]
+            dist.all_gather_object(everything, (sampled, greedy, given, stale))
+            seqs = [c.prompt_ids + c.token_ids for s, _, _, _ in everything for c in s]
             ref_t = score_sequences(model, seqs, temperature=0.7, show_progress=False)
-            ref_1 = score_sequences(model, GIVEN + [c.prompt_ids + c.token_ids for _, g, _ in everything for c in g],
+            ref_1 = score_sequences(model, GIVEN + [c.prompt_ids + c.token_ids for _, g, _, _ in everything for c in g],
                                     top_k=2, show_progress=False)
             if ref_t is None:
                 continue
-            comps = [c for s, _, _ in everything for c in s]
+            comps = [c for s, _, _, _ in everything for c in s]
             for c, r in zip(comps, ref_t):
                 trainer = torch.tensor(r["logprobs"][len(c.prompt_ids) - 1:])
                 mx, _ = logprob_mismatch(trainer, torch.tensor(c.logprobs))
                 report["max_sampled"] = max(report["max_sampled"], mx)
-            for _, _, scored in everything:
-                for s, r in zip(scored, ref_1[: len(GIVEN)]):
+            for _, _, scored, before in everything:
+                for s, b, r in zip(scored, before, ref_1[: len(GIVEN)]):
                     mx, _ = logprob_mismatch(torch.tensor(r["logprobs"]), torch.tensor(s.logprobs))
                     report["max_given"] = max(report["max_given"], mx)
-            greedy_comps = [c for _, g, _ in everything for c in g]
+                    mx, _ = logprob_mismatch(torch.tensor(r["logprobs"]), torch.tensor(b.logprobs))
+                    report["min_stale"] = min(report["min_stale"], mx)
+            greedy_comps = [c for _, g, _, _ in everything for c in g]
             for c, r in zip(greedy_comps, ref_1[len(GIVEN):]):
                 for pos, tok in enumerate(c.token_ids):
                     i = len(c.prompt_ids) - 1 + pos
@@ -101,7 +106,9 @@ def _bridge_check(model_dir: str, layouts: list, syncs: int) -> dict:
 
 
 def _check(report, expected_syncs):
-    assert report["syncs"] == expected_syncs
+    assert report["syncs"] == expected_syncs and report["last_version"] == expected_syncs
+    # every sync carried weights the engine did not have (else a no-op sync would pass)
+    assert report["min_stale"] > 1e-3, report
     assert report["max_sampled"] <= 1e-4, report
     assert report["max_given"] <= 1e-4, report
     assert report["greedy_checked"] > 10, report

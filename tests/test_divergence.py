@@ -94,9 +94,10 @@ def make_problem(*, vocab_size: int, world: int, student_width: int, teacher_wid
 
 
 def geometries(world: int) -> dict[str, dict]:
-    """A vocabulary not divisible by TP, padded like megatron; then a teacher padded wider."""
-    vocab = 101 * world + 2 if world > 1 else 103
-    width = -(-vocab // world)
+    """An odd vocabulary (not divisible by TP 2 or 4) in shards padded past it (3 to 15 padded
+    columns, the last rank's shard partly real), as megatron pads; then a teacher padded wider."""
+    vocab = 101 * world + 1
+    width = -(-vocab // world) + 3
     return {"padded": dict(vocab_size=vocab, world=world, student_width=width, teacher_width=width),
             "teacher_wider": dict(vocab_size=vocab, world=world, student_width=width,
                                   teacher_width=width + 5)}
@@ -131,9 +132,14 @@ def compare(problem, rank, world, group, *, dtype=torch.float32, **kw) -> tuple[
     return rel_err(out, ref, ref), rel_err(x.grad, shard(s_ref.grad, rank, world), s_ref.grad)
 
 
+def _nan_is_worst(x: float) -> float:
+    return math.inf if math.isnan(x) else x
+
+
 def worst(results: list[tuple[str, float, float]]) -> tuple[float, float, str, str]:
-    value = max(results, key=lambda r: r[1])
-    grad = max(results, key=lambda r: r[2])
+    """The largest value and gradient errors (NaN counts as the largest) and their cases."""
+    value = max(results, key=lambda r: _nan_is_worst(r[1]))
+    grad = max(results, key=lambda r: _nan_is_worst(r[2]))
     return value[1], grad[2], value[0], grad[0]
 
 
@@ -526,6 +532,23 @@ def test_extra_memory_is_per_chunk_not_per_token(support):
     assert extra[64] < 8 * chunk_bytes, extra
     # Per-token state (a few scalars, or k ids and bucket gradients) may grow; nothing V-sized may.
     assert extra[256] - extra[64] < 192 * 256, extra
+
+
+@pytest.mark.parametrize("kind,beta", DISTINCT_KINDS)
+@pytest.mark.parametrize("support", ["full", "teacher_topk"])
+def test_masked_rows_get_zero_gradient_whatever_they_hold(kind, beta, support):
+    """A masked token with NaN student logits or a teacher row without mass leaks nothing."""
+    g = torch.Generator().manual_seed(8)
+    s, t = torch.randn(6, 30, generator=g), torch.randn(6, 30, generator=g)
+    s[1] = float("nan")
+    t[4] = float("-inf")
+    mask = torch.tensor([True, False, True, True, False, True])
+    x = s.clone().requires_grad_()
+    out = vocab_parallel_divergence(x, t, kind=kind, beta=beta, loss_mask=mask, chunk_size=4, support=support,
+                                    top_k=None if support == "full" else 5)
+    out.sum().backward()
+    assert (out[~mask] == 0).all() and out[mask].isfinite().all()
+    assert (x.grad[~mask] == 0).all() and x.grad[mask].isfinite().all()
 
 
 def test_teacher_topk_with_k_equal_vocab_is_full_support():

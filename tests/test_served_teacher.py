@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from megatron_opd.rollout.served_teacher import (ServedTeacher, TeacherServerError, TeacherTimeoutError)
-from megatron_opd.testing.multiprocess import free_port, run_distributed
+from megatron_opd.testing.multiprocess import run_distributed
+from megatron_opd.utils import free_port
 
 pytestmark = pytest.mark.vllm
 

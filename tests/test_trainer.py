@@ -22,7 +22,15 @@ OBJECTIVES = [
     {"loss.kind": "forward_kl", "loss.support": "teacher_topk_input", "loss.top_k": 4},
     {"loss.kind": "sampled_reverse_kl"},
     {"loss.kind": "reverse_kl", "rollout.lmbda": 0.5, "rollout.offpolicy_source": "dataset"},
+    {"loss.kind": "jsd", "loss.beta": 0.7, "loss.temperature": 2.0, "teacher.temperature": 0.5},
+    # two turns with a scripted tool reply in between (masked out), every row weighted 0
+    {"loss.kind": "reverse_kl", "rollout.environment": "scripted", "rollout.max_turns": 2,
+     "loss.weight_field": "weight", "data.train_path": "{root}/train_tools.jsonl"},
 ]
+REQUIRED_METRICS = {"loss", "divergence", "tokens_per_s", "time/rollout_s", "time/teacher_s", "time/student_s",
+                    "time/sync_s", "response_length", "rollout/logprob_abs_diff_max",
+                    "rollout/logprob_abs_diff_mean", "topk_overlap", "topk_mass_overlap", "masked_tool_fraction",
+                    "lr", "grad_norm", "skipped_steps"}
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +45,7 @@ def _run_objectives(root: str, work: str, objectives: list) -> dict:
     engine = None
     results = {}
     for i, obj in enumerate(objectives):
-        ov = base_overrides(root, work / f"obj{i}", 2) + [f"{k}={v}" for k, v in obj.items()]
+        ov = base_overrides(root, work / f"obj{i}", 2) + [f"{k}={v}".format(root=root) for k, v in obj.items()]
         trainer = Trainer(load_config(None, ov), engine=engine)
         engine = trainer.engine
         last = trainer.train()
@@ -50,10 +58,18 @@ def test_every_objective_trains_without_nan(task_dir, tmp_path):
     import math
 
     results = run_distributed(_run_objectives, 2, str(task_dir), str(tmp_path), OBJECTIVES, timeout=900)[0]
+    assert REQUIRED_METRICS <= set(results[0]), REQUIRED_METRICS - set(results[0])
     for i, obj in enumerate(OBJECTIVES):
         m = results[i]
-        assert math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"]) and m["grad_norm"] > 0, (obj, m)
         assert m["skipped_steps"] == 0, (obj, m)
+        if "loss.weight_field" in obj:
+            assert m["loss"] == 0 and m["grad_norm"] == 0 and m["divergence"] > 0, (obj, m)
+            assert 0 < m["masked_tool_fraction"] < 1, (obj, m)  # tool tokens present, not trained on
+            continue
+        assert math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"]) and m["grad_norm"] > 0, (obj, m)
+        assert m["masked_tool_fraction"] == 0, (obj, m)
+        if obj.get("loss.kind") != "sampled_reverse_kl":  # no teacher distribution to compare with
+            assert 0 < m["topk_overlap"] <= 1 and 0 < m["topk_mass_overlap"] <= 1 + 1e-6, (obj, m)
         if "rollout/logprob_abs_diff_max" in m:
             assert m["rollout/logprob_abs_diff_max"] <= 1e-4, (obj, m)
         if obj.get("loss.kind") != "sampled_reverse_kl":

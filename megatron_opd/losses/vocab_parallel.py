@@ -158,8 +158,11 @@ def exp_and_logsumexp(x_cv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def scale_into(grad_cv: torch.Tensor, scale_c: torch.Tensor, out: torch.Tensor) -> None:
-    """``out <- grad * scale`` per row, casting to ``out``'s dtype in the same pass."""
+    """``out <- grad * scale`` per row, casting to ``out``'s dtype in the same pass. Rows with
+    scale 0 (masked tokens) get exactly 0, even where their loss gradient is not finite (a masked
+    row of NaN logits, or a teacher row with no mass): 0 * NaN would be NaN."""
     torch.mul(grad_cv, scale_c.unsqueeze(-1), out=out)
+    out.masked_fill_((scale_c == 0).unsqueeze(-1), 0.0)
 
 
 def combine_logsumexp(max_pc: torch.Tensor, lse_pc: torch.Tensor,

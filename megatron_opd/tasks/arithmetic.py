@@ -48,6 +48,14 @@ def pairs(split: str) -> list[tuple[int, int]]:
     return list(zip(a.tolist(), b.tolist()))
 
 
+def shuffled_pairs(split: str, *, seed: int = 0) -> list[tuple[int, int]]:
+    """All (a, b) of the split in a fixed random order: the order of the written datasets, so
+    that the first ``n`` of ``"eval"`` are the prompts of eval.jsonl."""
+    rows = pairs(split)
+    random.Random(f"{split}-{seed}").shuffle(rows)
+    return rows
+
+
 def encode_pairs(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``[N, 13]`` token ids of ``a+b=`` followed by the reversed 4-digit sum and <eos>."""
     digit = lambda x, p: DIGIT0 + (x // p) % 10  # noqa: E731
@@ -77,11 +85,7 @@ def write_datasets(out_dir: str | Path, *, num_train: int | None = None, num_eva
     and eval.jsonl (``num_eval`` held-out pairs)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(seed)
-    train = pairs("train")
-    rng.shuffle(train)
-    ev = pairs("eval")
-    rng.shuffle(ev)
+    train, ev = shuffled_pairs("train", seed=seed), shuffled_pairs("eval", seed=seed)
     paths = []
     for name, rows in (("train.jsonl", train[:num_train]), ("eval.jsonl", ev[:num_eval])):
         p = out_dir / name

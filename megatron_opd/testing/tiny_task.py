@@ -15,6 +15,13 @@ def make_task_dir(root: str | Path, *, num_train: int = 2000) -> Path:
 
     root = Path(root)
     task.write_datasets(root, num_train=num_train, num_eval=64)
+    # Multi-turn rows: after the model's first answer, a scripted "tool" turn (never trained on);
+    # a per-row weight of 0 (loss.weight_field=weight) must silence the loss.
+    rows = [json.loads(line) for line in (root / "train.jsonl").read_text().splitlines()[:200]]
+    with (root / "train_tools.jsonl").open("w") as f:
+        for r in rows:
+            f.write(json.dumps({"prompt_ids": task.encode(r["prompt"]), "weight": 0.0,
+                                "tool_responses": [task.encode("=" + r["answer"][:2])]}) + "\n")
     for name, seed in (("teacher", 0), ("student", 1)):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**task.llama_config(hidden=64, heads=2, layers=2)))

@@ -55,11 +55,11 @@ def _rank0() -> bool:
 
 def save_checkpoint(trainable, *, run_dir: str | Path, step: int, config_yaml: str,
                     extra_state: dict, keep_last: int, source_hf_dtype: str = "float32",
-                    tokenizer_src: str | Path | None = None, before_publish=None) -> Path:
+                    tokenizer_src: str | Path | None = None, mid_write=None) -> Path:
     """Save (collective). The checkpoint becomes visible only once complete: files are written
     into a staging directory, a manifest of their sizes and hashes is added, the directory is
-    renamed, and only then is the tracker updated. ``before_publish`` (fault drills) runs just
-    before the rename."""
+    renamed, and only then is the tracker updated. ``mid_write`` (fault drills) runs between the
+    model's files and the optimizer's."""
     root = checkpoints_dir(run_dir)
     name = step_dir_name(step)
     box = [f"{STAGING_PREFIX}{name}-{uuid.uuid4().hex[:8]}" if _rank0() else None]
@@ -75,6 +75,8 @@ def save_checkpoint(trainable, *, run_dir: str | Path, step: int, config_yaml: s
     dist.barrier()
     model = trainable.model
     mcore.save_model(model, staging, extra_meta={"hf_dtype": source_hf_dtype})
+    if mid_write is not None:
+        mid_write()
     model_sd = model.module.sharded_state_dict()
     optim_sd = trainable.optimizer.sharded_state_dict(model_sd)
     mcore.dist_save(optim_sd, staging / "optimizer")
@@ -87,8 +89,6 @@ def save_checkpoint(trainable, *, run_dir: str | Path, step: int, config_yaml: s
         (staging / STATE_FILE).write_text(json.dumps({"step": step, **extra_state}, indent=2))
     dist.barrier()
     write_manifest(staging)
-    if before_publish is not None:
-        before_publish()
     if _rank0():
         final = root / name
         if final.exists():

@@ -27,7 +27,9 @@ def _read_rows(path: Path) -> list[tuple[int, dict]]:
             import pyarrow.parquet as pq
         except ImportError:
             raise ValueError(f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from None
-        return [(i + 1, row) for i, row in enumerate(pq.read_table(path).to_pylist())]
+        # columns are shared by every row: a field a row does not have is null there
+        return [(i + 1, {k: v for k, v in row.items() if v is not None})
+                for i, row in enumerate(pq.read_table(path).to_pylist())]
     rows = []
     with path.open() as f:
         for lineno, line in enumerate(f, 1):
@@ -92,6 +94,9 @@ def load_prompts(path: str | Path, tokenizer, *, vocab_size: int, max_prompt_tok
         elif "completion" in row:
             if not isinstance(row["completion"], str):
                 raise ValueError(f"{where}: completion must be a string")
+            if tokenizer is None:
+                raise ValueError(f"{where}: text completions need a tokenizer next to the student model "
+                                 "(or give completion_ids)")
             completion = tokenizer(row["completion"], add_special_tokens=False)["input_ids"]
             if tokenizer.eos_token_id is not None:
                 completion = completion + [tokenizer.eos_token_id]

@@ -22,7 +22,7 @@ from megatron_opd.train import checkpointing
 from megatron_opd.train.data import (check_tokenizers, load_prompts, micro_batch, pack_sequences,
                                      step_prompt_indices)
 from megatron_opd.train.environments import make_environment
-from megatron_opd.train.evaluation import METRICS
+from megatron_opd.train.evaluation import count_correct
 from megatron_opd.train.experience import build_sequences
 from megatron_opd.train.metrics import MetricsLogger
 from megatron_opd.train.objective import OutputHeads, micro_batch_loss, teacher_need
@@ -115,10 +115,10 @@ class Trainer:
                                                 max_model_len=self.max_total_tokens, seed=cfg.train.seed + 1)
             WeightSync(self.teacher.model, bucket_bytes=int(r.bucket_mb * (1 << 20))).sync(self.teacher_engine)
         self.start_step = 0
-        self._resume()
-        self.sync.sync(self.engine)
         self.nonfinite_in_a_row = 0
         self.nonfinite_total = 0
+        self._resume()
+        self.sync.sync(self.engine)
         self.logger = MetricsLogger(self.run_dir, total_steps=cfg.train.steps, start_step=self.start_step,
                                     tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb,
                                     wandb_project=cfg.logging.wandb_project,
@@ -171,6 +171,7 @@ class Trainer:
             return
         state = checkpointing.load_checkpoint(self.trainable, path, verify=c.verify)
         self.start_step = int(state["step"])
+        self.nonfinite_total = int(state.get("skipped_steps", 0))
         log0(f"resumed from {path} at step {self.start_step}")
 
     # --- one step -------------------------------------------------------------------------------
@@ -264,9 +265,14 @@ class Trainer:
         return metrics
 
     def _fault_drill(self, step: int, kind: str) -> bool:
-        """True (or raise, for "raise") when the configured fault drill fires here."""
+        """True (or raise, for "raise") when the configured fault drill fires here. It fires in a
+        job's first attempt only, so that a torchrun restart (--max-restarts) shows the recovery."""
+        import os
+
         t = self.cfg.train
         if t.inject_fault != kind or t.inject_fault_step != step or dist.get_rank() != t.inject_fault_rank:
+            return False
+        if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
             return False
         if kind == "raise":
             raise RuntimeError(f"injected fault (train.inject_fault=raise) at step {step} on rank {dist.get_rank()}")
@@ -289,7 +295,8 @@ class Trainer:
     def _reduce_metrics(self, outputs: list[dict], seqs) -> dict:
         mp = self.mp
         contributes = mp.is_last_stage and mp.tp_rank == 0
-        keys = ["loss_sum", "divergence_sum", "loss_tokens", "mismatch_sum", "mismatch_tokens", "topk_overlap_sum"]
+        keys = ["loss_sum", "divergence_sum", "loss_tokens", "mismatch_sum", "mismatch_tokens", "topk_overlap_sum",
+                "topk_mass_overlap_sum"]
         sums = torch.zeros(len(keys) + 4, dtype=torch.float64)
         mx = torch.zeros(1, dtype=torch.float64)
         if contributes:
@@ -316,6 +323,7 @@ class Trainer:
                "loss_tokens": s["loss_tokens"], "_tokens": total_tokens}
         if s["topk_overlap_sum"]:
             out["topk_overlap"] = s["topk_overlap_sum"] / tokens
+            out["topk_mass_overlap"] = s["topk_mass_overlap_sum"] / tokens
         if s["mismatch_tokens"]:
             out["rollout/logprob_abs_diff_max"] = mx.item()
             out["rollout/logprob_abs_diff_mean"] = s["mismatch_sum"] / s["mismatch_tokens"]
@@ -325,25 +333,13 @@ class Trainer:
 
     def evaluate(self) -> dict:
         """Greedy task accuracy on the held-out prompts, spread over every rank's engine."""
-        from megatron_opd.rollout.engine import SamplingConfig
-
         e = self.cfg.eval
         if not self.eval_records:
             return {}
         rank, world = dist.get_rank(), dist.get_world_size()
         mine = self.eval_records[rank::world]
-        check = METRICS[e.metric]
-        correct = 0
-        if mine:
-            outs = self.engine.generate([r.prompt_ids for r in mine],
-                                        SamplingConfig(temperature=0.0, max_new_tokens=e.max_new_tokens,
-                                                       stop_token_ids=tuple(self.stop_ids)),
-                                        prompt_indices=[r.index for r in mine])
-            for r, c in zip(mine, outs):
-                ids = [t for t in c.token_ids if t not in self.stop_ids]
-                text = (self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer is not None
-                        else " ".join(map(str, ids)))
-                correct += bool(check(text, r.metadata.get("answer", "")))
+        correct = count_correct(self.engine, mine, self.tokenizer, metric=e.metric,
+                                max_new_tokens=e.max_new_tokens, stop_token_ids=self.stop_ids)
         counts = torch.tensor([float(correct), float(len(mine))], dtype=torch.float64)
         dist.all_reduce(counts)
         return {"eval/accuracy": counts[0].item() / max(counts[1].item(), 1.0)}
@@ -362,7 +358,7 @@ class Trainer:
                                              config_yaml=self.cfg.to_yaml(),
                                              extra_state={"skipped_steps": self.nonfinite_total},
                                              keep_last=c.keep_last, tokenizer_src=self.cfg.student.path,
-                                             before_publish=drill)
+                                             mid_write=drill)
         log0(f"saved {path}")
         return path
 

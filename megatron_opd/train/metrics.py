@@ -10,6 +10,19 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from megatron_opd.utils import atomic_write_text
+
+
+def _drop_rows_after(jsonl: Path, step: int) -> None:
+    """A resumed run continues the file from its checkpoint: rows of steps after it (logged by
+    a run that died before its next checkpoint) are dropped, so every step appears once."""
+    if not jsonl.is_file():
+        return
+    lines = jsonl.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    if len(kept) != len(lines):
+        atomic_write_text(jsonl, "".join(kept))
+
 
 class MetricsLogger:
     def __init__(self, run_dir: str | Path, *, total_steps: int, start_step: int = 0,
@@ -21,7 +34,9 @@ class MetricsLogger:
         if not self.enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._jsonl = (self.run_dir / "metrics.jsonl").open("a")
+        jsonl = self.run_dir / "metrics.jsonl"
+        _drop_rows_after(jsonl, start_step)
+        self._jsonl = jsonl.open("a")
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter

@@ -116,15 +116,21 @@ def micro_batch_loss(output: torch.Tensor, batch: dict, signal: TeacherSignal, *
             k = OVERLAP_K if signal.topk_ids is None else signal.topk_ids.shape[-1]
             top = dict(vocab_size=vocab_size, tp_group=tp_group)
             if heads is None:
-                s_ids, _ = topk_logprobs(x.detach(), k, **top)
+                s_ids, s_lps = topk_logprobs(x.detach(), k, **top)
             else:
-                s_ids, _ = fused_linear_topk_logprobs(x.detach(), heads.student.detach(), k, **top)
+                s_ids, s_lps = fused_linear_topk_logprobs(x.detach(), heads.student.detach(), k, **top)
             if signal.topk_ids is not None:
-                t_ids = signal.topk_ids.to(x.device)
+                t_ids, t_lps = signal.topk_ids.to(x.device), signal.topk_logprobs.to(x.device)
             elif signal.logits is not None:
-                t_ids, _ = topk_logprobs(signal.logits.to(x.device), k, **top)
+                t_ids, t_lps = topk_logprobs(signal.logits.to(x.device), k, **top)
             else:
-                t_ids, _ = fused_linear_topk_logprobs(signal.hidden.to(x.device), heads.teacher, k, **top)
-            overlap = (s_ids.unsqueeze(-1) == t_ids.unsqueeze(-2)).any(-1).float().mean(-1)
+                t_ids, t_lps = fused_linear_topk_logprobs(signal.hidden.to(x.device), heads.teacher, k, **top)
+            same = s_ids.unsqueeze(-1) == t_ids.unsqueeze(-2)  # [L, K student, K teacher]
+            overlap = same.any(-1).float().mean(-1)
+            # Probability mass both top-k distributions share: sum over common ids of min(p_s, p_t)
+            # (1 when both put all their mass on the same k tokens in the same proportions).
+            shared = torch.minimum(s_lps.float().exp().unsqueeze(-1), t_lps.float().exp().unsqueeze(-2))
+            mass = (shared * same).sum((-1, -2))
             metrics["topk_overlap_sum"] = (overlap * mask).sum()
+            metrics["topk_mass_overlap_sum"] = (mass * mask).sum()
     return loss_sum, num_tokens, metrics

@@ -19,11 +19,12 @@ def describe_layouts(cfg, world_size: int) -> str:
     return "\n".join(lines)
 
 
-def dry_run(cfg, world: int) -> str:
-    """Validate for ``world`` GPUs and describe the layouts and per-GPU memory (no GPU needed)."""
+def dry_run(cfg, world: int) -> tuple[str, bool]:
+    """Validate for ``world`` GPUs and describe the layouts, per-GPU and host memory (no GPU
+    needed); (the text, whether the plan fits)."""
     from pathlib import Path
 
-    from megatron_opd.memory import estimate, format_table
+    from megatron_opd.memory import estimate, fits, format_table, host_table
     from megatron_opd.models.config import ArchConfig
 
     cfg.validate(world_size=world)
@@ -42,18 +43,26 @@ def dry_run(cfg, world: int) -> str:
     if cfg.train.prompts_per_step < dp:
         raise ValueError(f"train.prompts_per_step={cfg.train.prompts_per_step} is smaller than the "
                          f"student's data-parallel size {dp}")
+    ok = True
     if "student" in archs:
         rows = estimate(cfg, archs["student"], archs.get("teacher"), world_size=world)
         out.append(format_table(rows, gpu_memory_gb=cfg.train.gpu_memory_gb))
-    return "\n".join(out)
+        host, host_ok = host_table(cfg, archs["student"], archs.get("teacher"), world_size=world,
+                                   host_memory_gb=cfg.train.host_memory_gb)
+        out.append(host)
+        ok = fits(rows, gpu_memory_gb=cfg.train.gpu_memory_gb) and host_ok
+    return "\n".join(out), ok
 
 
 def main(args) -> int:
     cfg = load_config(args.config, args.overrides)
     if args.dry_run:
         world = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
-        print(dry_run(cfg, world))
-        return 0
+        text, ok = dry_run(cfg, world)
+        print(text)
+        if not ok:
+            log0("dry run: the plan does not fit (see the memory lines above)")
+        return 0 if ok else 1
     from megatron_opd.train.loop import Trainer
 
     trainer = Trainer(cfg)
