@@ -37,11 +37,11 @@ def hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, *, layout: parallel.Par
     arch = ArchConfig.from_hf_dir(hf_dir)
     ckpt = HFCheckpoint(hf_dir)
     validate_hf_checkpoint(ckpt, arch)
+    source_dtype = _single_dtype(ckpt)
     arch.check_parallel(tp=layout.tp, pp=layout.pp, what="convert")
     mp = parallel.initialize_global_model_parallel(layout, what="convert")
     parallel.seed(0, mp)
     model = build_model(arch, mp, initialize=False)
-    source_dtype = DTYPE_NAMES[ckpt.dtype("model.embed_tokens.weight")]
     stored = HF_DTYPES[dtype] if dtype else source_dtype
     load_hf_weights(model, ckpt)
     log0(f"loaded {hf_dir} at tp={layout.tp} pp={layout.pp}; writing {out_dir}")
@@ -52,6 +52,21 @@ def hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, *, layout: parallel.Par
         if dist.get_rank() == 0:
             mcore.copy_tokenizer_files(hf_dir, staging)
     log0(f"wrote {out_dir}")
+
+
+def _single_dtype(ckpt: HFCheckpoint) -> torch.dtype:
+    """The one floating dtype of every tensor (what the export writes back, for bit-exact round
+    trips); a mixed or float64 checkpoint is refused, naming a tensor."""
+    first = "model.embed_tokens.weight"
+    name = ckpt.dtype(first)
+    for key in sorted(ckpt.keys()):
+        if ckpt.dtype(key) != name:
+            raise ValueError(f"{ckpt.file_of(key)}: tensor {key!r} is {ckpt.dtype(key)} but {first!r} is "
+                             f"{name}: a checkpoint to convert must have a single dtype")
+    if DTYPE_NAMES[name] not in mcore.HF_DTYPE_NAMES:
+        raise ValueError(f"{ckpt.file_of(first)}: tensors are {name}; conversion supports "
+                         f"{', '.join(mcore.HF_DTYPE_NAMES.values())} (cast the checkpoint first)")
+    return DTYPE_NAMES[name]
 
 
 def mcore_to_hf(mcore_dir: str | Path, out_dir: str | Path, *, layout: parallel.ParallelLayout,

@@ -7,7 +7,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from megatron_opd.models.builder import ShardedModel
+from megatron_opd.models.builder import ShardedModel, rope_positions
 
 # output_fn(logits_shard [b, s, V/TP], micro_batch) on the last stage (within final_hidden_states:
 # the final hidden states [b, s, h] instead):
@@ -91,7 +91,8 @@ def run_schedule(model: ShardedModel | list, micro_batches: list[dict], output_f
     def forward_step(data_iterator, mod):
         batch = next(data_iterator)
         ids = batch["input_ids"] if model.mp.is_first_stage else None
-        output = mod(ids, batch["position_ids"], batch.get("attention_mask"))
+        with rope_positions(model, batch["position_ids"]):  # each packed sequence from 0
+            output = mod(ids, batch["position_ids"], batch.get("attention_mask"))
 
         def loss_func(output_tensor, non_loss_data=False):
             return output_fn(output_tensor, batch)

@@ -139,13 +139,16 @@ def write_jsonl(path: str | Path, rows: list[dict]) -> None:
 
 def main(args) -> int:
     """``megatron-opd score``: see ``cli.py`` for the arguments."""
-    from megatron_opd.checkpoint.load import load_model
+    from megatron_opd.checkpoint.load import load_model, model_arch
 
     parallel.init_distributed()
     out = Path(args.output)
     if out.exists() and not args.force:
         raise ValueError(f"{out}: output exists (pass --force to overwrite)")
+    if not Path(args.input).is_file():  # before any model is built
+        raise ValueError(f"{args.input}: input file does not exist")
     layout = parallel.ParallelLayout(tp=args.tp, pp=args.pp)
+    model_arch(args.model).check_parallel(tp=args.tp, pp=args.pp)
     mp = parallel.initialize_global_model_parallel(layout, what="score")
     model = load_model(args.model, mp)
     sequences = read_token_jsonl(args.input, vocab_size=model.arch.vocab_size)

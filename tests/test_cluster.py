@@ -4,6 +4,7 @@ layout dry-run of a 64-GPU recipe."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from megatron_opd.testing.multiprocess import DistributedTestError, run_distributed
 from megatron_opd.testing.tiny_task import base_overrides, losses, make_task_dir
@@ -170,7 +172,7 @@ def reference_run(task_dir, tmp_path_factory):
     ref = tmp_path_factory.mktemp("reference")
     proc = _torchrun(["train", *base_overrides(task_dir, ref, 3), *CKPT_EVERY_STEP])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return losses(ref)
+    return ref
 
 
 def _steps_logged(run: Path) -> list[int]:
@@ -192,7 +194,7 @@ def test_sigkill_during_checkpoint_write_resumes_from_previous_and_continues_ide
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stderr and "step_00000001" in resumed.stderr
     assert not list(ckpts.glob(".staging-*"))  # stale staging cleaned
-    a, b = reference_run, losses(run)
+    a, b = losses(reference_run), losses(run)
     assert a[2] == b[2] and a[3] == b[3]  # the curve continues bit-identically
     steps = _steps_logged(run)
     assert sorted(set(steps)) == steps  # step 2, logged before the kill, is not logged twice
@@ -209,8 +211,8 @@ def test_torchrun_restart_resumes_from_the_last_checkpoint(task_dir, tmp_path, r
                       "train.inject_fault_step=1", "train.inject_fault_rank=1"], max_restarts=1, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "injected fault" in proc.stderr and "resumed from" in proc.stderr
-    b = losses(run)
-    assert b[1] == reference_run[1] and b[2] == reference_run[2] and b[3] == reference_run[3]
+    a, b = losses(reference_run), losses(run)
+    assert a == b
     assert _steps_logged(run) == [1, 2, 3]
 
 
@@ -218,11 +220,10 @@ def test_torchrun_restart_resumes_from_the_last_checkpoint(task_dir, tmp_path, r
 
 @pytest.mark.vllm
 @pytest.mark.parametrize("damage", ["flip_byte", "truncate"])
-def test_damaged_checkpoint_is_refused_naming_the_file(task_dir, tmp_path, damage):
+def test_damaged_checkpoint_is_refused_naming_the_file(task_dir, tmp_path, reference_run, damage):
     run = tmp_path / "run"
-    proc = _torchrun(["train", *base_overrides(task_dir, run, 1)])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    ckpt = run / "checkpoints" / "step_00000001"
+    shutil.copytree(reference_run, run)
+    ckpt = run / "checkpoints" / "step_00000003"
     victim = sorted((ckpt / "model").glob("*.distcp"))[0]
     data = bytearray(victim.read_bytes())
     if damage == "flip_byte":
@@ -230,10 +231,37 @@ def test_damaged_checkpoint_is_refused_naming_the_file(task_dir, tmp_path, damag
     else:
         data = data[: len(data) - 100]
     victim.write_bytes(bytes(data))
-    proc = _torchrun(["train", *base_overrides(task_dir, run, 2)])
+    proc = _torchrun(["train", *base_overrides(task_dir, run, 4), *CKPT_EVERY_STEP])
     assert proc.returncode != 0
     assert str(victim) in proc.stderr
     assert ("corrupted" if damage == "flip_byte" else "truncated") in proc.stderr
+
+
+@pytest.mark.vllm
+def test_training_checkpoint_exports_to_hf(task_dir, tmp_path, reference_run):
+    """tools/convert_mcore_to_hf.py on a trainer checkpoint: transformers loads the student with
+    its tokenizer, and its log-probs are those the trainer's model gives (`megatron-opd score`
+    on the checkpoint itself)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    ckpt, hf = reference_run / "checkpoints" / "step_00000003", tmp_path / "hf"
+    tool = ROOT / "tools" / "convert_mcore_to_hf.py"
+    proc = subprocess.run([sys.executable, str(tool), "--mcore", str(ckpt), "--out", str(hf)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seqs = [[4, 5, 6, 12, 7, 8, 9, 13, 3, 4, 5, 2, 1], [11, 2, 3, 12, 9, 9, 9, 13, 1]]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"input_ids": s}) + "\n" for s in seqs))
+    proc = subprocess.run([sys.executable, "-m", "megatron_opd.cli", "score", "--model", str(ckpt),
+                           "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out.jsonl")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trainer = [json.loads(line)["logprobs"] for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    model = AutoModelForCausalLM.from_pretrained(str(hf), dtype=torch.float32)
+    assert AutoTokenizer.from_pretrained(str(hf)).decode([4, 5, 6, 12]) == "234+"
+    for s, lp in zip(seqs, trainer):
+        ref = torch.log_softmax(model(torch.tensor([s])).logits[0, :-1].double(), -1)
+        ref = ref.gather(-1, torch.tensor(s[1:]).unsqueeze(-1))[:, 0]
+        assert (ref - torch.tensor(lp, dtype=torch.float64)).abs().max() <= 1e-4
 
 
 # --- numerical guard ------------------------------------------------------------------------------

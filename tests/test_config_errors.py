@@ -35,6 +35,8 @@ def test_unsupported_option_names_field(tmp_path):
 
 def test_heads_not_divisible_by_tp(tmp_path):
     arch = ArchConfig.from_hf_dir(_write(tmp_path))
+    with pytest.raises(ValueError, match=r"num_attention_heads=4 is not divisible by tp=3"):
+        arch.check_parallel(tp=3, pp=1)
     with pytest.raises(ValueError, match=r"num_key_value_heads=2 is not divisible by tp=4"):
         arch.check_parallel(tp=4, pp=1)
     with pytest.raises(ValueError, match=r"num_hidden_layers=2 is not divisible by pp=3"):
@@ -45,3 +47,25 @@ def test_tp_pp_must_divide_world_size():
     with pytest.raises(ValueError, match=r"tp \* pp = 2 \* 2 = 4 does not divide the world size 6"):
         ParallelLayout(2, 2).data_parallel_size(6)
     assert ParallelLayout(2, 2).data_parallel_size(8) == 2
+
+
+def test_cpu_refuses_what_megatron_cannot_do_there(tmp_path):
+    """Without CUDA: bf16 parameters, sequence parallelism and the distributed optimizer are
+    refused naming the setting (megatron-core would fail later, or silently misbehave)."""
+    import torch
+
+    from megatron_opd.models.config import transformer_config
+    from megatron_opd.parallel import cuda_available
+    from megatron_opd.train.optim import OptimConfig
+
+    if cuda_available():
+        pytest.skip("these refusals apply without CUDA only")
+    arch = ArchConfig.from_hf_dir(_write(tmp_path))
+    with pytest.raises(ValueError, match=r"params_dtype=torch.bfloat16 needs CUDA; on CPU use fp32"):
+        transformer_config(arch, tp=1, pp=1, params_dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=r"sequence_parallel=True needs CUDA"):
+        transformer_config(arch, tp=1, pp=1, params_dtype=torch.float32, sequence_parallel=True)
+    with pytest.raises(ValueError, match=r"optim.use_distributed_optimizer=true needs CUDA"):
+        OptimConfig(use_distributed_optimizer=True).validate()
+    config = transformer_config(arch, tp=1, pp=1, params_dtype=torch.float32)
+    assert config.batch_p2p_comm is False and config.params_dtype == torch.float32

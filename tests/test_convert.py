@@ -110,6 +110,10 @@ def _break(kind: str, src: Path, dst: Path) -> str:
         tensors["model.layers.1.mlp.up_proj.weight"] = tensors["model.layers.1.mlp.up_proj.weight"].to(torch.int32)
         save_file(tensors, shard, metadata={"format": "pt"})
         return "tensor 'model.layers.1.mlp.up_proj.weight' has dtype I32"
+    if kind == "mixed_dtype":
+        tensors["model.layers.1.mlp.up_proj.weight"] = tensors["model.layers.1.mlp.up_proj.weight"].to(torch.float16)
+        save_file(tensors, shard, metadata={"format": "pt"})
+        return "tensor 'model.layers.1.mlp.up_proj.weight' is F16 but 'model.embed_tokens.weight' is F32"
     if kind == "missing_key":
         del tensors["model.layers.1.mlp.up_proj.weight"]
         save_file(tensors, shard, metadata={"format": "pt"})
@@ -140,7 +144,8 @@ def sharded_source(tmp_path_factory):
 
 
 @pytest.mark.parametrize("kind", ["index_names_missing_shard", "shard_has_unlisted_key", "wrong_shape",
-                                  "wrong_dtype", "missing_key", "unconsumed_key", "unknown_model_type"])
+                                  "wrong_dtype", "mixed_dtype", "missing_key", "unconsumed_key",
+                                  "unknown_model_type"])
 def test_malformed_hf_input_is_refused_before_writing(kind, sharded_source, tmp_path):
     from megatron_opd import parallel
     from megatron_opd.convert import hf_to_mcore
@@ -166,3 +171,57 @@ def test_existing_output_is_refused_without_force(tiny_models, tmp_path):
     with pytest.raises(ValueError, match="not a megatron_opd checkpoint"):
         mcore_to_hf(tiny_models["llama"], tmp_path / "out2", layout=parallel.ParallelLayout(1, 1))
     assert (out / "keep.txt").read_text() == "precious" and not (tmp_path / "out2").exists()
+
+
+# --- the command line under torchrun, and vLLM on the export -------------------------------------
+
+def _torchrun(nproc: int, *args: str) -> None:
+    import os
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--max-restarts=0", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def _vllm_vs_megatron(hf_dir: str, mcore_dir: str) -> float:
+    """Largest |log-prob| difference between vLLM on the exported HF directory and the megatron
+    model loaded from the converted checkpoint, on the same sequences."""
+    from megatron_opd import parallel
+    from megatron_opd.checkpoint.load import load_model
+    from megatron_opd.models.config import ArchConfig
+    from megatron_opd.rollout.engine import RolloutEngine
+    from megatron_opd.score import score_sequences
+
+    mp = parallel.initialize_global_model_parallel(parallel.ParallelLayout(1, 1))
+    seqs = torch.randint(0, 300, (4, 12), generator=torch.Generator().manual_seed(2)).tolist()
+    ref = score_sequences(load_model(mcore_dir, mp), seqs, show_progress=False)
+    engine = RolloutEngine(ArchConfig.from_hf_dir(hf_dir), model_dir=hf_dir, max_model_len=64,
+                           kv_cache_bytes=64 << 20)
+    got = engine.score(seqs)
+    engine.close()
+    return max(abs(a - b) for r, g in zip(ref, got) for a, b in zip(r["logprobs"], g.logprobs))
+
+
+@pytest.mark.vllm
+def test_cli_converts_under_torchrun_and_the_export_loads_in_vllm(tmp_path):
+    """`convert hf-to-mcore` at TP2 x PP2 and the tools/ wrapper of `mcore-to-hf` at TP2 (TP shards
+    merged on export), tokenizer carried along; vLLM's log-probs on the export equal megatron's."""
+    from megatron_opd.testing.tiny import make_hf_model, make_sentencepiece_tokenizer
+
+    src = make_hf_model(tmp_path / "src", "qwen2", seed=4, max_shard_size="150KB")
+    make_sentencepiece_tokenizer(src)
+    mc, hf = tmp_path / "mcore", tmp_path / "hf"
+    _torchrun(4, "-m", "megatron_opd.cli", "convert", "hf-to-mcore", "--hf", str(src), "--out", str(mc),
+              "--tp", "2", "--pp", "2")
+    tool = Path(__file__).resolve().parent.parent / "tools" / "convert_mcore_to_hf.py"
+    _torchrun(2, str(tool), "--mcore", str(mc), "--out", str(hf), "--tp", "2", "--max-shard-size", "150KB")
+    a, b = read_hf_tensors(src), read_hf_tensors(hf)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((src / "config.json").read_text()) == json.loads((hf / "config.json").read_text())
+    for d in (mc, hf):
+        assert (d / "tokenizer.model").read_bytes() == (src / "tokenizer.model").read_bytes(), d
+    diff = run_distributed(_vllm_vs_megatron, 1, str(hf), str(mc), timeout=300,
+                           env={"VLLM_CPU_OMP_THREADS_BIND": "nobind"})[0]
+    assert diff <= 1e-4, diff

@@ -82,3 +82,36 @@ def test_training_step_identical_across_layouts(tiny_models, variant):
         for name, p in base["params"].items():
             err = (r["params"][name] - p).abs().max().item()
             assert err <= 1e-5, (layout, name, err)
+
+
+def _packed_vs_alone(model_dir: str) -> dict:
+    """RoPE embeddings and logits of a packed row of three sequences against each sequence alone."""
+    from megatron_opd import parallel
+    from megatron_opd.checkpoint.load import load_model
+    from megatron_opd.models.builder import rope_positions
+    from megatron_opd.pipeline import run_schedule
+    from megatron_opd.train.data import Sequence, micro_batch
+
+    mp = parallel.initialize_global_model_parallel(parallel.ParallelLayout(1, 1))
+    model = load_model(model_dir, mp)
+    model.module.eval()
+    g = torch.Generator().manual_seed(7)
+    seqs = [Sequence(0, 0, torch.randint(0, 300, (n,), generator=g).tolist(), 1, [1] * (n - 1)) for n in (5, 9, 7)]
+    packed = micro_batch(seqs, [0, 1, 2], device="cpu")
+    rotary = model.module.rotary_pos_emb
+    with rope_positions(model, packed["position_ids"]):
+        emb = rotary(21)
+    alone = torch.cat([rotary(n) for n in (5, 9, 7)])
+    logits = lambda mbs: run_schedule(model, mbs, lambda out, mb: out.detach().clone(), forward_only=True)
+    with torch.no_grad():
+        row = logits([packed])[0][0]
+        parts = [logits([micro_batch(seqs, [i], device="cpu")])[0][0] for i in range(3)]
+    return {"emb_equal": torch.equal(emb, alone), "positions": packed["position_ids"].tolist(),
+            "logit_diff": (row - torch.cat(parts)).abs().max().item()}
+
+
+def test_packed_sequences_each_start_at_position_zero(tiny_models):
+    r = run_distributed(_packed_vs_alone, 1, tiny_models["llama"], timeout=300)[0]
+    assert r["positions"] == [list(range(5)) + list(range(9)) + list(range(7))]
+    assert r["emb_equal"]  # bit-identical to each sequence's own RoPE
+    assert r["logit_diff"] <= 1e-5, r

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -42,23 +43,46 @@ def test_score_matches_transformers_log_softmax_and_topk(tiny_models, tmp_path):
         assert torch.allclose(torch.tensor(row["logprobs"], dtype=torch.float64), ref, atol=1e-4)
         ref_vals, ref_ids = logp.topk(5, dim=-1)
         assert torch.allclose(torch.tensor(row["topk_logprobs"], dtype=torch.float64), ref_vals, atol=1e-4)
-        # ids agree except where two candidates tie within float error
+        # each returned log-prob belongs to its id, and the ids are the reference's, except that
+        # candidates whose log-probs tie within float error may come in either order
         ids = torch.tensor(row["topk_ids"])
-        mismatch = ids != ref_ids
-        assert (ref_vals.diff(dim=-1).abs()[mismatch[:, 1:]] < 1e-4).all() if mismatch.any() else True
+        assert torch.allclose(logp.gather(-1, ids), ref_vals, atol=1e-4)
+        for pos in range(len(seq) - 1):
+            for j in range(5):
+                if ids[pos, j] != ref_ids[pos, j]:
+                    tied = (ref_vals[pos] - ref_vals[pos, j]).abs() < 1e-4
+                    assert int(ids[pos, j]) in ref_ids[pos][tied].tolist() or \
+                        (logp[pos] - ref_vals[pos, j]).abs().lt(1e-4).sum() > 1, (pos, j, ids[pos], ref_ids[pos])
 
 
-@pytest.mark.parametrize("case", ["missing_model", "bad_jsonl"])
+@pytest.mark.parametrize("case", ["missing_model", "bad_jsonl", "missing_input", "unknown_model_type",
+                                  "heads_not_divisible", "layout_not_dividing_world"])
 def test_score_errors_are_one_line_naming_the_culprit(tiny_models, tmp_path, case):
     inp = write_jsonl(tmp_path / "in.jsonl", [{"input_ids": [1, 2, 3]}])
     model = tiny_models["llama"]
     if case == "missing_model":
         model = str(tmp_path / "nope")
         expected = f"{tmp_path / 'nope'}: model directory does not exist"
-    else:
+    elif case == "bad_jsonl":
         inp.write_text('{"input_ids": [1, 2]}\n{"input_ids": [1, 999]}\n')
         expected = f"{inp}:2: token id 999 is outside the vocabulary [0, 300)"
-    proc = _run(["score", "--model", model, "--input", str(inp), "--output", str(tmp_path / "o.jsonl")])
-    assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1] == f"megatron-opd score: error: {expected}"
+    elif case == "missing_input":
+        inp = tmp_path / "absent.jsonl"
+        expected = f"{inp}: input file does not exist"
+    elif case == "unknown_model_type":
+        model = tmp_path / "gpt2"
+        model.mkdir()
+        config = json.loads((Path(tiny_models["llama"]) / "config.json").read_text())
+        (model / "config.json").write_text(json.dumps({**config, "model_type": "gpt2"}))
+        expected = f"{model / 'config.json'}: model_type 'gpt2' is not supported"
+    layout = {"heads_not_divisible": ["--tp", "4"], "layout_not_dividing_world": ["--tp", "2"]}.get(case, [])
+    if case == "heads_not_divisible":  # 4 query heads, 2 KV heads: tp=4 cannot split the KV heads
+        expected = "num_key_value_heads=2 is not divisible by tp=4"
+    if case == "layout_not_dividing_world":
+        expected = "tp * pp = 2 * 1 = 2 does not divide the world size 1"
+    proc = _run(["score", "--model", str(model), "--input", str(inp), "--output", str(tmp_path / "o.jsonl"),
+                 *layout])
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("megatron-opd score: error: ") and expected in last, last
     assert not (tmp_path / "o.jsonl").exists()

@@ -220,3 +220,43 @@ def test_bad_requests_are_refused_with_the_reason(server):
         ServedTeacher(server.url, top_k=50).score([[1, 2, 3]])
     with pytest.raises(ValueError, match="does not serve model 'other'"):
         ServedTeacher(server.url, model="other").score([[1, 2, 3]])
+
+
+def _train_both(student: str, served_url: str, work: str) -> dict:
+    """Two steps of the trainer with the teacher served over HTTP, then with the same model as an
+    in-process teacher (same student, same samples): step -> loss of each."""
+    import json
+    from pathlib import Path
+
+    from megatron_opd.config import load_config
+    from megatron_opd.testing.tiny import write_jsonl
+    from megatron_opd.train.loop import Trainer
+
+    work = Path(work)
+    g = torch.Generator().manual_seed(4)
+    write_jsonl(work / "prompts.jsonl", [{"prompt_ids": torch.randint(3, 300, (int(n),), generator=g).tolist()}
+                                         for n in torch.randint(2, 9, (32,), generator=g)])
+    common = [f"student.path={student}", f"data.train_path={work / 'prompts.jsonl'}", "train.steps=2",
+              "train.prompts_per_step=8", "student.tp=2", "teacher.tp=2", "loss.kind=forward_kl",
+              "loss.support=teacher_topk_input", f"loss.top_k={TOP_K}", "data.micro_batch_tokens=64",
+              "rollout.max_new_tokens=6", "rollout.kv_cache_gb=0.0625", "logging.tensorboard=false",
+              "logging.progress_bar=false", "rollout.mismatch_threshold=1e-4", "optim.lr=1e-2"]
+    engine, out = None, {}
+    for name, teacher in (("served", [f"teacher.served_url={served_url}", "teacher.served_model=tiny-teacher"]),
+                          ("in_process", [f"teacher.path={student}"])):
+        trainer = Trainer(load_config(None, common + teacher + [f"train.run_dir={work / name}"]), engine=engine)
+        engine = trainer.engine
+        trainer.train()
+        trainer.close()
+        rows = [json.loads(line) for line in (work / name / "metrics.jsonl").read_text().splitlines()]
+        out[name] = {r["step"]: r["loss"] for r in rows}
+    return out
+
+
+def test_trainer_with_a_served_teacher_matches_the_in_process_one(server, tiny_models, tmp_path):
+    out = run_distributed(_train_both, 2, tiny_models["llama"], server.url, str(tmp_path), timeout=600,
+                          env={"VLLM_CPU_OMP_THREADS_BIND": "nobind"})[0]
+    served, local = out["served"], out["in_process"]
+    assert sorted(served) == sorted(local) == [1, 2]
+    for step in (1, 2):
+        assert served[step] > 0 and abs(served[step] - local[step]) <= 1e-4 * max(1.0, local[step]), (served, local)

@@ -12,6 +12,19 @@ from megatron_opd.models.config import ArchConfig
 from megatron_opd.parallel import ModelParallel
 
 
+def model_arch(path: str | Path) -> ArchConfig:
+    """The architecture of an HF model directory or a megatron_opd checkpoint, without loading
+    weights (to check a layout before building anything)."""
+    from megatron_opd.checkpoint import mcore
+
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"{path}: model directory does not exist")
+    if mcore.is_mcore_checkpoint(path):
+        return ArchConfig.from_dict(mcore.read_meta(path)["arch"])
+    return ArchConfig.from_hf_dir(path)
+
+
 def load_model(path: str | Path, mp: ModelParallel, *, params_dtype: torch.dtype = torch.float32,
                seed: int = 1234) -> ShardedModel:
     """An HF model directory (config.json + safetensors) or a megatron_opd checkpoint (converted

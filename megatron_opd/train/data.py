@@ -196,6 +196,11 @@ def block_causal_mask(lengths: list[int], *, sliding_window: int | None = None) 
     return ~allowed.view(1, 1, total, total)
 
 
+def packed_positions(lengths: list[int], *, device) -> torch.Tensor:
+    """``[1, L]`` positions of a packed row: every sequence counts from 0."""
+    return torch.cat([torch.arange(n, device=device) for n in lengths]).view(1, -1)
+
+
 def micro_batch(seqs: list[Sequence], indices: list[int], *, device,
                 sliding_window: int | None = None) -> dict:
     """One packed row ``[1, L]``: tokens, next-token targets, loss mask (completion tokens only,
@@ -217,7 +222,7 @@ def micro_batch(seqs: list[Sequence], indices: list[int], *, device,
     L = len(tokens)
     batch = {
         "input_ids": torch.tensor([tokens], device=device),
-        "position_ids": torch.arange(L, device=device).view(1, L),
+        "position_ids": packed_positions(lengths, device=device),
         "targets": torch.tensor([targets], device=device),
         "loss_mask": torch.tensor([mask], dtype=torch.float32, device=device),
         "rollout_logprobs": torch.tensor([rollout], dtype=torch.float32, device=device),

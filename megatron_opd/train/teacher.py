@@ -23,7 +23,7 @@ from megatron_opd import parallel
 from megatron_opd.losses import token_logprobs, topk_logprobs
 from megatron_opd.parallel import ModelParallel, ParallelLayout
 from megatron_opd.pipeline import final_hidden_states, gather_sequence_parallel, output_weight, run_schedule
-from megatron_opd.train.data import block_causal_mask
+from megatron_opd.train.data import block_causal_mask, packed_positions
 
 LOGITS, HIDDEN, TOPK, TOKEN = "logits", "hidden", "topk", "token"
 
@@ -46,9 +46,8 @@ def _wire(mb: dict) -> dict:
 
 def _unwire(w: dict, device, sliding_window) -> dict:
     ids = w["input_ids"].to(device)
-    L = ids.shape[1]
     mb = {"input_ids": ids, "targets": w["targets"].to(device),
-          "position_ids": torch.arange(L, device=device).view(1, L)}
+          "position_ids": packed_positions(w["lengths"], device=device)}
     if len(w["lengths"]) > 1 or sliding_window is not None:
         mb["attention_mask"] = block_causal_mask(w["lengths"], sliding_window=sliding_window).to(device)
     return mb
