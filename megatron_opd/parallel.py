@@ -41,8 +41,13 @@ def init_distributed(*, timeout_minutes: float = 30.0) -> None:
                            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())})
     if cuda_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend=backend(),
-                            timeout=datetime.timedelta(minutes=timeout_minutes))
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+    # torchrun's restarts (--max-restarts) reuse its store: without a prefix per attempt, the new
+    # workers read the dead ones' connection keys for every process group and fail to connect.
+    store, rank, world_size = next(dist.rendezvous("env://", timeout=timeout))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    dist.init_process_group(backend=backend(), store=dist.PrefixStore(f"megatron_opd/attempt_{attempt}", store),
+                            rank=rank, world_size=world_size, timeout=timeout)
     if not cuda_available():
         from megatron_opd import cpu_compat
 
