@@ -222,7 +222,7 @@ def test_bad_requests_are_refused_with_the_reason(server):
         ServedTeacher(server.url, model="other").score([[1, 2, 3]])
 
 
-def _train_both(student: str, served_url: str, work: str) -> dict:
+def _train_both(student: str, teacher_dir: str, served_url: str, work: str) -> dict:
     """Two steps of the trainer with the teacher served over HTTP, then with the same model as an
     in-process teacher (same student, same samples): step -> loss of each."""
     import json
@@ -243,7 +243,7 @@ def _train_both(student: str, served_url: str, work: str) -> dict:
               "logging.progress_bar=false", "rollout.mismatch_threshold=1e-4", "optim.lr=1e-2"]
     engine, out = None, {}
     for name, teacher in (("served", [f"teacher.served_url={served_url}", "teacher.served_model=tiny-teacher"]),
-                          ("in_process", [f"teacher.path={student}"])):
+                          ("in_process", [f"teacher.path={teacher_dir}"])):
         trainer = Trainer(load_config(None, common + teacher + [f"train.run_dir={work / name}"]), engine=engine)
         engine = trainer.engine
         trainer.train()
@@ -254,7 +254,9 @@ def _train_both(student: str, served_url: str, work: str) -> dict:
 
 
 def test_trainer_with_a_served_teacher_matches_the_in_process_one(server, tiny_models, tmp_path):
-    out = run_distributed(_train_both, 2, tiny_models["llama"], server.url, str(tmp_path), timeout=600,
+    # the server serves tiny_models["llama"]; the student is another model of the same vocabulary
+    out = run_distributed(_train_both, 2, tiny_models["llama_tied"], tiny_models["llama"], server.url,
+                          str(tmp_path), timeout=600,
                           env={"VLLM_CPU_OMP_THREADS_BIND": "nobind"})[0]
     served, local = out["served"], out["in_process"]
     assert sorted(served) == sorted(local) == [1, 2]

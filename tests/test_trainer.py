@@ -125,6 +125,6 @@ def test_recipes_derive_and_dry_run(tmp_path):
     recipe = Path(__file__).resolve().parent.parent / "examples" / "demo_offpolicy.yaml"
     cfg = load_config(recipe, ["student.path=s", "teacher.path=t", "data.train_path=x"])
     assert cfg.rollout.lmbda == 0.0 and cfg.loss.kind == "forward_kl"  # from the derived recipe
-    assert cfg.optim.lr == 3e-3 and cfg.student.tp == 2  # from its base
+    assert cfg.optim.lr == 1e-3 and cfg.student.tp == 2  # from its base
     assert main(["train", "--config", str(recipe), "--dry-run", "--world-size", "2",
                  "student.path=s", "teacher.path=t", "data.train_path=x"]) == 0
