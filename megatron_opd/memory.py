@@ -87,11 +87,10 @@ def format_table(rows: list[MemoryRow], *, gpu_memory_gb: float) -> str:
     for r in rows:
         vals = [getattr(r, c) for c in cols]
         lines.append(f"{r.what:38s} " + " ".join(f"{v:11.2f}" for v in vals))
-    total = sum(r.total for r in rows)
-    verdict = "fits" if total <= gpu_memory_gb else "DOES NOT FIT"
-    lines.append(f"colocated (student, engine and teacher share every GPU): {total:.2f} GiB per GPU, "
-                 f"{verdict} in {gpu_memory_gb:g} GiB (train.gpu_memory_gb)")
-    if total > gpu_memory_gb:
+    ok = fits(rows, gpu_memory_gb=gpu_memory_gb)
+    lines.append(f"colocated (student, engine and teacher share every GPU): {sum(r.total for r in rows):.2f} "
+                 f"GiB per GPU, {'fits' if ok else 'DOES NOT FIT'} in {gpu_memory_gb:g} GiB (train.gpu_memory_gb)")
+    if not ok:
         biggest = max(("activations", "logits", "engine", "optimizer"),
                       key=lambda c: sum(getattr(r, c) for r in rows))
         lines.append("  to fit: " + FIT_HINTS[biggest])

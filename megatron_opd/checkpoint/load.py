@@ -33,11 +33,9 @@ def load_model(path: str | Path, mp: ModelParallel, *, params_dtype: torch.dtype
     from megatron_opd.checkpoint.hf_weights import load_hf_weights
 
     path = Path(path)
-    if not path.exists():
-        raise ValueError(f"{path}: model directory does not exist")
+    arch = model_arch(path)
     if mcore.is_mcore_checkpoint(path):
         return mcore.load_model(path, mp, params_dtype=params_dtype, seed=seed)
-    arch = ArchConfig.from_hf_dir(path)
     arch.check_parallel(tp=mp.layout.tp, pp=mp.layout.pp)
     parallel.seed(seed, mp)
     model = build_model(arch, mp, params_dtype=params_dtype, initialize=False)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -267,8 +269,6 @@ class Trainer:
     def _fault_drill(self, step: int, kind: str) -> bool:
         """True (or raise, for "raise") when the configured fault drill fires here. It fires in a
         job's first attempt only, so that a torchrun restart (--max-restarts) shows the recovery."""
-        import os
-
         t = self.cfg.train
         if t.inject_fault != kind or t.inject_fault_step != step or dist.get_rank() != t.inject_fault_rank:
             return False
@@ -345,9 +345,6 @@ class Trainer:
         return {"eval/accuracy": counts[0].item() / max(counts[1].item(), 1.0)}
 
     def save(self, step: int) -> Path:
-        import os
-        import signal
-
         c = self.cfg.checkpoint
 
         def drill():
