@@ -199,9 +199,7 @@ def _masked_lse(z_cv: torch.Tensor, drop_v: torch.Tensor | None, temperature: fl
 
 
 def _shared_mask(cols: torch.Tensor, n: int, device) -> torch.Tensor:
-    mask = torch.zeros(n, dtype=torch.bool, device=device)
-    mask[cols] = True
-    return mask
+    return torch.zeros(n, dtype=torch.bool, device=device).index_fill_(0, cols, True)
 
 
 @torch.no_grad()

@@ -308,21 +308,43 @@ class TokenizerPair:
         """The teacher's prompt: its chat template's rendering of ``messages``; else its tokenization
         (with its own BOS, if it adds one) of ``text``, or of the student's prompt decoded without
         special tokens."""
-        tok = self.teacher.tokenizer
-        if messages is not None:
-            for side in (self.student, self.teacher):
-                if not getattr(side.tokenizer, "chat_template", None):
-                    raise AlignmentError(f"{where}: chat messages need a chat template on both sides; the "
-                                         f"{side.name} tokenizer has none")
-            try:
-                ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
-            except Exception as e:  # jinja2 errors, raise_exception() in a template, bad roles
-                raise AlignmentError(f"{where}: the teacher's chat template cannot render these messages: "
-                                     f"{type(e).__name__}: {e}") from e
-            return list(ids)
-        if text is None:
-            text = self.student.tokenizer.decode(list(student_prompt_ids), skip_special_tokens=True)
-        return list(self.teacher.prefix_ids) + list(tok(text, add_special_tokens=False)["input_ids"])
+        return self.teacher_prompts([student_prompt_ids], messages=[messages], texts=[text], where=[where])[0]
+
+    def teacher_prompts(self, prompts: Sequence[Sequence[int]], *, messages: Sequence[list[dict] | None],
+                        texts: Sequence[str | None], where: Sequence[str]) -> list[list[int]]:
+        """:meth:`teacher_prompt` of many prompts; plain-text ones are decoded and encoded in one
+        batch each, once per distinct prompt."""
+        out: list[list[int] | None] = [None] * len(prompts)
+        plain: dict[tuple, list[int]] = {}  # (token ids, text) -> indices
+        for i, (ids, msgs, text) in enumerate(zip(prompts, messages, texts)):
+            if msgs is not None:
+                out[i] = self._render(msgs, where[i])
+            else:
+                plain.setdefault((tuple(ids), text), []).append(i)
+        if plain:
+            keys = list(plain)
+            undecoded = [list(ids) for ids, text in keys if text is None]
+            decoded = iter(self.student.tokenizer.backend_tokenizer.decode_batch(undecoded, skip_special_tokens=True)
+                           if undecoded else [])
+            strings = [next(decoded) if text is None else text for _, text in keys]
+            encodings = self.teacher.tokenizer.backend_tokenizer.encode_batch(strings, add_special_tokens=False)
+            for key, enc in zip(keys, encodings):
+                for i in plain[key]:
+                    out[i] = list(self.teacher.prefix_ids) + list(enc.ids)
+        return out
+
+    def _render(self, messages: list[dict], where: str) -> list[int]:
+        for side in (self.student, self.teacher):
+            if not getattr(side.tokenizer, "chat_template", None):
+                raise AlignmentError(f"{where}: chat messages need a chat template on both sides; the "
+                                     f"{side.name} tokenizer has none")
+        try:
+            ids = self.teacher.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                             return_dict=False)
+        except Exception as e:  # jinja2 errors, raise_exception() in a template, bad roles
+            raise AlignmentError(f"{where}: the teacher's chat template cannot render these messages: "
+                                 f"{type(e).__name__}: {e}") from e
+        return list(ids)
 
     # --- alignment -----------------------------------------------------------------------------
 
@@ -353,11 +375,11 @@ class TokenizerPair:
             layouts.append(layout)
             texts.extend(p.text for p in layout[2])
         encodings = self.teacher.continuation.encode_batch(texts, add_special_tokens=False) if texts else []
+        teacher_prompts = self.teacher_prompts(prompts, messages=messages, texts=prompt_texts, where=where)
         out, k = [], 0
-        for i, (ids, s_end, pieces, atoms) in enumerate(layouts):
+        for i, ((ids, s_end, pieces, atoms), prompt) in enumerate(zip(layouts, teacher_prompts)):
             encs = encodings[k:k + len(pieces)]
             k += len(pieces)
-            prompt = self.teacher_prompt(prompts[i], messages=messages[i], text=prompt_texts[i], where=where[i])
             if not prompt:
                 raise AlignmentError(f"{where[i]}: the teacher's prompt is empty (nothing to condition its first "
                                      "completion token on)")
