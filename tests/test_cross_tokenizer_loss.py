@@ -130,9 +130,9 @@ def test_span_signal_matches_transformers_float64(toks, tmp_path, s_name, t_name
     ref_ratio, ref_adv, ref_grad = torch.cat(ref_ratio), torch.cat(ref_adv), torch.cat(ref_grad)
     assert sig.valid.all() and len(sig.log_ratio) == len(ref_ratio)
     assert ref_ratio.abs().max() > 0.5  # the two models disagree: the signal is not trivially zero
-    assert (sig.log_ratio.double() - ref_ratio).abs().max() < 5e-5
-    assert (sig.advantage.double() - ref_adv).abs().max() < 5e-5
-    assert (s_logits.grad.double() - ref_grad).abs().max() < 5e-5
+    assert (sig.log_ratio.double() - ref_ratio).abs().max() < 2e-5
+    assert (sig.advantage.double() - ref_adv).abs().max() < 2e-5
+    assert (s_logits.grad.double() - ref_grad).abs().max() < 2e-5
     # Sums over tokens of the per-token divergence are sums over spans.
     assert sig.divergence.sum().item() == pytest.approx(sig.log_ratio.sum().item(), abs=1e-4)
 
@@ -194,8 +194,9 @@ def test_model_into_itself_through_permuted_ids_gives_zero(toks, tmp_path):
     sig, aligns = span_signal(pair, seqs, s_logits, teacher_lp)
     assert all(a.coverage == 1.0 and a.one_to_one.all() for a in aligns)
     assert sig.valid.all() and sig.log_ratio.abs().max() < 1e-5
-    naive = torch.cat([next_token_logprobs(teacher, p + c)[len(p) - 1:] - next_token_logprobs(student, p + c)[len(p) - 1:]
-                       for p, c in seqs])
+    with torch.no_grad():
+        naive = torch.cat([(next_token_logprobs(teacher, p + c) - next_token_logprobs(student, p + c))[len(p) - 1:]
+                           for p, c in seqs])
     assert naive.abs().max() > 0.5
 
 

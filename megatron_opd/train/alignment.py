@@ -196,7 +196,7 @@ def shared_vocabulary(student: ByteVocab, teacher: ByteVocab, special_map: dict[
 
     Two ordinary tokens pair up when they spell the same bytes and no other token of either side
     does (an SP byte-fallback piece ``<0x41>`` gives way to an ordinary ``A``); special tokens pair
-    up as ``special_map`` says."""
+    up as ``special_map`` says, where no other student special token maps to the same one."""
     def unique_spellings(side: ByteVocab) -> dict[bytes, int]:
         best: dict[bytes, int] = {}
         clash: set[bytes] = set()
@@ -247,7 +247,10 @@ class Alignment:
     @property
     def student_shared_mask(self) -> np.ndarray:
         """Student completion tokens whose span is one token on both sides, paired by the 1:1 map."""
-        return self.student_mask & self.one_to_one[np.maximum(self.student_span, 0)]
+        shared = np.zeros(len(self.student_span), dtype=bool)
+        inside = self.student_mask
+        shared[inside] = self.one_to_one[self.student_span[inside]]
+        return shared
 
 
 @dataclass(frozen=True)
