@@ -67,14 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _dispatch(args) -> int:
     if args.command == "score":
-        from megatron_opd import score
+        from megatron_opd.commands import score
 
         return score.main(args)
     if args.command == "convert":
-        from megatron_opd import convert
+        from megatron_opd.checkpoint import convert
 
         return convert.main(args)
-    from megatron_opd.train import run
+    from megatron_opd.commands import train as run
 
     return run.main(args)
 

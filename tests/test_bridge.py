@@ -36,7 +36,7 @@ def _bridge_check(model_dir: str, layouts: list, syncs: int) -> dict:
     from megatron_opd.rollout.consistency import RolloutMismatchError, check_mismatch, logprob_mismatch
     from megatron_opd.rollout.engine import RolloutEngine, SamplingConfig
     from megatron_opd.rollout.sync import WeightSync
-    from megatron_opd.score import score_sequences
+    from megatron_opd.commands.score import score_sequences
     from megatron_opd.train.optim import OptimConfig, make_trainable
 
     engine = None

@@ -24,7 +24,7 @@ def read_hf_tensors(path) -> dict:
 
 def _round_trips(pairs: list, work: str) -> None:
     from megatron_opd import parallel
-    from megatron_opd.convert import hf_to_mcore, mcore_to_hf
+    from megatron_opd.checkpoint.convert import hf_to_mcore, mcore_to_hf
 
     for name, hf_dir in pairs:
         hf_to_mcore(hf_dir, f"{work}/{name}-mcore", layout=parallel.ParallelLayout(2, 2))
@@ -148,7 +148,7 @@ def sharded_source(tmp_path_factory):
                                   "unknown_model_type"])
 def test_malformed_hf_input_is_refused_before_writing(kind, sharded_source, tmp_path):
     from megatron_opd import parallel
-    from megatron_opd.convert import hf_to_mcore
+    from megatron_opd.checkpoint.convert import hf_to_mcore
 
     expected = _break(kind, sharded_source, tmp_path / "bad")
     out = tmp_path / "out"
@@ -161,7 +161,7 @@ def test_malformed_hf_input_is_refused_before_writing(kind, sharded_source, tmp_
 
 def test_existing_output_is_refused_without_force(tiny_models, tmp_path):
     from megatron_opd import parallel
-    from megatron_opd.convert import hf_to_mcore, mcore_to_hf
+    from megatron_opd.checkpoint.convert import hf_to_mcore, mcore_to_hf
 
     out = tmp_path / "out"
     out.mkdir()
@@ -192,7 +192,7 @@ def _vllm_vs_megatron(hf_dir: str, mcore_dir: str) -> float:
     from megatron_opd.checkpoint.load import load_model
     from megatron_opd.models.config import ArchConfig
     from megatron_opd.rollout.engine import RolloutEngine
-    from megatron_opd.score import score_sequences
+    from megatron_opd.commands.score import score_sequences
 
     mp = parallel.initialize_global_model_parallel(parallel.ParallelLayout(1, 1))
     seqs = torch.randint(0, 300, (4, 12), generator=torch.Generator().manual_seed(2)).tolist()

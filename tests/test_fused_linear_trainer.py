@@ -64,10 +64,10 @@ def _grads_and_metrics(student_dir: str, teacher_dir: str, tp: int, pp: int, tea
     from megatron_opd.checkpoint.load import load_model
     from megatron_opd.config import LossConfig
     from megatron_opd.parallel import ParallelLayout
-    from megatron_opd.pipeline import final_hidden_states, output_weight
+    from megatron_opd.models.schedule import final_hidden_states, output_weight
     from megatron_opd.train.objective import OutputHeads, micro_batch_loss, teacher_need
     from megatron_opd.train.optim import OptimConfig, forward_backward, make_trainable
-    from megatron_opd.train.teacher import MegatronTeacher
+    from megatron_opd.teacher.megatron import MegatronTeacher
 
     torch.set_num_threads(1)
     mp = parallel.initialize_global_model_parallel(ParallelLayout(tp, pp), what="student")
@@ -138,7 +138,7 @@ def _hidden_states_round_trip(model_dir: str, tp: int) -> float:
     """Logits minus (final hidden states @ output weight), through the pipeline runner."""
     from megatron_opd import parallel
     from megatron_opd.checkpoint.load import load_model
-    from megatron_opd.pipeline import final_hidden_states, output_weight, run_schedule
+    from megatron_opd.models.schedule import final_hidden_states, output_weight, run_schedule
 
     mp = parallel.initialize_global_model_parallel(parallel.ParallelLayout(tp, 1), what="student")
     model = load_model(model_dir, mp, seed=1)

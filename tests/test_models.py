@@ -89,7 +89,7 @@ def _packed_vs_alone(model_dir: str) -> dict:
     from megatron_opd import parallel
     from megatron_opd.checkpoint.load import load_model
     from megatron_opd.models.builder import rope_positions
-    from megatron_opd.pipeline import run_schedule
+    from megatron_opd.models.schedule import run_schedule
     from megatron_opd.train.data import Sequence, micro_batch
 
     mp = parallel.initialize_global_model_parallel(parallel.ParallelLayout(1, 1))

@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from megatron_opd.rollout.served_teacher import (ServedTeacher, TeacherServerError, TeacherTimeoutError)
+from megatron_opd.teacher.served import (ServedTeacher, TeacherServerError, TeacherTimeoutError)
 from megatron_opd.testing.multiprocess import run_distributed
 from megatron_opd.utils import free_port
 
@@ -134,7 +134,7 @@ def test_served_scores_match_transformers_fp64(server, tiny_models):
 
 
 def _engine_teacher_scores(model_dir, sequences, top_k):
-    from megatron_opd.rollout.served_teacher import EngineTeacher
+    from megatron_opd.teacher.served import EngineTeacher
 
     teacher = EngineTeacher.from_hf_dir(model_dir, top_k=top_k, kv_cache_bytes=64 << 20,
                                         max_model_len=MAX_MODEL_LEN)

@@ -23,7 +23,7 @@ def logits_vs_transformers(models: dict, layouts: list, *, seq_len: int = 13) ->
 
     from megatron_opd import parallel
     from megatron_opd.checkpoint.load import load_model
-    from megatron_opd.pipeline import run_schedule
+    from megatron_opd.models.schedule import run_schedule
 
     torch.manual_seed(0)
     ids = torch.randint(0, 300, (2, seq_len))

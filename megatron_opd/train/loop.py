@@ -16,7 +16,7 @@ import torch.distributed as dist
 from megatron_opd import parallel
 from megatron_opd.config import Config
 from megatron_opd.parallel import ParallelLayout
-from megatron_opd.pipeline import final_hidden_states, gather_sequence_parallel, output_weight
+from megatron_opd.models.schedule import final_hidden_states, gather_sequence_parallel, output_weight
 from megatron_opd.rollout.consistency import check_mismatch
 from megatron_opd.rollout.engine import RolloutEngine
 from megatron_opd.rollout.sync import WeightSync
@@ -136,8 +136,8 @@ class Trainer:
         self.teacher = None
         self.served = None
         if cfg.teacher.served_url:
-            from megatron_opd.rollout.served_teacher import ServedTeacher
-            from megatron_opd.train.teacher import ServedTeacherSource
+            from megatron_opd.teacher.served import ServedTeacher
+            from megatron_opd.teacher.megatron import ServedTeacherSource
 
             # vocab_size: an out-of-vocabulary id would take the server's engine down
             client = ServedTeacher(cfg.teacher.served_url, model=cfg.teacher.served_model or None,
@@ -146,7 +146,7 @@ class Trainer:
                                    vocab_size=self.arch.vocab_size)
             self.served = ServedTeacherSource(client, need=self.need, top_k=cfg.loss.top_k)
             return
-        from megatron_opd.train.teacher import MegatronTeacher
+        from megatron_opd.teacher.megatron import MegatronTeacher
 
         self.teacher = MegatronTeacher(cfg.teacher.path, ParallelLayout(cfg.teacher.tp, cfg.teacher.pp),
                                        need=self.need, top_k=cfg.loss.top_k,
@@ -384,7 +384,7 @@ class Trainer:
         return last
 
     def export_hf(self, out_dir: Path) -> None:
-        from megatron_opd.convert import write_hf_model
+        from megatron_opd.checkpoint.convert import write_hf_model
 
         write_hf_model(self.student, out_dir, dtype=torch.float32, max_shard_bytes=5 * 10**9, force=True,
                        tokenizer_src=self.cfg.student.path)

@@ -14,7 +14,7 @@ from megatron_opd.config import LossConfig
 from megatron_opd.losses import (fused_linear_divergence_sum, fused_linear_token_logprobs,
                                  fused_linear_topk_logprobs, sampled_token_reverse_kl, token_logprobs,
                                  topk_logprobs, vocab_parallel_divergence)
-from megatron_opd.train.teacher import TeacherSignal
+from megatron_opd.teacher.megatron import TeacherSignal
 
 OVERLAP_K = 8  # top-k used for the teacher/student overlap metric
 

@@ -8,7 +8,7 @@ import torch
 
 from megatron_opd import parallel
 from megatron_opd.models.builder import ShardedModel
-from megatron_opd.pipeline import OutputFn, run_schedule
+from megatron_opd.models.schedule import OutputFn, run_schedule
 
 
 @dataclass

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from megatron_opd import parallel
 from megatron_opd.losses import token_logprobs, topk_logprobs
 from megatron_opd.models.builder import ShardedModel
-from megatron_opd.pipeline import run_schedule
+from megatron_opd.models.schedule import run_schedule
 from megatron_opd.utils import atomic_write_text, log0, progress
 
 

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from megatron_opd import parallel
 from megatron_opd.losses import token_logprobs, topk_logprobs
 from megatron_opd.parallel import ModelParallel, ParallelLayout
-from megatron_opd.pipeline import final_hidden_states, gather_sequence_parallel, output_weight, run_schedule
+from megatron_opd.models.schedule import final_hidden_states, gather_sequence_parallel, output_weight, run_schedule
 from megatron_opd.train.data import block_causal_mask, packed_positions
 
 LOGITS, HIDDEN, TOPK, TOKEN = "logits", "hidden", "topk", "token"

@@ -24,7 +24,7 @@ def dry_run(cfg, world: int) -> tuple[str, bool]:
     needed); (the text, whether the plan fits)."""
     from pathlib import Path
 
-    from megatron_opd.memory import estimate, fits, format_table, host_table
+    from megatron_opd.train.memory import estimate, fits, format_table, host_table
     from megatron_opd.models.config import ArchConfig
 
     cfg.validate(world_size=world)
