@@ -15,26 +15,28 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_opd.testing.multiprocess import DistributedTestError, run_distributed
-from megatron_opd.testing.tiny_task import base_overrides, losses, make_task_dir
+from megatron_opd.testing.multiprocess import run_distributed
+from megatron_opd.testing.tiny_task import base_overrides, losses
 
 ROOT = Path(__file__).resolve().parent.parent
 SLURM = ROOT / "examples" / "slurm"
+FAULT_DRILLS = Path(__file__).resolve().parent / "fault_drills.py"
 
 
-@pytest.fixture(scope="module")
-def task_dir(tmp_path_factory):
-    return make_task_dir(tmp_path_factory.mktemp("task"))
-
-
-def _torchrun_cmd(args: list, *, nproc: int = 2, max_restarts: int = 0) -> list:
+def _torchrun_cmd(args: list, *, nproc: int = 2, max_restarts: int = 0, fault: tuple | None = None) -> list:
+    """torchrun of the command line; with ``fault`` = (kind, step, rank), of it under a fault drill."""
+    entry = ["-m", "megatron_opd.cli"]
+    if fault is not None:
+        kind, step, rank = fault
+        entry = [str(FAULT_DRILLS), "--fault", kind, "--step", str(step), "--rank", str(rank)]
     return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-            f"--max-restarts={max_restarts}", "-m", "megatron_opd.cli", *args]
+            f"--max-restarts={max_restarts}", *entry, *args]
 
 
-def _torchrun(args: list, *, nproc: int = 2, max_restarts: int = 0, timeout: float = 300, env=None):
-    return subprocess.run(_torchrun_cmd(args, nproc=nproc, max_restarts=max_restarts), capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+def _torchrun(args: list, *, nproc: int = 2, max_restarts: int = 0, fault: tuple | None = None,
+              timeout: float = 300, env=None):
+    return subprocess.run(_torchrun_cmd(args, nproc=nproc, max_restarts=max_restarts, fault=fault),
+                          capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
 
 
 def _seconds_after(cmd: list, marker: str, *, env: dict, timeout: float) -> tuple[int, str, float]:
@@ -148,15 +150,15 @@ def test_single_node_template_runs_the_tiny_recipe(task_dir, tmp_path):
 @pytest.mark.vllm
 def test_rank_raising_mid_step_stops_every_rank_quickly(task_dir, tmp_path):
     error_file = tmp_path / "error.json"
-    args = ["train", *base_overrides(task_dir, tmp_path / "run", 3), "train.inject_fault=raise",
-            "train.inject_fault_step=1", "train.inject_fault_rank=1"]
-    code, stderr, after_fault = _seconds_after(_torchrun_cmd(args), "rank 1 failed: RuntimeError: injected fault",
+    args = ["train", *base_overrides(task_dir, tmp_path / "run", 3)]
+    code, stderr, after_fault = _seconds_after(_torchrun_cmd(args, fault=("raise", 1, 1)),
+                                               "rank 1 failed: RuntimeError: injected fault",
                                                env={"TORCHELASTIC_ERROR_FILE": str(error_file)}, timeout=300)
     assert code != 0
     # torchrun's summary names the root cause rank and the exception; rank 0, waiting in a
     # collective for rank 1, is stopped rather than left hanging
     assert "rank      : 1" in stderr or "rank: 1" in stderr
-    assert "RuntimeError: injected fault (train.inject_fault=raise) at step 1 on rank 1" in stderr
+    assert "RuntimeError: injected fault at step 1 on rank 1" in stderr
     assert after_fault < 60, after_fault
     assert "injected fault" in json.loads(error_file.read_text())["message"]["message"]
 
@@ -184,8 +186,7 @@ def test_sigkill_during_checkpoint_write_resumes_from_previous_and_continues_ide
         task_dir, tmp_path, reference_run):
     run = tmp_path / "run"
     common = CKPT_EVERY_STEP
-    killed = _torchrun(["train", *base_overrides(task_dir, run, 3), *common, "train.inject_fault=kill_in_checkpoint",
-                        "train.inject_fault_step=2", "train.inject_fault_rank=0"])
+    killed = _torchrun(["train", *base_overrides(task_dir, run, 3), *common], fault=("kill_in_checkpoint", 2, 0))
     assert killed.returncode != 0
     ckpts = run / "checkpoints"
     assert (ckpts / "latest").read_text().strip() == "step_00000001"  # step 2 never published
@@ -207,8 +208,8 @@ def test_torchrun_restart_resumes_from_the_last_checkpoint(task_dir, tmp_path, r
     """A rank raising in step 2 with --max-restarts=1: torchrun restarts the job, which resumes
     from step 1's checkpoint and finishes with the uninterrupted run's losses."""
     run = tmp_path / "run"
-    proc = _torchrun(["train", *base_overrides(task_dir, run, 3), *CKPT_EVERY_STEP, "train.inject_fault=raise",
-                      "train.inject_fault_step=1", "train.inject_fault_rank=1"], max_restarts=1, timeout=400)
+    proc = _torchrun(["train", *base_overrides(task_dir, run, 3), *CKPT_EVERY_STEP], fault=("raise", 1, 1),
+                     max_restarts=1, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "injected fault" in proc.stderr and "resumed from" in proc.stderr
     a, b = losses(reference_run), losses(run)
@@ -267,12 +268,14 @@ def test_training_checkpoint_exports_to_hf(task_dir, tmp_path, reference_run):
 # --- numerical guard ------------------------------------------------------------------------------
 
 def _nan_run(task_root: str, run_dir: str, limit: int) -> dict:
-    from megatron_opd.config import load_config
-    from megatron_opd.train.loop import NonFiniteError, Trainer
+    from fault_drills import inject
 
-    ov = base_overrides(Path(task_root), Path(run_dir), 3) + [
-        "train.inject_fault=nan", "train.inject_fault_step=1", "train.inject_fault_rank=1",
-        f"train.max_nonfinite_steps={limit}"]
+    from megatron_opd.config import load_config
+    from megatron_opd.train.loop import Trainer
+    from megatron_opd.train.optim import NonFiniteError
+
+    inject("nan", step=1, rank=1)
+    ov = base_overrides(Path(task_root), Path(run_dir), 3) + [f"train.max_nonfinite_steps={limit}"]
     trainer = Trainer(load_config(None, ov))
     try:
         trainer.train()

@@ -25,6 +25,7 @@ from megatron_opd.losses import (fused_linear_divergence, fused_linear_divergenc
                                  vocab_parallel_divergence)
 from megatron_opd.losses import vocab_parallel
 from megatron_opd.testing.multiprocess import run_distributed
+from megatron_opd.testing.profiling import peak_extra_bytes
 
 HIDDEN, TEACHER_HIDDEN = 6, 9  # neither divides the other nor any vocabulary here
 FP32_TOL = 1e-5
@@ -35,12 +36,7 @@ BF16_VALUE_TOL = 1e-5  # against the reference on the same bf16-rounded logits
 BF16_GRAD_TOL = 1.5e-2  # bf16 hidden states and weights, dZ rounded to bf16 for dH (measured <= 6e-3)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------- problems and comparison
@@ -439,19 +435,6 @@ def test_equals_the_logits_version_on_the_same_logits():
     torch.testing.assert_close(x.grad, z.grad @ w, rtol=1e-5, atol=1e-6)
 
 
-def _peak_live_bytes(fn) -> int:
-    cpu = [torch.profiler.ProfilerActivity.CPU]
-    with torch.profiler.profile(activities=cpu, profile_memory=True) as prof:
-        fn()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    live = peak = 0
-    for e in events:
-        live += e.nbytes()
-        peak = max(peak, live)
-    return peak
-
-
 @pytest.mark.parametrize("summed", [False, True])
 @pytest.mark.parametrize("support", ["full", "teacher_topk"])
 def test_extra_memory_is_per_chunk_not_per_token(support, summed):
@@ -470,7 +453,7 @@ def test_extra_memory_is_per_chunk_not_per_token(support, summed):
             step = lambda: fused_linear_divergence_sum(h, wx, h_t, w_t, **kw)[0].backward()  # noqa: E731
         else:
             step = lambda: fused_linear_divergence(h, wx, h_t, w_t, **kw).sum().backward()  # noqa: E731
-        peak = _peak_live_bytes(step)
+        peak = peak_extra_bytes(step)
         # The gradients, and the summed version's copies scaled by the incoming gradient.
         extra[num_tokens] = peak - (h.numel() + w.numel()) * 4 * (2 if summed else 1)
     chunk_bytes = chunk * vocab * 4

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from megatron_opd.testing.tiny import write_jsonl
+from megatron_opd.utils import write_jsonl
 
 
 def _run(args, nproc=1, timeout=300):
