@@ -22,7 +22,7 @@ import torch.distributed as dist
 from megatron_opd.checkpoint import mcore
 from megatron_opd.cli import main as cli_main
 from megatron_opd.train.checkpointing import step_dir_name
-from megatron_opd.train.loop import Trainer
+from megatron_opd.train.optim import NonFiniteGuard
 
 FAULTS = ("raise", "nan", "kill_in_checkpoint")
 
@@ -31,15 +31,17 @@ def _fires(rank: int) -> bool:
     return dist.get_rank() == rank and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) == 0
 
 
-def inject(fault: str, *, step: int, rank: int) -> None:
-    """Patch the trainer (or the checkpoint writer) of this process so that ``fault`` happens at
-    ``step`` on global rank ``rank``."""
+def inject(fault: str, *, steps, rank: int) -> None:
+    """Patch the trainer's update (or the checkpoint writer) of this process so that ``fault``
+    happens at each of ``steps`` (0-based; a checkpoint's step: the steps done) on global rank ``rank``."""
+    steps = set(steps)
     if fault == "kill_in_checkpoint":
         dist_save = mcore.dist_save
 
         def killing_dist_save(sharded_state_dict, directory):
             directory = Path(directory)
-            if directory.name == "optimizer" and step_dir_name(step) in directory.parent.name and _fires(rank):
+            saving = {step_dir_name(s) for s in steps if step_dir_name(s) in directory.parent.name}
+            if directory.name == "optimizer" and saving and _fires(rank):
                 os.kill(os.getpid(), signal.SIGKILL)
             return dist_save(sharded_state_dict, directory)
 
@@ -47,26 +49,26 @@ def inject(fault: str, *, step: int, rank: int) -> None:
         return
     if fault not in FAULTS:
         raise ValueError(f"unknown fault {fault!r} (known: {', '.join(FAULTS)})")
-    forward_backward = Trainer._forward_backward
+    guarded_step = NonFiniteGuard.step
 
-    def faulty_forward_backward(self, at_step, micro_batches, signals):
-        outputs = forward_backward(self, at_step, micro_batches, signals)
-        if at_step == step and _fires(rank):
+    def faulty_step(self, trainable, outputs, *, step: int):
+        """Between the backward and the finiteness check of the update."""
+        if step in steps and _fires(rank):
             if fault == "raise":
                 raise RuntimeError(f"injected fault at step {step} on rank {rank}")
-            next(iter(self.student.module.parameters())).main_grad.fill_(float("nan"))
-        return outputs
+            next(iter(trainable.model.module.parameters())).main_grad.fill_(float("nan"))
+        return guarded_step(self, trainable, outputs, step=step)
 
-    Trainer._forward_backward = faulty_forward_backward
+    NonFiniteGuard.step = faulty_step
 
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--fault", choices=FAULTS, required=True)
-    parser.add_argument("--step", type=int, required=True)
+    parser.add_argument("--step", type=int, action="append", required=True, help="repeat for several steps")
     parser.add_argument("--rank", type=int, required=True)
     args, command = parser.parse_known_args(argv)
-    inject(args.fault, step=args.step, rank=args.rank)
+    inject(args.fault, steps=args.step, rank=args.rank)
     return cli_main(command)
 
 

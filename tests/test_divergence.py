@@ -388,19 +388,35 @@ def run_checks(with_megatron: bool = True) -> dict:
 
 # ---------------------------------------------------------------- the tests (parent side)
 
+class PerWorld(dict):
+    """TP size -> every rank's results of ``checks``, run when first asked for: TP=1 in this
+    process (one thread, as in the spawned ranks), larger TP on spawned gloo ranks."""
+
+    def __init__(self, checks):
+        super().__init__()
+        self.checks = checks
+
+    def __missing__(self, world: int) -> list:
+        if world == 1:
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                self[1] = [self.checks()]
+            finally:
+                torch.set_num_threads(threads)
+        else:
+            self[world] = run_distributed(self.checks, world)
+        return self[world]
+
+
 @pytest.fixture(scope="module")
-def runs() -> dict[int, list[dict]]:
-    """Per TP size, every rank's results: TP=1 in this process, TP=2 and TP=4 on spawned gloo ranks."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as in the spawned ranks; see one_thread
-    try:
-        local = run_checks()
-    finally:
-        torch.set_num_threads(threads)
-    return {1: [local], 2: run_distributed(run_checks, 2), 4: run_distributed(run_checks, 4)}
+def runs() -> PerWorld:
+    return PerWorld(run_checks)
 
 
-WORLDS = (1, 2, 4)
+# TP=4 (four spawned ranks) only in the whole suite, not in the quick tier.
+TP4 = pytest.param(4, marks=pytest.mark.slow)
+WORLDS = (1, 2, TP4)
 
 
 def _assert_within(per_rank: list[list], value_tol: float, grad_tol: float, what: str) -> None:
@@ -441,13 +457,13 @@ def test_finite_at_low_temperature_and_extreme_logits(runs, world):
         assert not r["extreme"], f"TP={world} rank {rank}: non-finite for {r['extreme']}"
 
 
-@pytest.mark.parametrize("world", (2, 4))
+@pytest.mark.parametrize("world", (2, TP4))
 def test_collectives_per_chunk_are_the_documented_ones(runs, world):
     for rank, r in enumerate(runs[world]):
         assert not r["collectives"], f"TP={world} rank {rank}:\n" + "\n".join(r["collectives"])
 
 
-@pytest.mark.parametrize("world", (2, 4))
+@pytest.mark.parametrize("world", (2, TP4))
 def test_forward_kl_to_one_hot_teacher_is_megatron_cross_entropy(runs, world):
     for rank, r in enumerate(runs[world]):
         ev, eg = r["megatron_ce"]

@@ -16,15 +16,14 @@ import math
 import pytest
 import torch
 import torch.distributed as dist
-from test_divergence import (DISTINCT_KINDS, KIND_BETAS, LEAD, TEMPERATURES, RecordCollectives,
-                             expected_collectives, geometries, reference_divergence, reference_log_softmax,
-                             rel_err)
+from test_divergence import (DISTINCT_KINDS, KIND_BETAS, LEAD, TEMPERATURES, TP4, WORLDS, PerWorld,
+                             RecordCollectives, expected_collectives, geometries, reference_divergence,
+                             reference_log_softmax, rel_err)
 
 from megatron_opd.losses import (fused_linear_divergence, fused_linear_divergence_sum,
                                  fused_linear_token_logprobs, fused_linear_topk_logprobs,
                                  vocab_parallel_divergence)
 from megatron_opd.losses import vocab_parallel
-from megatron_opd.testing.multiprocess import run_distributed
 from megatron_opd.testing.profiling import peak_extra_bytes
 
 HIDDEN, TEACHER_HIDDEN = 6, 9  # neither divides the other nor any vocabulary here
@@ -307,17 +306,9 @@ def run_checks() -> dict:
 # ---------------------------------------------------------------- the tests (parent side)
 
 @pytest.fixture(scope="module")
-def runs() -> dict[int, list[dict]]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        local = run_checks()
-    finally:
-        torch.set_num_threads(threads)
-    return {1: [local], 2: run_distributed(run_checks, 2), 4: run_distributed(run_checks, 4)}
+def runs() -> PerWorld:
+    return PerWorld(run_checks)
 
-
-WORLDS = (1, 2, 4)
 
 
 def _assert_within(per_rank: list[list], value_tol: float, grad_tol: float, what: str) -> None:
@@ -357,7 +348,7 @@ def test_hidden_gradient_shares_and_sequence_parallel(runs, world):
                    f"TP={world} hidden grad")
 
 
-@pytest.mark.parametrize("world", (2, 4))
+@pytest.mark.parametrize("world", (2, TP4))
 def test_collectives_are_the_documented_ones(runs, world):
     for rank, r in enumerate(runs[world]):
         assert not r["collectives"], f"TP={world} rank {rank}:\n" + "\n".join(r["collectives"])

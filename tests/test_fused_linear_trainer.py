@@ -114,6 +114,7 @@ def _compare(per_rank: list[dict]) -> list[str]:
     return problems
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tp,pp,teacher_pp", [(2, 1, 1), (1, 2, 1)])
 def test_fused_training_step_gives_the_logits_gradients(models, tp, pp, teacher_pp):
     """TP=2: the vocab-parallel loss on both ranks, tied embeddings used by the loss directly.
@@ -169,13 +170,12 @@ def _runs(root: str, work: str, steps: int) -> None:
 
 
 @pytest.mark.vllm
-def test_demo_run_loss_curve_is_the_logits_one(tmp_path):
+def test_demo_run_loss_curve_is_the_logits_one(task_dir, tmp_path):
     """The tiny demo task at TP=2 (rollouts by vLLM, teacher in process), 3 steps: losses, grad
     norms and trainer-vs-rollout mismatches equal to float tolerance."""
-    from megatron_opd.testing.tiny_task import losses, make_task_dir
+    from megatron_opd.testing.tiny_task import losses
 
-    root = make_task_dir(tmp_path / "task", num_train=200)
-    run_distributed(_runs, 2, str(root), str(tmp_path), 3, timeout=900)
+    run_distributed(_runs, 2, str(task_dir), str(tmp_path), 3, timeout=900)
     ref, fused = losses(tmp_path / "fused_False"), losses(tmp_path / "fused_True")
     assert sorted(ref) == sorted(fused) == [1, 2, 3]
     for step in ref:

@@ -11,6 +11,7 @@ from megatron_opd.testing.multiprocess import run_distributed
 LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 2)]
 
 
+@pytest.mark.slow
 def test_logits_match_transformers_every_family_and_layout(tiny_models):
     results = run_distributed(logits_vs_transformers, 4, tiny_models, LAYOUTS, timeout=600)
     diffs = {}
@@ -82,6 +83,7 @@ def _train_step(model_dir: str, layouts: list, global_batch: int, num_micro: int
     return results
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["llama", "qwen2_tied", "qwen3"])  # qwen3: q/k norms shared across TP ranks
 def test_training_step_identical_across_layouts(tiny_models, variant):
     results = run_distributed(_train_step, 4, tiny_models[variant], LAYOUTS, 8, 2, timeout=600)[0]

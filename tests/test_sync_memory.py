@@ -6,6 +6,7 @@ profiler's memory events report that running total. Its peak over the sync, minu
 the start, is the extra memory the sync needed.
 """
 
+import pytest
 import torch
 
 from megatron_opd.testing.multiprocess import run_distributed
@@ -51,6 +52,7 @@ def _sync_peaks(model_dir: str, bucket_sizes: list[int]) -> dict:
     return out
 
 
+@pytest.mark.slow
 def test_bucket_size_bounds_peak_sync_memory(tmp_path):
     from megatron_opd.testing.tiny import make_hf_model
 

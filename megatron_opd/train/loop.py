@@ -157,12 +157,11 @@ class Trainer:
         """Forward and backward through the pipeline schedule, then the optimizer step if the
         losses and gradients of every rank are finite."""
         lr = self.trainable.set_learning_rate(step)
-        outputs = self._forward_backward(step, micro_batches, signals)
+        outputs = self._forward_backward(micro_batches, signals)
         grad_norm = self.guard.step(self.trainable, outputs, step=step)
         return StudentUpdate(outputs, lr, grad_norm)
 
-    def _forward_backward(self, step: int, micro_batches: list[dict],
-                          signals: list[TeacherSignal | None]) -> list[dict]:
+    def _forward_backward(self, micro_batches: list[dict], signals: list[TeacherSignal | None]) -> list[dict]:
         def loss_fn(output, batch):
             return self.objective(output, batch, signals[batch["index"]])
 
