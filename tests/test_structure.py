@@ -1,12 +1,27 @@
-"""The package's shape (docs/architecture.md): no import cycles between our modules, our modules
-imported at the top of a module (never inside a function), and no function longer than 80 lines
-(docstrings not counted)."""
+"""The package's shape (docs/architecture.md): rooms import only from rooms below them, no import
+cycles, our modules imported at the top of a module (never inside a function), and no function
+longer than 80 lines (docstrings not counted)."""
 
 import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "megatron_opd"
 MAX_FUNCTION_LINES = 80
+# Bottom to top (docs/architecture.md); a module belongs to the longest prefix listed.
+LAYERS = [
+    ("megatron_opd.utils", "megatron_opd.cpu_compat", "megatron_opd.tasks"),
+    ("megatron_opd.parallel",),
+    ("megatron_opd.losses",),
+    ("megatron_opd.models",),
+    ("megatron_opd.rollout",),
+    ("megatron_opd.checkpoint",),
+    ("megatron_opd.teacher",),
+    ("megatron_opd.train",),  # its building blocks
+    ("megatron_opd.config",),
+    ("megatron_opd.train.loop", "megatron_opd.train.dry_run"),
+    ("megatron_opd.commands",),
+    ("megatron_opd.cli", "megatron_opd.demo", "megatron_opd.testing"),
+]
 
 
 def _modules() -> dict[str, ast.Module]:
@@ -80,6 +95,19 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
         if v not in index:
             visit(v)
     return found
+
+
+def _layer(module: str) -> int:
+    matches = [(len(prefix), level) for level, prefixes in enumerate(LAYERS) for prefix in prefixes
+               if module == prefix or module.startswith(prefix + ".")]
+    assert matches, f"{module} is in no layer of {__file__}"
+    return max(matches)[1]
+
+
+def test_rooms_import_only_from_below():
+    graph, _ = _import_graph()
+    upward = [f"{a} -> {b}" for a, targets in graph.items() for b in targets if _layer(b) > _layer(a)]
+    assert upward == []
 
 
 def test_no_import_cycles_and_no_imports_inside_functions():
