@@ -127,30 +127,6 @@ def test_fused_training_step_gives_the_logits_gradients(models, tp, pp, teacher_
     assert not problems, "\n".join(problems)
 
 
-def _hidden_states_round_trip(model_dir: str, tp: int) -> float:
-    """Logits minus (final hidden states @ output weight), through the pipeline runner."""
-    from megatron_opd import parallel
-    from megatron_opd.checkpoint.load import load_model
-    from megatron_opd.models.schedule import final_hidden_states, output_weight, run_schedule
-
-    mp = parallel.initialize_global_model_parallel(parallel.ParallelLayout(tp, 1), what="student")
-    model = load_model(model_dir, mp, seed=1)
-    ids = torch.randint(0, model.arch.vocab_size, (1, 11), generator=torch.Generator().manual_seed(0))
-    mb = {"input_ids": ids, "position_ids": torch.arange(11).view(1, 11)}
-    logits = run_schedule(model, [mb], lambda z, b: z.clone(), forward_only=True)[0]
-    with final_hidden_states(model):
-        hidden = run_schedule(model, [mb], lambda z, b: z.clone(), forward_only=True)[0]
-    after = run_schedule(model, [mb], lambda z, b: z.clone(), forward_only=True)[0]
-    assert hidden.shape == (1, 11, model.config.hidden_size) and torch.equal(after, logits)
-    return (logits - hidden @ output_weight(model).t()).abs().max().item()
-
-
-def test_final_hidden_states_times_output_weight_are_the_logits(models):
-    """The bypass returns the output layer's input (after the final norm) and is undone after."""
-    errs = run_distributed(_hidden_states_round_trip, 2, models["student"], 2, timeout=300)
-    assert max(errs) < 1e-5, errs
-
-
 # ---------------------------------------------------------------- a whole run, with vLLM rollouts
 
 def _runs(root: str, work: str, steps: int) -> None:

@@ -130,8 +130,43 @@ def _packed_vs_alone(model_dir: str) -> dict:
             "logit_diff": (row - torch.cat(parts)).abs().max().item()}
 
 
-def test_packed_sequences_each_start_at_position_zero(tiny_models):
-    r = run_distributed(_packed_vs_alone, 1, tiny_models["llama"], timeout=300)[0]
-    assert r["positions"] == [list(range(5)) + list(range(9)) + list(range(7))]
-    assert r["emb_equal"]  # bit-identical to each sequence's own RoPE
-    assert r["logit_diff"] <= 1e-5, r
+def _hidden_states_round_trip(model_dir: str, tp: int) -> float:
+    """Logits minus (final hidden states @ output weight), through the pipeline runner."""
+    from megatron_opd import parallel
+    from megatron_opd.checkpoint.load import load_model
+    from megatron_opd.models.schedule import final_hidden_states, output_weight, run_schedule
+
+    mp = parallel.initialize_global_model_parallel(parallel.ParallelLayout(tp, 1), what="student")
+    model = load_model(model_dir, mp, seed=1)
+    ids = torch.randint(0, model.arch.vocab_size, (1, 11), generator=torch.Generator().manual_seed(0))
+    mb = {"input_ids": ids, "position_ids": torch.arange(11).view(1, 11)}
+    logits = run_schedule(model, [mb], lambda z, b: z.clone(), forward_only=True)[0]
+    with final_hidden_states(model):
+        hidden = run_schedule(model, [mb], lambda z, b: z.clone(), forward_only=True)[0]
+    after = run_schedule(model, [mb], lambda z, b: z.clone(), forward_only=True)[0]
+    assert hidden.shape == (1, 11, model.config.hidden_size) and torch.equal(after, logits)
+    return (logits - hidden @ output_weight(model).t()).abs().max().item()
+
+
+def _schedule_checks(packed_model: str, tied_model: str) -> dict:
+    return {"packed": _packed_vs_alone(packed_model), "hidden_err": _hidden_states_round_trip(tied_model, 2)}
+
+
+@pytest.fixture(scope="module")
+def schedule_checks(tiny_models) -> list[dict]:
+    """The schedule runner's checks, in one world of 2 ranks (each rank its own TP1 replica, then TP2)."""
+    return run_distributed(_schedule_checks, 2, tiny_models["llama"], tiny_models["qwen2_tied"], timeout=300)
+
+
+def test_packed_sequences_each_start_at_position_zero(schedule_checks):
+    for r in (c["packed"] for c in schedule_checks):
+        assert r["positions"] == [list(range(5)) + list(range(9)) + list(range(7))]
+        assert r["emb_equal"]  # bit-identical to each sequence's own RoPE
+        assert r["logit_diff"] <= 1e-5, r
+
+
+def test_final_hidden_states_times_output_weight_are_the_logits(schedule_checks):
+    """The bypass returns the output layer's input (after the final norm) and is undone after
+    (TP2, tied embeddings: the output weight is the word embeddings' shard)."""
+    errs = [c["hidden_err"] for c in schedule_checks]
+    assert max(errs) < 1e-5, errs

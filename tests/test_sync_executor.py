@@ -5,6 +5,7 @@ embedding), bucket by bucket; and a step's metrics are reduced over the world by
 import math
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -24,10 +25,19 @@ def _streamed(model_dir: str, layouts: list) -> dict:
     return out
 
 
-def test_every_rank_gets_exactly_the_checkpoint(tiny_models):
-    model_dir = tiny_models["qwen2_tied"]
-    reference = load_file(str(Path(model_dir) / "model.safetensors"))
-    for rank, per_layout in enumerate(run_distributed(_streamed, 2, model_dir, [(2, 1), (1, 2)], timeout=300)):
+def _checks(model_dir: str) -> dict:
+    return {"streamed": _streamed(model_dir, [(2, 1), (1, 2)]), "metrics": _reduced_metrics()}
+
+
+@pytest.fixture(scope="module")
+def per_rank(tiny_models) -> list[dict]:
+    """Both checks in one world of 2 ranks."""
+    return run_distributed(_checks, 2, tiny_models["qwen2_tied"], timeout=300)
+
+
+def test_every_rank_gets_exactly_the_checkpoint(per_rank, tiny_models):
+    reference = load_file(str(Path(tiny_models["qwen2_tied"]) / "model.safetensors"))
+    for rank, per_layout in enumerate(r["streamed"] for r in per_rank):
         for layout, (tensors, num_buckets) in per_layout.items():
             assert num_buckets > 3, layout
             assert tensors.keys() == set(reference) | {"lm_head.weight"}, (rank, layout)
@@ -53,8 +63,8 @@ def _reduced_metrics() -> dict:
     return step_metrics(outputs, seqs, mp)
 
 
-def test_step_metrics_are_summed_by_name_over_the_world():
-    m = run_distributed(_reduced_metrics, 2, timeout=300)
+def test_step_metrics_are_summed_by_name_over_the_world(per_rank):
+    m = [r["metrics"] for r in per_rank]
     assert m[0] == m[1]
     m = m[0]
     assert math.isclose(m["loss"], (2 * 2 + 2 * 3) / 16) and math.isclose(m["divergence"], 4 / 16)
