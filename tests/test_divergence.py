@@ -395,18 +395,27 @@ class PerWorld(dict):
     def __init__(self, checks):
         super().__init__()
         self.checks = checks
+        self.failed: dict[int, BaseException] = {}  # a world that failed fails every test asking for it at once
 
     def __missing__(self, world: int) -> list:
-        if world == 1:
-            threads = torch.get_num_threads()
-            torch.set_num_threads(1)
-            try:
-                self[1] = [self.checks()]
-            finally:
-                torch.set_num_threads(threads)
-        else:
-            self[world] = run_distributed(self.checks, world)
+        if world in self.failed:
+            raise self.failed[world]
+        try:
+            self[world] = self._run(world)
+        except Exception as e:
+            self.failed[world] = e
+            raise
         return self[world]
+
+    def _run(self, world: int) -> list:
+        if world > 1:
+            return run_distributed(self.checks, world)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return [self.checks()]
+        finally:
+            torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
