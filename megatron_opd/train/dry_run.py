@@ -1,14 +1,16 @@
-"""`megatron-opd train`: parse the recipe, build, train, close."""
+"""`megatron-opd train --dry-run`: validate a recipe for a cluster (no GPU needed) and describe its
+layouts, per-GPU memory and host memory."""
 
 from __future__ import annotations
 
-import os
+from pathlib import Path
 
-from megatron_opd.config import load_config
-from megatron_opd.utils import log0
+from megatron_opd.config import Config
+from megatron_opd.models.config import ArchConfig
+from megatron_opd.train.memory import estimate, fits, format_table, host_table
 
 
-def describe_layouts(cfg, world_size: int) -> str:
+def describe_layouts(cfg: Config, world_size: int) -> str:
     lines = [f"world size {world_size}"]
     for name, m in (("student", cfg.student), ("teacher", cfg.teacher)):
         if name == "teacher" and cfg.teacher.served_url:
@@ -19,14 +21,9 @@ def describe_layouts(cfg, world_size: int) -> str:
     return "\n".join(lines)
 
 
-def dry_run(cfg, world: int) -> tuple[str, bool]:
-    """Validate for ``world`` GPUs and describe the layouts, per-GPU and host memory (no GPU
-    needed); (the text, whether the plan fits)."""
-    from pathlib import Path
-
-    from megatron_opd.memory import estimate, fits, format_table, host_table
-    from megatron_opd.models.config import ArchConfig
-
+def dry_run(cfg: Config, world: int) -> tuple[str, bool]:
+    """Validate for ``world`` GPUs and describe the layouts, per-GPU and host memory; (the text,
+    whether the plan fits)."""
     cfg.validate(world_size=world)
     out = [cfg.to_yaml(), describe_layouts(cfg, world)]
     archs = {}
@@ -39,10 +36,6 @@ def dry_run(cfg, world: int) -> tuple[str, bool]:
         arch = ArchConfig.from_hf_dir(m.path)
         arch.check_parallel(tp=m.tp, pp=m.pp, what=name)
         archs[name] = arch
-    dp = world // (cfg.student.tp * cfg.student.pp)
-    if cfg.train.prompts_per_step < dp:
-        raise ValueError(f"train.prompts_per_step={cfg.train.prompts_per_step} is smaller than the "
-                         f"student's data-parallel size {dp}")
     ok = True
     if "student" in archs:
         rows = estimate(cfg, archs["student"], archs.get("teacher"), world_size=world)
@@ -52,23 +45,3 @@ def dry_run(cfg, world: int) -> tuple[str, bool]:
         out.append(host)
         ok = fits(rows, gpu_memory_gb=cfg.train.gpu_memory_gb) and host_ok
     return "\n".join(out), ok
-
-
-def main(args) -> int:
-    cfg = load_config(args.config, args.overrides)
-    if args.dry_run:
-        world = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
-        text, ok = dry_run(cfg, world)
-        print(text)
-        if not ok:
-            log0("dry run: the plan does not fit (see the memory lines above)")
-        return 0 if ok else 1
-    from megatron_opd.train.loop import Trainer
-
-    trainer = Trainer(cfg)
-    log0("\n" + describe_layouts(cfg, trainer.mp.layout.tp * trainer.mp.layout.pp * trainer.mp.dp_size))
-    try:
-        trainer.train()
-    finally:
-        trainer.close()
-    return 0
