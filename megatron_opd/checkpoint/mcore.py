@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from megatron_opd.checkpoint.trust import check_dist_checkpoint
 from megatron_opd.models.builder import ShardedModel, build_model
 from megatron_opd.models.config import ArchConfig
 from megatron_opd.parallel import ModelParallel
@@ -131,6 +132,7 @@ def load_model(path: str | Path, mp: ModelParallel, *, params_dtype: torch.dtype
     model = build_model(arch, mp, params_dtype=params_dtype, padded_vocab=padded, initialize=False)
     stored = DTYPES[meta["dtype"]]
     sd = _cast_sharded(model.module.sharded_state_dict(), stored, empty=True)
+    check_dist_checkpoint(path / MODEL_SUBDIR)
     loaded = dist_checkpointing.load(sd, str(path / MODEL_SUBDIR))
     with torch.no_grad():
         model.module.load_state_dict(loaded, strict=True)

@@ -23,10 +23,12 @@ import torch.distributed as dist
 from megatron_opd.checkpoint import mcore
 from megatron_opd.checkpoint.manifest import verify_manifest, write_manifest
 from megatron_opd.checkpoint.publish import STAGING_PREFIX
+from megatron_opd.checkpoint.trust import check_dist_checkpoint, load_plain
 from megatron_opd.utils import atomic_write_text, log0
 
 TRACKER = "latest"
 STATE_FILE = "trainer_state.json"
+OPTIMIZER_SUBDIR = "optimizer"
 
 
 def checkpoints_dir(run_dir: str | Path) -> Path:
@@ -70,7 +72,7 @@ def save_checkpoint(trainable, *, run_dir: str | Path, step: int, config_yaml: s
         for stale in root.glob(f"{STAGING_PREFIX}*"):  # interrupted saves of earlier runs
             shutil.rmtree(stale, ignore_errors=True)
         staging.mkdir()
-        (staging / "optimizer").mkdir()
+        (staging / OPTIMIZER_SUBDIR).mkdir()
         (staging / "rng").mkdir()
     dist.barrier()
     model = trainable.model
@@ -79,7 +81,7 @@ def save_checkpoint(trainable, *, run_dir: str | Path, step: int, config_yaml: s
         mid_write()
     model_sd = model.module.sharded_state_dict()
     optim_sd = trainable.optimizer.sharded_state_dict(model_sd)
-    mcore.dist_save(optim_sd, staging / "optimizer")
+    mcore.dist_save(optim_sd, staging / OPTIMIZER_SUBDIR)
     torch.save(_rng_state(), staging / "rng" / f"rank_{dist.get_rank():05d}.pt")
     dist.barrier()
     if _rank0():
@@ -122,14 +124,16 @@ def load_checkpoint(trainable, path: str | Path, *, verify: str = "hash") -> dic
     if meta["padded_vocab_size"] != model.padded_vocab_size:
         raise ValueError(f"{path}: padded vocabulary {meta['padded_vocab_size']} != the model's "
                          f"{model.padded_vocab_size} (was it saved with a different student?)")
+    for part in (mcore.MODEL_SUBDIR, OPTIMIZER_SUBDIR):
+        check_dist_checkpoint(path / part)
     loaded = dist_checkpointing.load(model.module.sharded_state_dict(), str(path / mcore.MODEL_SUBDIR))
     with torch.no_grad():
         model.module.load_state_dict(loaded, strict=True)
     optim_sd = trainable.optimizer.sharded_state_dict(model.module.sharded_state_dict(), is_loading=True)
-    trainable.optimizer.load_state_dict(dist_checkpointing.load(optim_sd, str(path / "optimizer")))
+    trainable.optimizer.load_state_dict(dist_checkpointing.load(optim_sd, str(path / OPTIMIZER_SUBDIR)))
     rng_file = path / "rng" / f"rank_{dist.get_rank():05d}.pt"
     if rng_file.is_file():
-        _set_rng_state(torch.load(rng_file, weights_only=False))
+        _set_rng_state(load_plain(rng_file, "RNG state"))
     else:
         log0(f"{path}: no RNG state for this world size; RNG streams restart from the seed")
     return json.loads(state_file.read_text())

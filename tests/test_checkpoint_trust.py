@@ -1,0 +1,126 @@
+"""Checkpoints cannot run code: a pickle payload planted in any pickled file we load (RNG states,
+megatron's .metadata, common.pt, a bytes item inside a .distcp file) is refused, naming the file,
+and never executed; signed manifests refuse a checkpoint changed after it was written."""
+
+import pickle
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_opd.testing.multiprocess import run_distributed
+
+
+class Payload:
+    """What a hostile checkpoint would hold: unpickling it creates ``marker``."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').close()",)
+
+
+def _plant(ckpt: Path, target: str, marker: str) -> Path:
+    """Plant a payload in ``target`` of the checkpoint at ``ckpt``; the victim file's path."""
+    from megatron_opd.checkpoint.trust import read_dcp_metadata
+
+    if target == "rng":
+        victim = ckpt / "rng" / "rank_00000.pt"
+        state = torch.load(victim, weights_only=True)
+        state["extra"] = Payload(marker)
+        torch.save(state, victim)
+        return victim
+    part, what = target.split(":")
+    directory = ckpt / part
+    if what == "metadata":
+        victim = directory / ".metadata"
+        victim.write_bytes(pickle.dumps(Payload(marker)))
+    elif what == "common":
+        victim = directory / "common.pt"
+        torch.save(Payload(marker), victim)
+    else:  # a bytes item of a .distcp file, re-pointed at a payload appended to its file
+        from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+        meta = read_dcp_metadata(directory / ".metadata")
+        index, info = next((i, s) for i, s in meta.storage_data.items()
+                           if isinstance(meta.state_dict_metadata[i.fqn], BytesStorageMetadata))
+        victim = directory / info.relative_path
+        import io
+
+        buf = io.BytesIO()
+        torch.save(Payload(marker), buf)
+        info.offset, info.length = victim.stat().st_size, len(buf.getvalue())
+        with victim.open("ab") as f:
+            f.write(buf.getvalue())
+        (directory / ".metadata").write_bytes(pickle.dumps(meta))
+    return victim
+
+
+TARGETS = ["rng", "model:metadata", "model:common", "model:bytes_item", "optimizer:metadata",
+           "optimizer:common"]
+
+
+def _planted_checkpoints_are_refused(hf_dir: str, work: str) -> dict:
+    from megatron_opd import parallel
+    from megatron_opd.checkpoint import mcore
+    from megatron_opd.checkpoint.load import load_model
+    from megatron_opd.checkpoint.manifest import write_manifest
+    from megatron_opd.train import checkpointing
+    from megatron_opd.train.optim import OptimConfig, make_trainable, optimizer_step
+
+    work = Path(work)
+    mp = parallel.initialize_global_model_parallel(parallel.ParallelLayout(1, 1))
+    trainable = make_trainable(load_model(hf_dir, mp), OptimConfig(lr=1e-3))
+    for p in trainable.model.module.parameters():  # one step, so that the optimizer has state
+        p.main_grad.fill_(1e-3)
+    optimizer_step(trainable)
+    clean = checkpointing.save_checkpoint(trainable, run_dir=work / "run", step=1, config_yaml="{}\n",
+                                          extra_state={}, keep_last=1)
+    checkpointing.load_checkpoint(trainable, clean)  # loads before anything is planted
+    out = {}
+    for target in TARGETS:
+        ckpt = work / target.replace(":", "_")
+        shutil.copytree(clean, ckpt)
+        marker = str(work / f"ran_{target.replace(':', '_')}")
+        victim = _plant(ckpt, target, marker)
+        write_manifest(ckpt)  # the manifest is unsigned: anyone can regenerate it
+        errors = []
+        try:
+            checkpointing.load_checkpoint(trainable, ckpt)
+        except ValueError as e:
+            errors.append(str(e))
+        if target.startswith("model:"):  # the same model directory as a converted checkpoint
+            try:
+                mcore.load_model(ckpt, mp)
+            except ValueError as e:
+                errors.append(str(e))
+        out[target] = {"victim": str(victim), "errors": errors, "ran": Path(marker).exists()}
+    return out
+
+
+def test_planted_pickle_payload_is_refused_in_every_file_we_load(tmp_path):
+    from megatron_opd.testing.tiny import make_hf_model
+
+    hf_dir = make_hf_model(tmp_path / "hf", model_type="llama")
+    results = run_distributed(_planted_checkpoints_are_refused, 1, str(hf_dir), str(tmp_path), timeout=600)[0]
+    for target in TARGETS:
+        r = results[target]
+        assert not r["ran"], (target, r)
+        expected = 2 if target.startswith("model:") else 1
+        assert len(r["errors"]) == expected, (target, r)
+        for message in r["errors"]:
+            assert message.startswith(r["victim"]) and "refused to load" in message, (target, message)
+
+
+def test_rng_state_with_a_payload_is_refused_by_load_plain(tmp_path):
+    from megatron_opd.checkpoint.trust import load_plain
+
+    path = tmp_path / "rank_00000.pt"
+    torch.save({"torch": torch.get_rng_state(), "tracker": {"model-parallel-rng": torch.get_rng_state()}}, path)
+    assert set(load_plain(path)) == {"torch", "tracker"}
+    torch.save({"torch": Payload(str(tmp_path / "ran"))}, path)
+    with pytest.raises(ValueError, match="refused to load"):
+        load_plain(path, "RNG state")
+    assert not (tmp_path / "ran").exists()
