@@ -3,6 +3,7 @@ megatron's .metadata, common.pt, a bytes item inside a .distcp file) is refused,
 and never executed; signed manifests refuse a checkpoint changed after it was written."""
 
 import pickle
+import re
 import shutil
 from pathlib import Path
 
@@ -97,6 +98,25 @@ def _planted_checkpoints_are_refused(hf_dir: str, work: str) -> dict:
             except ValueError as e:
                 errors.append(str(e))
         out[target] = {"victim": str(victim), "errors": errors, "ran": Path(marker).exists()}
+    # A converted checkpoint is signed when a key is set, and loads only while it is unchanged.
+    import os
+
+    from megatron_opd.checkpoint.convert import hf_to_mcore
+    from megatron_opd.checkpoint.manifest import KEY_ENV
+
+    os.environ[KEY_ENV] = "s3cret"
+    try:
+        hf_to_mcore(hf_dir, work / "converted", layout=parallel.ParallelLayout(1, 1))
+        mcore.load_model(work / "converted", mp)
+        with (work / "converted" / "model" / "common.pt").open("ab") as f:
+            f.write(b"\0")
+        try:
+            mcore.load_model(work / "converted", mp)
+            out["signed"] = "loaded"
+        except ValueError as e:
+            out["signed"] = str(e)
+    finally:
+        del os.environ[KEY_ENV]
     return out
 
 
@@ -112,6 +132,8 @@ def test_planted_pickle_payload_is_refused_in_every_file_we_load(tmp_path):
         assert len(r["errors"]) == expected, (target, r)
         for message in r["errors"]:
             assert message.startswith(r["victim"]) and "refused to load" in message, (target, message)
+    assert re.search(r"converted/model/common.pt: size (\d+) bytes, the manifest says \d+ \(truncated",
+                     results["signed"]), results["signed"]
 
 
 def test_rng_state_with_a_payload_is_refused_by_load_plain(tmp_path):
@@ -124,3 +146,38 @@ def test_rng_state_with_a_payload_is_refused_by_load_plain(tmp_path):
     with pytest.raises(ValueError, match="refused to load"):
         load_plain(path, "RNG state")
     assert not (tmp_path / "ran").exists()
+
+
+def test_signed_manifest_refuses_unsigned_resigned_or_extended_checkpoints(tmp_path, monkeypatch):
+    from megatron_opd.checkpoint.manifest import KEY_ENV, write_manifest, verify_manifest
+
+    ckpt = tmp_path / "ckpt"
+    (ckpt / "model").mkdir(parents=True)
+    (ckpt / "model" / "__0_0.distcp").write_bytes(b"weights")
+    (ckpt / "trainer_state.json").write_text('{"step": 1}')
+    write_manifest(ckpt)  # no key: unsigned
+    verify_manifest(ckpt)
+    monkeypatch.setenv(KEY_ENV, "s3cret")
+    with pytest.raises(ValueError, match=f"not signed, and {KEY_ENV} is set"):
+        verify_manifest(ckpt, mode="none")  # a key makes verification mandatory
+    write_manifest(ckpt)
+    verify_manifest(ckpt, mode="none")
+    # changed, and the manifest regenerated with another key
+    (ckpt / "model" / "__0_0.distcp").write_bytes(b"payload")
+    monkeypatch.setenv(KEY_ENV, "guess")
+    write_manifest(ckpt)
+    monkeypatch.setenv(KEY_ENV, "s3cret")
+    with pytest.raises(ValueError, match="signature does not match"):
+        verify_manifest(ckpt)
+    # changed, with the signed manifest kept: the hash is checked even with checkpoint.verify=size
+    monkeypatch.setenv(KEY_ENV, "s3cret")
+    (ckpt / "model" / "__0_0.distcp").write_bytes(b"weights")
+    write_manifest(ckpt)
+    (ckpt / "model" / "__0_0.distcp").write_bytes(b"wEights")
+    with pytest.raises(ValueError, match="sha256 does not match"):
+        verify_manifest(ckpt, mode="size")
+    (ckpt / "model" / "__0_0.distcp").write_bytes(b"weights")
+    verify_manifest(ckpt)
+    (ckpt / "model" / "__1_0.distcp").write_bytes(b"extra")
+    with pytest.raises(ValueError, match=r"__1_0.distcp: not in the signed manifest.json"):
+        verify_manifest(ckpt)

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from megatron_opd import parallel
 from megatron_opd.checkpoint import mcore
 from megatron_opd.checkpoint.hf_weights import iter_hf_tensors, load_hf_weights, validate_hf_checkpoint
+from megatron_opd.checkpoint.manifest import write_manifest
 from megatron_opd.checkpoint.publish import check_output_dir, staged_output
 from megatron_opd.checkpoint.safetensors_io import (DTYPE_NAMES, HFCheckpoint, ShardedSafetensorsWriter,
                                                     parse_size)
@@ -51,6 +52,8 @@ def hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, *, layout: parallel.Par
                                      "source": str(hf_dir)})
         if dist.get_rank() == 0:
             mcore.copy_tokenizer_files(hf_dir, staging)
+        dist.barrier()
+        write_manifest(staging)
     log0(f"wrote {out_dir}")
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from megatron_opd.checkpoint.manifest import MANIFEST, signing_key, verify_manifest
 from megatron_opd.checkpoint.trust import check_dist_checkpoint
 from megatron_opd.models.builder import ShardedModel, build_model
 from megatron_opd.models.config import ArchConfig
@@ -27,7 +28,7 @@ DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 HF_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 # Files of an HF model directory that are not weights or the model config: tokenizer & co.
 NON_TOKENIZER_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5")
-NON_TOKENIZER_FILES = {"config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json"}
+NON_TOKENIZER_FILES = {"config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json", MANIFEST}
 
 
 def is_mcore_checkpoint(path: str | Path) -> bool:
@@ -122,6 +123,8 @@ def load_model(path: str | Path, mp: ModelParallel, *, params_dtype: torch.dtype
 
     path = Path(path)
     meta = read_meta(path)
+    if signing_key() is not None:  # only checkpoints written with the key
+        verify_manifest(path, mode="hash")
     arch = ArchConfig.from_dict(meta["arch"])
     padded = int(meta["padded_vocab_size"])
     tp = mp.layout.tp
