@@ -1,6 +1,7 @@
 """Checkpoints cannot run code: a pickle payload planted in any pickled file we load (RNG states,
 megatron's .metadata, common.pt, a bytes item inside a .distcp file) is refused, naming the file,
-and never executed; signed manifests refuse a checkpoint changed after it was written."""
+and never executed; signed manifests refuse a checkpoint changed after it was written; saving
+starts no process (nothing can be orphaned when a rank dies mid-save)."""
 
 import pickle
 import re
@@ -63,7 +64,24 @@ TARGETS = ["rng", "model:metadata", "model:common", "model:bytes_item", "optimiz
            "optimizer:common"]
 
 
-def _planted_checkpoints_are_refused(hf_dir: str, work: str) -> dict:
+def _refuse_processes():
+    """Make starting a process fail (fork, and spawn/forkserver's fork_exec); returns an undo."""
+    import multiprocessing.util
+    import os
+
+    saved = os.fork, multiprocessing.util.spawnv_passfds
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a process was started")
+
+    os.fork = multiprocessing.util.spawnv_passfds = refuse
+
+    def undo():
+        os.fork, multiprocessing.util.spawnv_passfds = saved
+    return undo
+
+
+def _checkpoint_checks(hf_dir: str, work: str) -> dict:
     from megatron_opd import parallel
     from megatron_opd.checkpoint import mcore
     from megatron_opd.checkpoint.load import load_model
@@ -77,10 +95,18 @@ def _planted_checkpoints_are_refused(hf_dir: str, work: str) -> dict:
     for p in trainable.model.module.parameters():  # one step, so that the optimizer has state
         p.main_grad.fill_(1e-3)
     optimizer_step(trainable)
-    clean = checkpointing.save_checkpoint(trainable, run_dir=work / "run", step=1, config_yaml="{}\n",
-                                          extra_state={}, keep_last=1)
+    before = {k: v.clone() for k, v in trainable.model.module.state_dict().items() if torch.is_tensor(v)}
+    undo = _refuse_processes()
+    try:
+        clean = checkpointing.save_checkpoint(trainable, run_dir=work / "run", step=1, config_yaml="{}\n",
+                                              extra_state={}, keep_last=1)
+    finally:
+        undo()
+    for p in trainable.model.module.parameters():
+        p.data.zero_()
     checkpointing.load_checkpoint(trainable, clean)  # loads before anything is planted
-    out = {}
+    after = trainable.model.module.state_dict()
+    out = {"round_trip": all(torch.equal(before[k], after[k]) for k in before)}
     for target in TARGETS:
         ckpt = work / target.replace(":", "_")
         shutil.copytree(clean, ckpt)
@@ -120,11 +146,23 @@ def _planted_checkpoints_are_refused(hf_dir: str, work: str) -> dict:
     return out
 
 
-def test_planted_pickle_payload_is_refused_in_every_file_we_load(tmp_path):
+@pytest.fixture(scope="module")
+def checked(tmp_path_factory):
+    """One 1-rank world: save a training checkpoint with process creation refused, plant payloads
+    in copies of it, sign a converted checkpoint."""
     from megatron_opd.testing.tiny import make_hf_model
 
-    hf_dir = make_hf_model(tmp_path / "hf", model_type="llama")
-    results = run_distributed(_planted_checkpoints_are_refused, 1, str(hf_dir), str(tmp_path), timeout=600)[0]
+    work = tmp_path_factory.mktemp("checkpoints")
+    hf_dir = make_hf_model(work / "hf", model_type="llama")
+    return run_distributed(_checkpoint_checks, 1, str(hf_dir), str(work), timeout=600)[0]
+
+
+def test_checkpoint_save_starts_no_process_and_round_trips(checked):
+    assert checked["round_trip"]
+
+
+def test_planted_pickle_payload_is_refused_in_every_file_we_load(checked):
+    results = checked
     for target in TARGETS:
         r = results[target]
         assert not r["ran"], (target, r)
@@ -132,6 +170,10 @@ def test_planted_pickle_payload_is_refused_in_every_file_we_load(tmp_path):
         assert len(r["errors"]) == expected, (target, r)
         for message in r["errors"]:
             assert message.startswith(r["victim"]) and "refused to load" in message, (target, message)
+
+
+def test_signed_converted_checkpoint_is_refused_once_changed(checked):
+    results = checked
     assert re.search(r"converted/model/common.pt: size (\d+) bytes, the manifest says \d+ \(truncated",
                      results["signed"]), results["signed"]
 
