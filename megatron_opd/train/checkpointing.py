@@ -6,15 +6,16 @@ Layout of ``<run_dir>/checkpoints``::
     latest                 the tracker: name of the newest complete checkpoint (written last)
     step_00000100/         megatron_opd.json, model/ (loadable by `convert mcore-to-hf` and
                            `score`), optimizer/, rng/rank_*.pt, trainer_state.json, config.yaml
-    .staging-step_.../     an interrupted save: never picked, removed at the next save
+    .staging-step_.../     a save in progress (its writer holds .staging-step_....lock) or an
+                           interrupted one: never picked, removed at the next start or save
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
-import uuid
 from pathlib import Path
 
 import torch
@@ -22,7 +23,8 @@ import torch.distributed as dist
 
 from megatron_opd.checkpoint import mcore
 from megatron_opd.checkpoint.manifest import verify_manifest, write_manifest
-from megatron_opd.checkpoint.publish import STAGING_PREFIX
+from megatron_opd.checkpoint import publish
+from megatron_opd.checkpoint.publish import staging_lock, staging_name
 from megatron_opd.checkpoint.trust import check_dist_checkpoint, load_plain
 from megatron_opd.utils import atomic_write_text, log0
 
@@ -64,42 +66,46 @@ def save_checkpoint(trainable, *, run_dir: str | Path, step: int, config_yaml: s
     model's files and the optimizer's."""
     root = checkpoints_dir(run_dir)
     name = step_dir_name(step)
-    box = [f"{STAGING_PREFIX}{name}-{uuid.uuid4().hex[:8]}" if _rank0() else None]
+    box = [staging_name(name) if _rank0() else None]
     dist.broadcast_object_list(box, src=0)
     staging = root / box[0]
-    if _rank0():
-        root.mkdir(parents=True, exist_ok=True)
-        for stale in root.glob(f"{STAGING_PREFIX}*"):  # interrupted saves of earlier runs
-            shutil.rmtree(stale, ignore_errors=True)
-        staging.mkdir()
-        (staging / OPTIMIZER_SUBDIR).mkdir()
-        (staging / "rng").mkdir()
-    dist.barrier()
-    model = trainable.model
-    mcore.save_model(model, staging, extra_meta={"hf_dtype": source_hf_dtype})
-    if mid_write is not None:
-        mid_write()
-    model_sd = model.module.sharded_state_dict()
-    optim_sd = trainable.optimizer.sharded_state_dict(model_sd)
-    mcore.dist_save(optim_sd, staging / OPTIMIZER_SUBDIR)
-    torch.save(_rng_state(), staging / "rng" / f"rank_{dist.get_rank():05d}.pt")
-    dist.barrier()
-    if _rank0():
-        (staging / "config.yaml").write_text(config_yaml)
-        if tokenizer_src is not None and Path(tokenizer_src).is_dir():
-            mcore.copy_tokenizer_files(tokenizer_src, staging)
-        (staging / STATE_FILE).write_text(json.dumps({"step": step, **extra_state}, indent=2))
-    dist.barrier()
-    write_manifest(staging)
-    if _rank0():
-        final = root / name
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(staging, final)
-        atomic_write_text(root / TRACKER, name + "\n")
-        _prune(root, keep_last=keep_last, keep=name)
+    with staging_lock(staging) if _rank0() else contextlib.nullcontext():
+        if _rank0():
+            publish.remove_stale_staging(root, "step_")  # interrupted saves of earlier runs
+            staging.mkdir()
+            (staging / OPTIMIZER_SUBDIR).mkdir()
+            (staging / "rng").mkdir()
+        dist.barrier()
+        model = trainable.model
+        mcore.save_model(model, staging, extra_meta={"hf_dtype": source_hf_dtype})
+        if mid_write is not None:
+            mid_write()
+        model_sd = model.module.sharded_state_dict()
+        optim_sd = trainable.optimizer.sharded_state_dict(model_sd)
+        mcore.dist_save(optim_sd, staging / OPTIMIZER_SUBDIR)
+        torch.save(_rng_state(), staging / "rng" / f"rank_{dist.get_rank():05d}.pt")
+        dist.barrier()
+        if _rank0():
+            (staging / "config.yaml").write_text(config_yaml)
+            if tokenizer_src is not None and Path(tokenizer_src).is_dir():
+                mcore.copy_tokenizer_files(tokenizer_src, staging)
+            (staging / STATE_FILE).write_text(json.dumps({"step": step, **extra_state}, indent=2))
+        dist.barrier()
+        write_manifest(staging)
+        if _rank0():
+            final = root / name
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(staging, final)
+            atomic_write_text(root / TRACKER, name + "\n")
+            _prune(root, keep_last=keep_last, keep=name)
     dist.barrier()
     return root / name
+
+
+def remove_stale_staging(run_dir: str | Path) -> None:
+    """Remove the staging directories of saves that were interrupted (rank 0, at start)."""
+    publish.remove_stale_staging(checkpoints_dir(run_dir), "step_")
 
 
 def _prune(root: Path, *, keep_last: int, keep: str) -> None:

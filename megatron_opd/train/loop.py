@@ -164,6 +164,8 @@ class Trainer:
 
     def _resume(self) -> None:
         c = self.cfg.checkpoint
+        if dist.get_rank() == 0:
+            checkpointing.remove_stale_staging(self.run_dir)
         path = None
         if c.resume == "auto":
             path = checkpointing.latest_checkpoint(self.run_dir)
