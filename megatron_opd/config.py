@@ -219,6 +219,38 @@ class Config:
         need(self.checkpoint.resume in ("auto", "none") or Path(self.checkpoint.resume).is_dir(),
              f"checkpoint.resume must be auto, none or an existing directory, got {self.checkpoint.resume!r}")
 
+    def check_models(self, student, teacher=None) -> None:
+        """Check every field that depends on the models against their configs (``ArchConfig``s,
+        read from config.json without loading weights); ValueError naming the field."""
+        student.check_parallel(tp=self.student.tp, pp=self.student.pp, what="student")
+        if teacher is not None:
+            teacher.check_parallel(tp=self.teacher.tp, pp=self.teacher.pp, what="teacher")
+        vocab = student.vocab_size
+        if self.loss.top_k > vocab:
+            raise ValueError(f"loss.top_k={self.loss.top_k} is larger than the student's vocabulary ({vocab})")
+        bad = [i for i in self.rollout.stop_token_ids if not (isinstance(i, int) and 0 <= i < vocab)]
+        if bad:
+            raise ValueError(f"rollout.stop_token_ids: {bad[0]!r} is not a token id of the student's "
+                             f"vocabulary [0, {vocab})")
+        if self.data.max_prompt_tokens >= student.max_position_embeddings:
+            raise ValueError(f"data.max_prompt_tokens={self.data.max_prompt_tokens} leaves no room for a "
+                             f"completion: the student's max_position_embeddings is {student.max_position_embeddings}")
+
+    def check_inputs(self) -> None:
+        """The data files exist and hold at least one row; the run directory can be written."""
+        from megatron_opd.utils import check_writable
+
+        for name in ("train_path", "eval_path"):
+            path = getattr(self.data, name)
+            if not path:
+                continue
+            if not Path(path).is_file():
+                raise ValueError(f"data.{name}: {path} does not exist")
+            with open(path) as f:
+                if not any(line.strip() for line in f):
+                    raise ValueError(f"data.{name}: {path} is empty (no rows)")
+        check_writable(self.train.run_dir, directory=True, what="train.run_dir")
+
 
 # --- YAML and overrides -------------------------------------------------------------------------
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from megatron_opd.utils import log0
+from megatron_opd.utils import check_writable, log0
 
 STAGING_PREFIX = ".staging-"
 _LOCK_SUFFIX = ".lock"
@@ -114,10 +114,9 @@ def remove_stale_staging(parent: str | Path, name_prefix: str) -> list[Path]:
 
 
 def check_output_dir(out: str | Path, *, force: bool) -> Path:
-    """Refuse an existing non-empty output unless ``force``."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"{out}: exists and is not a directory")
+    """Refuse an output directory that cannot be written, or an existing non-empty one unless
+    ``force``."""
+    out = check_writable(out, directory=True, what="output directory")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise ValueError(f"{out}: output directory exists and is not empty (pass --force to replace it)")
     return out

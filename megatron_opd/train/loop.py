@@ -66,12 +66,15 @@ class Trainer:
     def __init__(self, cfg: Config, *, engine: RolloutEngine | None = None):
         """``engine`` reuses a running student engine (same architecture), e.g. across runs in
         one process; by default one is started."""
-        from megatron_opd.checkpoint.load import load_model
+        from megatron_opd.checkpoint.load import load_model, model_arch
 
         self.cfg = cfg
         parallel.init_distributed()
         world = dist.get_world_size()
         cfg.validate(world_size=world)
+        # Everything a user can get wrong, before any model is built or loaded.
+        cfg.check_inputs()
+        cfg.check_models(model_arch(cfg.student.path), model_arch(cfg.teacher.path) if cfg.teacher.path else None)
         self.run_dir = Path(cfg.train.run_dir)
         self.mp = parallel.initialize_global_model_parallel(ParallelLayout(cfg.student.tp, cfg.student.pp),
                                                             what="student")
