@@ -83,15 +83,15 @@ def _refuse_processes():
 
 def _checkpoint_checks(hf_dir: str, work: str) -> dict:
     from megatron_opd import parallel
-    from megatron_opd.checkpoint import mcore
     from megatron_opd.checkpoint.load import load_model
     from megatron_opd.checkpoint.manifest import write_manifest
     from megatron_opd.train import checkpointing
-    from megatron_opd.train.optim import OptimConfig, make_trainable, optimizer_step
+    from megatron_opd.config import OptimConfig
+    from megatron_opd.train.optim import optimizer_step
 
     work = Path(work)
     mp = parallel.initialize_global_model_parallel(parallel.ParallelLayout(1, 1))
-    trainable = make_trainable(load_model(hf_dir, mp), OptimConfig(lr=1e-3))
+    trainable = OptimConfig(lr=1e-3).build(load_model(hf_dir, mp), total_steps=1)
     for p in trainable.model.module.parameters():  # one step, so that the optimizer has state
         p.main_grad.fill_(1e-3)
     optimizer_step(trainable)
@@ -120,7 +120,7 @@ def _checkpoint_checks(hf_dir: str, work: str) -> dict:
             errors.append(str(e))
         if target.startswith("model:"):  # the same model directory as a converted checkpoint
             try:
-                mcore.load_model(ckpt, mp)
+                load_model(ckpt, mp)
             except ValueError as e:
                 errors.append(str(e))
         out[target] = {"victim": str(victim), "errors": errors, "ran": Path(marker).exists()}
@@ -133,11 +133,11 @@ def _checkpoint_checks(hf_dir: str, work: str) -> dict:
     os.environ[KEY_ENV] = "s3cret"
     try:
         hf_to_mcore(hf_dir, work / "converted", layout=parallel.ParallelLayout(1, 1))
-        mcore.load_model(work / "converted", mp)
+        load_model(work / "converted", mp)
         with (work / "converted" / "model" / "common.pt").open("ab") as f:
             f.write(b"\0")
         try:
-            mcore.load_model(work / "converted", mp)
+            load_model(work / "converted", mp)
             out["signed"] = "loaded"
         except ValueError as e:
             out["signed"] = str(e)

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from megatron_opd.testing.tiny import make_hf_model, write_jsonl
+from megatron_opd.testing.tiny import make_hf_model
+from megatron_opd.utils import write_jsonl
 
 
 class Reached(AssertionError):
@@ -55,11 +56,10 @@ def _score_args(hf_dir, tmp_path, **changes):
                                   "output_is_a_directory", "output_not_writable"])
 def test_score_refuses_bad_arguments_before_the_model_loads(hf_dir, tmp_path, monkeypatch, case):
     from megatron_opd import parallel
-    from megatron_opd.checkpoint import load
     from megatron_opd.commands import score
 
     _forbid(monkeypatch, (parallel, "init_distributed"), (parallel, "initialize_global_model_parallel"),
-            (load, "load_model"))
+            (score, "load_model"))
     args = _score_args(hf_dir, tmp_path)
     if case == "top_k_above_vocab":
         args.top_k, expected = 301, "--top-k 301 must be in [0, 300] (the vocabulary of"
@@ -85,10 +85,10 @@ def test_score_refuses_bad_arguments_before_the_model_loads(hf_dir, tmp_path, mo
 @pytest.mark.parametrize("direction", ["hf-to-mcore", "mcore-to-hf"])
 def test_convert_refuses_an_unwritable_output_before_the_model_loads(hf_dir, tmp_path, monkeypatch, direction):
     from megatron_opd import parallel
-    from megatron_opd.checkpoint import convert, mcore
+    from megatron_opd.checkpoint import convert
 
     _forbid(monkeypatch, (parallel, "initialize_global_model_parallel"), (convert, "build_model"),
-            (mcore, "load_model"))
+            (convert, "load_model"))
     (tmp_path / "file").write_text("x")
     out = tmp_path / "file" / "converted"
     expected = f"output directory {out}: cannot be created: {tmp_path / 'file'} is a file, not a directory"
@@ -113,11 +113,11 @@ def test_trainer_refuses_fields_that_do_not_fit_the_models_before_loading_them(h
     import torch.distributed as dist
 
     from megatron_opd import parallel
-    from megatron_opd.checkpoint import load
     from megatron_opd.config import load_config
+    from megatron_opd.train import loop
     from megatron_opd.train.loop import Trainer
 
-    _forbid(monkeypatch, (parallel, "initialize_global_model_parallel"), (load, "load_model"))
+    _forbid(monkeypatch, (parallel, "initialize_global_model_parallel"), (loop, "load_model"))
     monkeypatch.setattr(parallel, "init_distributed", lambda **kw: None)
     monkeypatch.setattr(dist, "get_world_size", lambda *a: 4)
     (tmp_path / "file").write_text("x")
