@@ -365,9 +365,6 @@ class Config:
         for i in self.rollout.stop_token_ids:
             _require(isinstance(i, int) and 0 <= i < vocab,
                      f"rollout.stop_token_ids: {i!r} is not a token id of the student's vocabulary [0, {vocab})")
-        _require(self.data.max_prompt_tokens < student.max_position_embeddings,
-                 f"data.max_prompt_tokens={self.data.max_prompt_tokens} leaves no room for a completion: the "
-                 f"student's max_position_embeddings is {student.max_position_embeddings}")
 
     def check_inputs(self) -> None:
         """The data files exist and hold a row; the run directory can be written (before any work)."""

@@ -103,7 +103,6 @@ def test_convert_refuses_an_unwritable_output_before_the_model_loads(hf_dir, tmp
 @pytest.mark.parametrize("override,message", [
     ("loss.top_k=301", "loss.top_k=301 is larger than the student's vocabulary (300)"),
     ("rollout.stop_token_ids=[2, 300]", "rollout.stop_token_ids: 300 is not a token id of the student's vocabulary"),
-    ("data.max_prompt_tokens=256", "data.max_prompt_tokens=256 leaves no room for a completion"),
     ("teacher.pp=4", "teacher: num_hidden_layers=2 is not divisible by pp=4"),
     ("train.run_dir={tmp}/file/run", "train.run_dir {tmp}/file/run: cannot be created: {tmp}/file is a file"),
     ("data.train_path={tmp}/empty.jsonl", "data.train_path: {tmp}/empty.jsonl is empty (no rows)"),

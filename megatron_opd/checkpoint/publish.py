@@ -45,6 +45,10 @@ def staging_lock(staging: Path):
         fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # a cleaner is looking at this new file: it will remove it
+            os.close(fd)
+            time.sleep(0.05)
+            continue
         except OSError as e:  # no flock on this filesystem: the directory is still written
             log0(f"warning: {lock}: cannot lock ({e.strerror}); if this job is killed, remove "
                  f"{staging.name} by hand")
