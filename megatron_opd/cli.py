@@ -96,6 +96,8 @@ def _dispatch(args) -> int:
         lost = parallel.lost_ranks(wait_s=0 if isinstance(e, Stopped) else 2.5 * parallel.HEARTBEAT_S)
         if not lost:
             raise
+        if not isinstance(e, Stopped):
+            traceback.print_exc()
         print(f"megatron-opd {args.command}: rank {dist.get_rank()} stopped: lost {'; '.join(lost)} "
               f"(here it showed as {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})",
               file=sys.stderr, flush=True)
