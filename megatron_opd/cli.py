@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import time
 import traceback
 
 import torch.distributed as dist
@@ -74,8 +76,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Stopped(BaseException):
+    """SIGTERM: the launcher stops this rank (e.g. because another rank failed), or the job is cancelled."""
+
+
+def _raise_stopped(signum, frame):
+    raise Stopped(f"stopped by {signal.Signals(signum).name}")
+
+
 def _dispatch(args) -> int:
-    return COMMANDS[args.command](args)
+    """Run the command; a failure that follows from a lost peer rank is reported as that."""
+    try:
+        return COMMANDS[args.command](args)
+    except (ValueError, KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:
+        if not (dist.is_initialized() and dist.get_world_size() > 1):
+            raise
+        lost = parallel.lost_ranks(wait_s=0 if isinstance(e, Stopped) else 2.5 * parallel.HEARTBEAT_S)
+        if not lost:
+            raise
+        if not isinstance(e, Stopped):
+            traceback.print_exc()
+        print(f"megatron-opd {args.command}: rank {dist.get_rank()} stopped: lost {'; '.join(lost)} "
+              f"(here it showed as {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})",
+              file=sys.stderr, flush=True)
+        if "TORCHELASTIC_RUN_ID" in os.environ and not isinstance(e, Stopped):
+            # torchrun names the first rank it sees fail as the root cause: give it time to see
+            # the lost one (it then stops this rank) rather than be blamed for it
+            try:
+                time.sleep(5)
+            except Stopped:
+                pass
+        _fail_fast(1)
+        raise
 
 
 def _fail_fast(code: int) -> None:
@@ -91,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     quiet_known_warnings()
     args = build_parser().parse_args(argv)
     rank = os.environ.get("RANK", "0")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        signal.signal(signal.SIGTERM, _raise_stopped)
     try:
         # `record` writes the root-cause traceback to torchrun's error file for its summary.
         code = record(_dispatch)(args)
@@ -98,6 +134,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"megatron-opd {args.command}: error: {e}", file=sys.stderr)
         _fail_fast(2)
         return 2
+    except Stopped as e:
+        print(f"megatron-opd {args.command}: rank {rank} {e}", file=sys.stderr)
+        _fail_fast(128 + signal.SIGTERM)
+        raise
     except BaseException as e:
         if not isinstance(e, (KeyboardInterrupt, SystemExit)):
             print(f"megatron-opd {args.command}: rank {rank} failed: {type(e).__name__}: {e}",

@@ -28,6 +28,7 @@ from megatron_opd.train.metrics import MetricsLogger
 from megatron_opd.train.objective import (KINDS, SAMPLED_REVERSE_KL, SUPPORTS, TEACHER_TOPK_INPUT, Objective,
                                           make_objective, teacher_need)
 from megatron_opd.train.optim import Trainable, make_trainable
+from megatron_opd.utils import check_writable
 
 DECAYS = ("cosine", "constant", "linear")
 OFFPOLICY_SOURCES = ("dataset", "teacher")
@@ -352,6 +353,29 @@ class Config:
         _require(self.train.prompts_per_step >= dp,
                  f"train.prompts_per_step={self.train.prompts_per_step} is smaller than the student's "
                  f"data-parallel size {dp}")
+
+    def check_models(self, student: ArchConfig, teacher: ArchConfig | None = None) -> None:
+        """Check every field that depends on the models against their configs (read from
+        config.json, before any weight is loaded); ValueError naming the field."""
+        student.check_parallel(tp=self.student.tp, pp=self.student.pp, what="student")
+        if teacher is not None:
+            teacher.check_parallel(tp=self.teacher.tp, pp=self.teacher.pp, what="teacher")
+        vocab = student.vocab_size
+        _require(self.loss.top_k <= vocab, f"loss.top_k={self.loss.top_k} is larger than the student's vocabulary ({vocab})")
+        for i in self.rollout.stop_token_ids:
+            _require(isinstance(i, int) and 0 <= i < vocab,
+                     f"rollout.stop_token_ids: {i!r} is not a token id of the student's vocabulary [0, {vocab})")
+
+    def check_inputs(self) -> None:
+        """The data files exist and hold a row; the run directory can be written (before any work)."""
+        for name in ("train_path", "eval_path"):
+            path = getattr(self.data, name)
+            if not path:
+                continue
+            _require(Path(path).is_file(), f"data.{name}: {path} does not exist")
+            with open(path) as f:
+                _require(any(line.strip() for line in f), f"data.{name}: {path} is empty (no rows)")
+        check_writable(self.train.run_dir, directory=True, what="train.run_dir")
 
 
 # --- YAML and overrides -------------------------------------------------------------------------

@@ -49,6 +49,31 @@ def progress(*, total: int, desc: str, unit: str = "it", enabled: bool = True):
     return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True)
 
 
+def check_writable(path: str | Path, *, directory: bool, what: str) -> Path:
+    """Refuse, before any work, an output that cannot be written (ValueError naming ``what``):
+    a file where a directory is meant or the reverse, a parent path through a file, or a
+    directory we may not create files in. Creates nothing."""
+    path = Path(path)
+    try:
+        if path.exists():
+            if directory and not path.is_dir():
+                raise ValueError(f"{what} {path}: exists and is not a directory")
+            if not directory and path.is_dir():
+                raise ValueError(f"{what} {path}: is a directory (give a file name)")
+            where = path if directory else path.absolute().parent
+        else:
+            where = path.absolute().parent
+            while not where.exists():
+                where = where.parent
+            if not where.is_dir():
+                raise ValueError(f"{what} {path}: cannot be created: {where} is a file, not a directory")
+        with tempfile.TemporaryFile(dir=where):
+            pass
+    except OSError as e:
+        raise ValueError(f"{what} {path}: not writable ({e.strerror}: {e.filename})") from None
+    return path
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file in the same directory, then rename."""
     path = Path(path)

@@ -1,7 +1,9 @@
 """Fault drills for the cluster tests, injected from outside the shipped code: at a chosen step on
 a chosen rank, a rank raises, its gradients turn NaN, or it is SIGKILLed mid-way through writing
-a checkpoint (after the model's files, before the optimizer's). A drill fires in a job's first
-attempt only, so that a torchrun restart (--max-restarts) shows the recovery.
+a checkpoint (after the model's files, before the optimizer's), or SIGKILLed inside megatron's file
+writer of a dist-checkpoint save (``kill_mid_write``: the step is the save's number, 0-based, in
+this process; the rank process is killed even if the writer runs in a child). A drill fires in a
+job's first attempt only, so that a torchrun restart (--max-restarts) shows the recovery.
 
 In a process that builds the trainer itself, call :func:`inject` first. Under torchrun, run this
 file as the script: it injects the drill, then runs the ``megatron-opd`` command line:
@@ -12,6 +14,7 @@ file as the script: it injects the drill, then runs the ``megatron-opd`` command
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import signal
 import sys
@@ -24,7 +27,7 @@ from megatron_opd.cli import main as cli_main
 from megatron_opd.train.checkpointing import step_dir_name
 from megatron_opd.train.optim import NonFiniteGuard
 
-FAULTS = ("raise", "nan", "kill_in_checkpoint")
+FAULTS = ("raise", "nan", "kill_in_checkpoint", "kill_mid_write")
 
 
 def _fires(rank: int) -> bool:
@@ -47,6 +50,9 @@ def inject(fault: str, *, steps, rank: int) -> None:
 
         mcore.dist_save = killing_dist_save
         return
+    if fault == "kill_mid_write":
+        _kill_mid_write(steps, rank)
+        return
     if fault not in FAULTS:
         raise ValueError(f"unknown fault {fault!r} (known: {', '.join(FAULTS)})")
     guarded_step = NonFiniteGuard.step
@@ -60,6 +66,29 @@ def inject(fault: str, *, steps, rank: int) -> None:
         return guarded_step(self, trainable, outputs, step=step)
 
     NonFiniteGuard.step = faulty_step
+
+
+def _kill_mid_write(saves: set, rank: int) -> None:
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    rank_pid, count, armed = os.getpid(), [0], [False]
+    dist_save, write_item = mcore.dist_save, filesystem_async._write_item
+
+    def counting_dist_save(*args, **kwargs):
+        armed[0] = count[0] in saves and _fires(rank)
+        count[0] += 1
+        return dist_save(*args, **kwargs)
+
+    @functools.wraps(write_item)  # megatron reads its signature
+    def killing_write_item(*args, **kwargs):
+        result = write_item(*args, **kwargs)  # one item of the file is on disk, the rest is not
+        if armed[0]:
+            print(f"fault drill: SIGKILL rank {rank} (pid {rank_pid}) mid-write", file=sys.stderr, flush=True)
+            os.kill(rank_pid, signal.SIGKILL)
+        return result
+
+    mcore.dist_save = counting_dist_save
+    filesystem_async._write_item = killing_write_item
 
 
 def main(argv: list[str]) -> int:

@@ -8,8 +8,10 @@ import shutil
 import signal
 import subprocess
 import sys
+import re
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -161,6 +163,62 @@ def test_rank_raising_mid_step_stops_every_rank_quickly(task_dir, tmp_path):
     assert "RuntimeError: injected fault at step 1 on rank 1" in stderr
     assert after_fault < 60, after_fault
     assert "injected fault" in json.loads(error_file.read_text())["message"]["message"]
+
+
+# --- a rank killed mid-save: no orphan, the lost rank named, nothing left behind ------------------
+
+def _job_processes(token: bytes) -> list[int]:
+    """Live processes whose environment holds ``token`` (every process of a job inherits it)."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if token in (d / "environ").read_bytes():
+                    pids.append(int(d.name))
+            except OSError:
+                continue
+    return pids
+
+
+def test_rank_killed_mid_save_leaves_no_process_and_is_named(task_dir, tmp_path):
+    """The probe's case: rank 1 of `convert hf-to-mcore` SIGKILLed inside megatron's file writer.
+    (A killed rank 0's staging directory is removed at the next start: test_crash_recovery.py.)"""
+    token = f"job-{uuid.uuid4().hex}"
+    out = tmp_path / "converted"
+    cmd = _torchrun_cmd(["convert", "hf-to-mcore", "--hf", str(task_dir / "student"), "--out", str(out),
+                         "--tp", "2"], fault=("kill_mid_write", 0, 1))
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "MEGATRON_OPD_TEST_JOB": token})
+    lines, killed = [], threading.Event()
+
+    def read():
+        for line in proc.stderr:
+            lines.append(line)
+            if "fault drill: SIGKILL rank 1" in line:
+                killed.set()
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        assert killed.wait(300), "".join(lines)[-3000:]
+        deadline = time.monotonic() + 10
+        while _job_processes(token.encode()) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        survivors = _job_processes(token.encode())
+        assert survivors == [], [Path(f"/proc/{p}/cmdline").read_bytes() for p in survivors]
+        proc.wait(timeout=30)
+        reader.join(timeout=30)
+    finally:
+        for pid in _job_processes(token.encode()):
+            os.kill(pid, signal.SIGKILL)
+    stderr = "".join(lines)
+    assert proc.returncode != 0
+    pid = re.search(r"fault drill: SIGKILL rank 1 \(pid (\d+)\)", stderr).group(1)
+    # the survivor names the lost rank; torchrun's root cause is rank 1, not rank 0
+    assert re.search(rf"rank 0 stopped: lost rank 1 \(pid {pid} on \S+ has exited\)", stderr), stderr[-3000:]
+    root_cause = stderr[stderr.index("Root Cause"):][:600]
+    assert re.search(r"rank\s*:\s*1 ", root_cause), root_cause
+    # nothing published, and rank 0 removed its staging directory and lock on the way out
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
 # --- kill during checkpoint, resume ---------------------------------------------------------------

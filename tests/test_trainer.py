@@ -82,8 +82,11 @@ def test_resume_reproduces_losses_bit_for_bit(task_dir, tmp_path):
     full, half = tmp_path / "full", tmp_path / "half"
     run_distributed(_train, 2, str(task_dir), str(full), 4, ["checkpoint.every=2"], timeout=600)
     run_distributed(_train, 2, str(task_dir), str(half), 2, [], timeout=600)
-    # A half-written checkpoint from an interrupted save must never be picked.
+    # A half-written checkpoint from an interrupted save must never be picked, and a metrics row
+    # torn by the crash must not stop the resume.
     (half / "checkpoints" / ".staging-step_00000003-deadbeef" / "model").mkdir(parents=True)
+    with (half / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 3, "loss": 0.12')
     out = run_distributed(_train, 2, str(task_dir), str(half), 4, [], timeout=600)
     assert out[0]["start_step"] == 2
     a, b = losses(full), losses(half)

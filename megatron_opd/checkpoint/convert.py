@@ -19,6 +19,7 @@ from megatron_opd import parallel
 from megatron_opd.checkpoint import mcore
 from megatron_opd.checkpoint.hf_weights import load_hf_weights, validate_hf_checkpoint
 from megatron_opd.checkpoint.load import load_model
+from megatron_opd.checkpoint.manifest import write_manifest
 from megatron_opd.checkpoint.publish import check_output_dir, staged_output
 from megatron_opd.checkpoint.safetensors_io import (DTYPE_NAMES, HFCheckpoint, ShardedSafetensorsWriter,
                                                     parse_size)
@@ -54,6 +55,8 @@ def hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, *, layout: parallel.Par
                                      "source": str(hf_dir)})
         if dist.get_rank() == 0:
             mcore.copy_tokenizer_files(hf_dir, staging)
+        dist.barrier()
+        write_manifest(staging)
     log0(f"wrote {out_dir}")
 
 

@@ -16,7 +16,7 @@ from megatron_opd.checkpoint.load import load_model, model_arch
 from megatron_opd.losses import token_logprobs, topk_logprobs
 from megatron_opd.models.builder import ShardedModel
 from megatron_opd.models.schedule import run_schedule
-from megatron_opd.utils import log0, progress, read_jsonl, write_jsonl
+from megatron_opd.utils import check_writable, log0, progress, read_jsonl, write_jsonl
 
 
 def read_token_jsonl(path: str | Path, *, vocab_size: int) -> list[list[int]]:
@@ -123,20 +123,37 @@ def score_sequences(model: ShardedModel, sequences: list[list[int]], *, top_k: i
     return [merged[i] for i in range(len(sequences))]
 
 
+def check_args(args):
+    """Everything about the arguments that can be wrong, checked against the model's config before
+    any process group, model or weight exists; returns (architecture, sequences)."""
+    check_writable(args.output, directory=False, what="--output")
+    if Path(args.output).exists() and not args.force:
+        raise ValueError(f"{args.output}: output exists (pass --force to overwrite)")
+    if not Path(args.input).is_file():
+        raise ValueError(f"{args.input}: input file does not exist")
+    for flag, value in (("--max-tokens", args.max_tokens), ("--tp", args.tp), ("--pp", args.pp)):
+        if value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
+    arch = model_arch(args.model)
+    if not 0 <= args.top_k <= arch.vocab_size:
+        raise ValueError(f"--top-k {args.top_k} must be in [0, {arch.vocab_size}] (the vocabulary of "
+                         f"{args.model})")
+    arch.check_parallel(tp=args.tp, pp=args.pp)
+    sequences = read_token_jsonl(args.input, vocab_size=arch.vocab_size)
+    if not sequences:
+        raise ValueError(f"{args.input}: no sequences to score (the file is empty)")
+    return arch, sequences
+
+
 def main(args) -> int:
     """``megatron-opd score``: see ``cli.py`` for the arguments."""
+    _, sequences = check_args(args)
     parallel.init_distributed()
-    out = Path(args.output)
-    if out.exists() and not args.force:
-        raise ValueError(f"{out}: output exists (pass --force to overwrite)")
-    if not Path(args.input).is_file():  # before any model is built
-        raise ValueError(f"{args.input}: input file does not exist")
     layout = parallel.ParallelLayout(tp=args.tp, pp=args.pp)
-    model_arch(args.model).check_parallel(tp=args.tp, pp=args.pp)
     mp = parallel.initialize_global_model_parallel(layout, what="score")
     model = load_model(args.model, mp)
-    sequences = read_token_jsonl(args.input, vocab_size=model.arch.vocab_size)
     rows = score_sequences(model, sequences, top_k=args.top_k, max_tokens=args.max_tokens)
+    out = Path(args.output)
     if rows is not None:
         write_jsonl(out, rows)
         log0(f"wrote {len(rows)} rows to {out}")

@@ -6,28 +6,31 @@ Layout of ``<run_dir>/checkpoints``::
     latest                 the tracker: name of the newest complete checkpoint (written last)
     step_00000100/         megatron_opd.json, model/ (loadable by `convert mcore-to-hf` and
                            `score`), optimizer/, rng/rank_*.pt, trainer_state.json, config.yaml
-    .staging-step_.../     an interrupted save: never picked, removed at the next save
+    .staging-step_.../     a save in progress (its writer holds .staging-step_....lock) or an
+                           interrupted one: never picked, removed at the next start or save
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
-import uuid
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from megatron_opd.checkpoint import mcore
+from megatron_opd.checkpoint import mcore, publish
 from megatron_opd.checkpoint.convert import write_hf_model
 from megatron_opd.checkpoint.manifest import verify_manifest, write_manifest
-from megatron_opd.checkpoint.publish import STAGING_PREFIX
+from megatron_opd.checkpoint.publish import staging_lock, staging_name
+from megatron_opd.checkpoint.trust import check_dist_checkpoint, load_plain
 from megatron_opd.utils import atomic_write_text, log0
 
 TRACKER = "latest"
 STATE_FILE = "trainer_state.json"
+OPTIMIZER_SUBDIR = "optimizer"
 VERIFY_MODES = ("hash", "size", "none")  # what loading checks of a checkpoint's manifest
 
 
@@ -63,40 +66,44 @@ def save_checkpoint(trainable, *, run_dir: str | Path, step: int, config_yaml: s
     renamed, and only then is the tracker updated."""
     root = checkpoints_dir(run_dir)
     name = step_dir_name(step)
-    box = [f"{STAGING_PREFIX}{name}-{uuid.uuid4().hex[:8]}" if _rank0() else None]
+    box = [staging_name(name) if _rank0() else None]
     dist.broadcast_object_list(box, src=0)
     staging = root / box[0]
-    if _rank0():
-        root.mkdir(parents=True, exist_ok=True)
-        for stale in root.glob(f"{STAGING_PREFIX}*"):  # interrupted saves of earlier runs
-            shutil.rmtree(stale, ignore_errors=True)
-        staging.mkdir()
-        (staging / "optimizer").mkdir()
-        (staging / "rng").mkdir()
-    dist.barrier()
-    model = trainable.model
-    mcore.save_model(model, staging, extra_meta={"hf_dtype": source_hf_dtype})
-    model_sd = model.module.sharded_state_dict()
-    optim_sd = trainable.optimizer.sharded_state_dict(model_sd)
-    mcore.dist_save(optim_sd, staging / "optimizer")
-    torch.save(_rng_state(), staging / "rng" / f"rank_{dist.get_rank():05d}.pt")
-    dist.barrier()
-    if _rank0():
-        (staging / "config.yaml").write_text(config_yaml)
-        if tokenizer_src is not None and Path(tokenizer_src).is_dir():
-            mcore.copy_tokenizer_files(tokenizer_src, staging)
-        (staging / STATE_FILE).write_text(json.dumps({"step": step, **extra_state}, indent=2))
-    dist.barrier()
-    write_manifest(staging)
-    if _rank0():
-        final = root / name
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(staging, final)
-        atomic_write_text(root / TRACKER, name + "\n")
-        _prune(root, keep_last=keep_last, keep=name)
+    with staging_lock(staging) if _rank0() else contextlib.nullcontext():
+        if _rank0():
+            publish.remove_stale_staging(root, "step_")  # interrupted saves of earlier runs
+            staging.mkdir()
+            (staging / OPTIMIZER_SUBDIR).mkdir()
+            (staging / "rng").mkdir()
+        dist.barrier()
+        model = trainable.model
+        mcore.save_model(model, staging, extra_meta={"hf_dtype": source_hf_dtype})
+        model_sd = model.module.sharded_state_dict()
+        optim_sd = trainable.optimizer.sharded_state_dict(model_sd)
+        mcore.dist_save(optim_sd, staging / OPTIMIZER_SUBDIR)
+        torch.save(_rng_state(), staging / "rng" / f"rank_{dist.get_rank():05d}.pt")
+        dist.barrier()
+        if _rank0():
+            (staging / "config.yaml").write_text(config_yaml)
+            if tokenizer_src is not None and Path(tokenizer_src).is_dir():
+                mcore.copy_tokenizer_files(tokenizer_src, staging)
+            (staging / STATE_FILE).write_text(json.dumps({"step": step, **extra_state}, indent=2))
+        dist.barrier()
+        write_manifest(staging)
+        if _rank0():
+            final = root / name
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(staging, final)
+            atomic_write_text(root / TRACKER, name + "\n")
+            _prune(root, keep_last=keep_last, keep=name)
     dist.barrier()
     return root / name
+
+
+def remove_stale_staging(run_dir: str | Path) -> None:
+    """Remove the staging directories of saves that were interrupted (rank 0, at start)."""
+    publish.remove_stale_staging(checkpoints_dir(run_dir), "step_")
 
 
 def _prune(root: Path, *, keep_last: int, keep: str) -> None:
@@ -121,14 +128,16 @@ def load_checkpoint(trainable, path: str | Path, *, verify: str = "hash") -> dic
     if meta["padded_vocab_size"] != model.padded_vocab_size:
         raise ValueError(f"{path}: padded vocabulary {meta['padded_vocab_size']} != the model's "
                          f"{model.padded_vocab_size} (was it saved with a different student?)")
+    for part in (mcore.MODEL_SUBDIR, OPTIMIZER_SUBDIR):
+        check_dist_checkpoint(path / part)
     loaded = dist_checkpointing.load(model.module.sharded_state_dict(), str(path / mcore.MODEL_SUBDIR))
     with torch.no_grad():
         model.module.load_state_dict(loaded, strict=True)
     optim_sd = trainable.optimizer.sharded_state_dict(model.module.sharded_state_dict(), is_loading=True)
-    trainable.optimizer.load_state_dict(dist_checkpointing.load(optim_sd, str(path / "optimizer")))
+    trainable.optimizer.load_state_dict(dist_checkpointing.load(optim_sd, str(path / OPTIMIZER_SUBDIR)))
     rng_file = path / "rng" / f"rank_{dist.get_rank():05d}.pt"
     if rng_file.is_file():
-        _set_rng_state(torch.load(rng_file, weights_only=False))
+        _set_rng_state(load_plain(rng_file, "RNG state"))
     else:
         log0(f"{path}: no RNG state for this world size; RNG streams restart from the seed")
     return json.loads(state_file.read_text())
@@ -163,7 +172,10 @@ class Checkpointer:
         self.export_hf, self.config_yaml, self.tokenizer_src = export_hf, config_yaml, tokenizer_src
 
     def restore(self, trainable) -> dict | None:
-        """Load the checkpoint to resume from into ``trainable``; its trainer state, or None."""
+        """Load the checkpoint to resume from into ``trainable``; its trainer state, or None.
+        Staging directories of interrupted saves are removed first (rank 0)."""
+        if dist.get_rank() == 0:
+            remove_stale_staging(self.run_dir)
         if self.resume == "none":
             return None
         path = latest_checkpoint(self.run_dir) if self.resume == "auto" else Path(self.resume)

@@ -33,9 +33,11 @@ def dry_run(cfg: Config, world: int) -> tuple[str, bool]:
         if not (Path(m.path) / "config.json").is_file():
             out.append(f"{name}: no config.json at {m.path}; memory not estimated")
             continue
-        arch = ArchConfig.from_hf_dir(m.path)
-        arch.check_parallel(tp=m.tp, pp=m.pp, what=name)
-        archs[name] = arch
+        archs[name] = ArchConfig.from_hf_dir(m.path)
+    if "student" in archs:
+        cfg.check_models(archs["student"], archs.get("teacher"))
+    elif "teacher" in archs:
+        archs["teacher"].check_parallel(tp=cfg.teacher.tp, pp=cfg.teacher.pp, what="teacher")
     ok = True
     if "student" in archs:
         rows = estimate(cfg, archs["student"], archs.get("teacher"), world_size=world)

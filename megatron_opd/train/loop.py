@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_opd import parallel
-from megatron_opd.checkpoint.load import load_model
+from megatron_opd.checkpoint.load import load_model, model_arch
 from megatron_opd.config import Config
 from megatron_opd.rollout.consistency import check_mismatch
 from megatron_opd.rollout.engine import RolloutEngine
@@ -60,6 +60,9 @@ class Trainer:
         self.cfg = cfg
         parallel.init_distributed()
         cfg.validate(world_size=dist.get_world_size())
+        # Everything a user can get wrong, before any model is built or loaded.
+        cfg.check_inputs()
+        cfg.check_models(model_arch(cfg.student.path), model_arch(cfg.teacher.path) if cfg.teacher.path else None)
         self.run_dir = Path(cfg.train.run_dir)
         self.mp = parallel.initialize_global_model_parallel(cfg.student.layout, what="student")
         self.student = load_model(cfg.student.path, self.mp, seed=cfg.train.seed)

@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from megatron_opd import parallel
 from megatron_opd.parallel import ModelParallel
-from megatron_opd.utils import read_jsonl, write_jsonl
+from megatron_opd.utils import atomic_write_text, log0
 
 # What the objective's metrics of each micro-batch are summed as (see train/objective.py).
 LOSS_SUMS = ("loss_sum", "divergence_sum", "loss_tokens", "mismatch_sum", "mismatch_tokens", "topk_overlap_sum",
@@ -68,13 +68,29 @@ def step_metrics(outputs: list[dict], seqs: list, mp: ModelParallel) -> dict:
 
 def _drop_rows_after(jsonl: Path, step: int) -> None:
     """A resumed run continues the file from its checkpoint: rows of steps after it (logged by
-    a run that died before its next checkpoint) are dropped, so every step appears once."""
+    a run that died before its next checkpoint) are dropped, so every step appears once. A torn
+    last line (the run was killed while writing it) is dropped with a warning."""
     if not jsonl.is_file():
         return
-    rows = [row for _, row in read_jsonl(jsonl)]
-    kept = [row for row in rows if row.get("step", 0) <= step]
-    if len(kept) != len(rows):
-        write_jsonl(jsonl, kept)
+    lines = jsonl.read_text().splitlines(keepends=True)
+    kept = []
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            if lineno == len(lines):
+                log0(f"warning: {jsonl}:{lineno}: dropped a torn last line (the run stopped while "
+                     f"writing it): {line.strip()[:80]!r}")
+                continue
+            raise ValueError(f"{jsonl}:{lineno}: not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{jsonl}:{lineno}: expected a JSON object per line, got {line.strip()[:80]!r}")
+        if row.get("step", 0) <= step:
+            kept.append(line if line.endswith("\n") else line + "\n")
+    if kept != lines:
+        atomic_write_text(jsonl, "".join(kept))
 
 
 class MetricsLogger:
