@@ -22,6 +22,9 @@ class ModelConfig:
     path: str = ""
     tp: int = 1
     pp: int = 1
+    # Parameter dtype: "fp32" or "bf16" (megatron's mixed precision: bf16 parameters and
+    # activations, fp32 main parameters and gradient reduction; the divergence math stays fp32).
+    dtype: str = "fp32"
 
 
 @dataclass
@@ -164,8 +167,11 @@ class Config:
         need(self.teacher.path or self.teacher.served_url,
              "teacher.path or teacher.served_url is required")
         need(self.data.train_path, "data.train_path is required")
+        from megatron_opd.models.config import params_dtype
+
         for name, m in (("student", self.student), ("teacher", self.teacher)):
             need(m.tp >= 1 and m.pp >= 1, f"{name}.tp and {name}.pp must be >= 1")
+            params_dtype(m.dtype, what=f"{name}.dtype")
             if world_size is not None and (m.path or name == "student"):
                 if world_size % (m.tp * m.pp):
                     raise ValueError(f"{name}: tp * pp = {m.tp} * {m.pp} = {m.tp * m.pp} does not "

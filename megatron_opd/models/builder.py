@@ -144,12 +144,15 @@ def build_model(arch: ArchConfig, mp: ModelParallel, *, params_dtype: torch.dtyp
         rotary_base=int(arch.rope_theta),
         pg_collection=mp.pg_collection,
     )
-    # megatron computes RoPE frequencies its own way (fixed Llama-3 constants); use HF's exactly.
+    # The local spec's norms are torch norms created in fp32 whatever params_dtype says (megatron's
+    # training script casts the whole model to bf16 afterwards, as TE's norms would be built).
+    module.to(device=parallel.device(), dtype=params_dtype)
+    # megatron computes RoPE frequencies its own way (fixed Llama-3 constants); use HF's exactly
+    # (in fp32 for every params_dtype, as megatron and transformers keep them).
     rotary = module.rotary_pos_emb
-    rotary.inv_freq = rope_inv_freq(arch).to(rotary.inv_freq.device)
+    rotary.inv_freq = rope_inv_freq(arch).to(parallel.device())
     rotary.packed_positions = None
     rotary.forward = functools.partial(_rope_at_positions, rotary)  # shadows the class's forward
-    module.to(parallel.device())
     model = ShardedModel(arch=arch, mp=mp, module=module, padded_vocab_size=padded_vocab, te_spec=te)
     _mark_tensor_parallel(model)
     return model

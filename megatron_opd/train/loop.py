@@ -16,6 +16,7 @@ import torch.distributed as dist
 from megatron_opd import parallel
 from megatron_opd.config import Config
 from megatron_opd.parallel import ParallelLayout
+from megatron_opd.models.config import params_dtype
 from megatron_opd.models.schedule import final_hidden_states, gather_sequence_parallel, output_weight
 from megatron_opd.rollout.consistency import check_mismatch
 from megatron_opd.rollout.engine import RolloutEngine
@@ -78,7 +79,8 @@ class Trainer:
         if cfg.train.prompts_per_step < self.mp.dp_size:
             raise ValueError(f"train.prompts_per_step={cfg.train.prompts_per_step} is smaller than the "
                              f"student's data-parallel size {self.mp.dp_size}")
-        self.student = load_model(cfg.student.path, self.mp, seed=cfg.train.seed)
+        self.dtype = params_dtype(cfg.student.dtype, what="student.dtype")
+        self.student = load_model(cfg.student.path, self.mp, seed=cfg.train.seed, params_dtype=self.dtype)
         self.arch = self.student.arch
         o = cfg.optim
         self.trainable: Trainable = make_trainable(self.student, OptimConfig(
@@ -105,7 +107,7 @@ class Trainer:
                                     cfg.data.max_prompt_tokens + r.max_turns * r.max_new_tokens * 2)
         # Engines after the trainer's groups exist, on every rank at the same point (vLLM joins
         # the world group collectively).
-        self.engine = engine or RolloutEngine(self.arch, kv_cache_bytes=int(r.kv_cache_gb * (1 << 30)),
+        self.engine = engine or RolloutEngine(self.arch, dtype=self.dtype, kv_cache_bytes=int(r.kv_cache_gb * (1 << 30)),
                                               max_model_len=self.max_total_tokens, seed=cfg.train.seed)
         self._own_engine = engine is None
         self.sync = WeightSync(self.student, bucket_bytes=int(r.bucket_mb * (1 << 20)))
@@ -113,7 +115,8 @@ class Trainer:
         if r.lmbda < 1.0 and r.offpolicy_source == "teacher":
             if self.teacher is None:
                 raise ValueError("rollout.offpolicy_source=teacher needs an in-process teacher (teacher.path)")
-            self.teacher_engine = RolloutEngine(self.teacher.arch, kv_cache_bytes=int(r.kv_cache_gb * (1 << 30)),
+            self.teacher_engine = RolloutEngine(self.teacher.arch, dtype=self.teacher.model.config.params_dtype,
+                                                kv_cache_bytes=int(r.kv_cache_gb * (1 << 30)),
                                                 max_model_len=self.max_total_tokens, seed=cfg.train.seed + 1)
             WeightSync(self.teacher.model, bucket_bytes=int(r.bucket_mb * (1 << 20))).sync(self.teacher_engine)
         self.start_step = 0
@@ -150,7 +153,8 @@ class Trainer:
 
         self.teacher = MegatronTeacher(cfg.teacher.path, ParallelLayout(cfg.teacher.tp, cfg.teacher.pp),
                                        need=self.need, top_k=cfg.loss.top_k,
-                                       temperature=cfg.teacher.temperature, seed=cfg.train.seed)
+                                       temperature=cfg.teacher.temperature, seed=cfg.train.seed,
+                                       params_dtype=params_dtype(cfg.teacher.dtype, what="teacher.dtype"))
         check_tokenizers(self.tokenizer, _tokenizer(cfg.teacher.path), student_vocab=self.arch.vocab_size,
                          teacher_vocab=self.teacher.arch.vocab_size)
 
@@ -279,44 +283,45 @@ class Trainer:
         return True
 
     def _grads_finite(self, outputs) -> bool:
-        """All ranks agree whether every gradient (and the loss) is finite."""
-        ok = torch.ones(1)
-        for o in outputs:
-            if not torch.isfinite(o["loss_sum"]).all():
-                ok.zero_()
-        for p in self.student.module.parameters():
-            g = getattr(p, "main_grad", None)
-            if g is not None and not torch.isfinite(g).all():
-                ok.zero_()
-                break
+        """All ranks agree whether every gradient (and the loss) is finite. The checks stay on the
+        compute device; one flag comes back to the host."""
+        flags = [torch.isfinite(o["loss_sum"]).all() for o in outputs]
+        flags += [torch.isfinite(p.main_grad).all() for p in self.student.module.parameters()
+                  if getattr(p, "main_grad", None) is not None]
+        ok = torch.ones(1, device=parallel.device())
+        if flags:
+            ok.mul_(torch.stack(flags).all())
         dist.all_reduce(ok, op=dist.ReduceOp.MIN)
         return bool(ok.item())
 
     def _reduce_metrics(self, outputs: list[dict], seqs) -> dict:
+        """The step's metrics summed (maxed) over the ranks that hold them: the micro-batches'
+        sums stay on the compute device, and the reduced values come to the host in one copy."""
         mp = self.mp
+        device = parallel.device()
         contributes = mp.is_last_stage and mp.tp_rank == 0
         keys = ["loss_sum", "divergence_sum", "loss_tokens", "mismatch_sum", "mismatch_tokens", "topk_overlap_sum",
                 "topk_mass_overlap_sum"]
-        sums = torch.zeros(len(keys) + 4, dtype=torch.float64)
-        mx = torch.zeros(1, dtype=torch.float64)
+        counts = [0.0] * 4
+        if mp.tp_rank == 0 and mp.pp_rank == 0:  # one rank per replica counts the sequences
+            counts = [sum(s.completion_len for s in seqs),
+                      sum(s.completion_len - sum(s.completion_mask) for s in seqs),
+                      len(seqs), sum(len(s.tokens) for s in seqs)]
+        sums = torch.tensor([0.0] * len(keys) + counts, dtype=torch.float64, device=device)
+        mx = torch.zeros(1, dtype=torch.float64, device=device)
         if contributes:
             for o in outputs:
                 for j, k in enumerate(keys):
                     if k in o:
-                        sums[j] += float(o[k])
+                        sums[j] += torch.as_tensor(o[k], device=device).to(torch.float64)
                 if "mismatch_max" in o:
-                    mx[0] = max(mx[0].item(), float(o["mismatch_max"]))
-        if mp.tp_rank == 0 and mp.pp_rank == 0:  # one rank per replica counts the sequences
-            completion = sum(s.completion_len for s in seqs)
-            tool = sum(s.completion_len - sum(s.completion_mask) for s in seqs)
-            sums[len(keys)] = completion
-            sums[len(keys) + 1] = tool
-            sums[len(keys) + 2] = len(seqs)
-            sums[len(keys) + 3] = sum(len(s.tokens) for s in seqs)
+                    torch.maximum(mx, torch.as_tensor(o["mismatch_max"], device=device).to(torch.float64), out=mx)
         dist.all_reduce(sums)
         dist.all_reduce(mx, op=dist.ReduceOp.MAX)
-        s = dict(zip(keys, sums.tolist()))
-        completion, tool, nseq, total_tokens = sums[len(keys):].tolist()
+        host = torch.cat([sums, mx]).tolist()
+        s = dict(zip(keys, host))
+        completion, tool, nseq, total_tokens = host[len(keys):len(keys) + 4]
+        max_mismatch = host[-1]
         tokens = max(s["loss_tokens"], 1.0)
         out = {"loss": s["loss_sum"] / tokens, "divergence": s["divergence_sum"] / tokens,
                "response_length": completion / max(nseq, 1), "masked_tool_fraction": tool / max(completion, 1),
@@ -325,7 +330,7 @@ class Trainer:
             out["topk_overlap"] = s["topk_overlap_sum"] / tokens
             out["topk_mass_overlap"] = s["topk_mass_overlap_sum"] / tokens
         if s["mismatch_tokens"]:
-            out["rollout/logprob_abs_diff_max"] = mx.item()
+            out["rollout/logprob_abs_diff_max"] = max_mismatch
             out["rollout/logprob_abs_diff_mean"] = s["mismatch_sum"] / s["mismatch_tokens"]
         return out
 
@@ -340,9 +345,10 @@ class Trainer:
         mine = self.eval_records[rank::world]
         correct = count_correct(self.engine, mine, self.tokenizer, metric=e.metric,
                                 max_new_tokens=e.max_new_tokens, stop_token_ids=self.stop_ids)
-        counts = torch.tensor([float(correct), float(len(mine))], dtype=torch.float64)
+        counts = torch.tensor([float(correct), float(len(mine))], dtype=torch.float64, device=parallel.device())
         dist.all_reduce(counts)
-        return {"eval/accuracy": counts[0].item() / max(counts[1].item(), 1.0)}
+        correct, total = counts.tolist()
+        return {"eval/accuracy": correct / max(total, 1.0)}
 
     def save(self, step: int) -> Path:
         c = self.cfg.checkpoint
