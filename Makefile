@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo clean gpu-wheels gpu-check
+.PHONY: install test test-fast demo clean gpu-wheels gpu-check
 
 install: $(STAMP)
 
@@ -19,6 +19,10 @@ $(STAMP): pyproject.toml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests -q
+
+# The quick tier for the inner loop: every module's unit tests, no vLLM, a few minutes.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest tests -q -m "not slow"
 
 demo: $(STAMP)
 	$(BIN)/python -m megatron_opd.demo

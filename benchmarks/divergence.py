@@ -46,7 +46,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gc
-import os
 import time
 
 import torch
@@ -56,6 +55,7 @@ import torch.nn.functional as F
 from megatron_opd.losses import (fused_linear_divergence, fused_linear_divergence_sum,
                                  vocab_parallel_divergence)
 from megatron_opd.testing.multiprocess import run_distributed
+from megatron_opd.testing.profiling import peak_extra_bytes
 
 METHODS = ("ours", "all-gather", "LogitsKLLoss")
 FUSED_METHODS = ("logits+matmul", "fused", "fused sum")
@@ -198,34 +198,6 @@ def measure(method: str, num_tokens: int, vocab: int, repeats: int, threads: int
             "inputs": 2 * student.numel() * student.element_size()}
 
 
-def _set_cpu_allocation_accounting(on: bool) -> None:
-    libc10 = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libc10.so"))
-    ctypes.c_bool.in_dll(libc10, "FLAGS_caffe2_report_cpu_memory_usage").value = on
-
-
-def _peak_extra_bytes(fn) -> int:
-    """The CPU allocator's peak running total during ``fn()`` minus its total before."""
-    from torch._C._profiler import _EventType
-
-    _set_cpu_allocation_accounting(True)
-    try:
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
-                                    profile_memory=True) as prof:
-            torch.empty(1)  # the first event carries the total before fn
-            fn()
-    finally:
-        _set_cpu_allocation_accounting(False)
-    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
-    while stack:
-        e = stack.pop()
-        stack.extend(e.children)
-        if e.tag == _EventType.Allocation:
-            events.append(e)
-    events.sort(key=lambda e: e.start_time_ns)
-    start = events[0].extra_fields.total_allocated - events[0].extra_fields.alloc_size
-    return max(e.extra_fields.total_allocated for e in events) - start
-
-
 def _timed(fn) -> float:
     """The slowest rank's time of ``fn()``."""
     dist.barrier()
@@ -243,7 +215,7 @@ def _run(step, warm_up, repeats: int) -> tuple[int, int, float]:
     base = _settle()
     first = _timed(step)
     peak_rss = _rss_bytes("VmHWM") - base
-    peak = _peak_extra_bytes(step)
+    peak = peak_extra_bytes(step)
     times = [_timed(step) for _ in range(repeats)]
     return peak, peak_rss, min(times, default=first)
 

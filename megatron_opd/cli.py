@@ -7,6 +7,15 @@ import os
 import sys
 import traceback
 
+import torch.distributed as dist
+from torch.distributed.elastic.multiprocessing.errors import record
+
+from megatron_opd import parallel
+from megatron_opd.commands import convert, score, train
+from megatron_opd.cpu_compat import quiet_known_warnings
+
+COMMANDS = {"score": score.main, "convert": convert.main, "train": train.main}
+
 
 def _score_parser(sub) -> None:
     p = sub.add_parser("score", help="per-token log-probs (and top-k) of token sequences",
@@ -66,24 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _dispatch(args) -> int:
-    if args.command == "score":
-        from megatron_opd.commands import score
-
-        return score.main(args)
-    if args.command == "convert":
-        from megatron_opd.checkpoint import convert
-
-        return convert.main(args)
-    from megatron_opd.commands import train as run
-
-    return run.main(args)
+    return COMMANDS[args.command](args)
 
 
 def _fail_fast(code: int) -> None:
     """In a multi-rank job, leave now: tearing down process groups could wait on a peer that
     is gone or stuck, and torchrun stops the other ranks once this one has exited non-zero."""
-    import torch.distributed as dist
-
     if dist.is_initialized() and dist.get_world_size() > 1:
         sys.stderr.flush()
         sys.stdout.flush()
@@ -91,10 +88,6 @@ def _fail_fast(code: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from torch.distributed.elastic.multiprocessing.errors import record
-
-    from megatron_opd.cpu_compat import quiet_known_warnings
-
     quiet_known_warnings()
     args = build_parser().parse_args(argv)
     rank = os.environ.get("RANK", "0")
@@ -112,8 +105,6 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
             _fail_fast(1)
         raise
-    from megatron_opd import parallel
-
     parallel.shutdown_distributed()
     return code
 

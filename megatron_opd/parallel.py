@@ -6,9 +6,13 @@ import datetime
 import os
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import Callable
 
 import torch
 import torch.distributed as dist
+
+from megatron_opd import cpu_compat
+from megatron_opd.utils import free_port
 
 
 def cuda_available() -> bool:
@@ -35,8 +39,6 @@ def init_distributed(*, timeout_minutes: float = 30.0) -> None:
     if dist.is_initialized():
         return
     if "RANK" not in os.environ:
-        from megatron_opd.utils import free_port
-
         os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
                            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())})
     if cuda_available():
@@ -49,18 +51,26 @@ def init_distributed(*, timeout_minutes: float = 30.0) -> None:
     dist.init_process_group(backend=backend(), store=dist.PrefixStore(f"megatron_opd/attempt_{attempt}", store),
                             rank=rank, world_size=world_size, timeout=timeout)
     if not cuda_available():
-        from megatron_opd import cpu_compat
-
         cpu_compat.apply()
 
 
+# Teardowns of libraries that joined the world group (vLLM's engines), run before it goes.
+_BEFORE_SHUTDOWN: list[Callable[[], None]] = []
+
+
+def before_shutdown(teardown: Callable[[], None]) -> None:
+    """Have :func:`shutdown_distributed` call ``teardown`` (once) before it destroys any process
+    group: whatever joins the world group with groups of its own registers how to leave it."""
+    if teardown not in _BEFORE_SHUTDOWN:
+        _BEFORE_SHUTDOWN.append(teardown)
+
+
 def shutdown_distributed() -> None:
-    """Tear down megatron's and (if started) vLLM's groups, then the world group."""
+    """Run the registered teardowns (newest first), then tear down megatron's groups and the world group."""
     from megatron.core import parallel_state
 
-    from megatron_opd.rollout.engine import shutdown_vllm_distributed
-
-    shutdown_vllm_distributed()
+    while _BEFORE_SHUTDOWN:
+        _BEFORE_SHUTDOWN.pop()()
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():

@@ -1,7 +1,8 @@
-"""Small shared helpers: rank-0 logging, progress bars, atomic file writes."""
+"""Small shared helpers: rank-0 logging, progress bars, atomic file writes, JSONL files."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import sys
@@ -62,3 +63,30 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def read_jsonl(path: str | Path, *, what: str = "file") -> list[tuple[int, dict]]:
+    """``(line number, object)`` of every non-empty line; a missing file or a line that is not
+    a JSON object is a ValueError naming the file (``what`` says which) and the line."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: {what} does not exist")
+    rows = []
+    with path.open() as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{lineno}: each line must be a JSON object")
+            rows.append((lineno, row))
+    return rows
+
+
+def write_jsonl(path: str | Path, rows: list[dict]) -> Path:
+    """One JSON object per line, written atomically; returns the path."""
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+    return Path(path)

@@ -34,11 +34,11 @@ def _bf16_vs_fp32(model_dir: str, run_dir: str) -> dict:
     from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
 
     from megatron_opd import parallel
-    from megatron_opd.checkpoint.hf_weights import iter_hf_tensors
     from megatron_opd.checkpoint.load import load_model
     from megatron_opd.testing.checks import gathered_logits
     from megatron_opd.train import checkpointing
-    from megatron_opd.train.optim import OptimConfig, forward_backward, make_trainable, optimizer_step
+    from megatron_opd.config import OptimConfig
+    from megatron_opd.train.optim import forward_backward, optimizer_step
 
     ids = torch.randint(0, 300, (1, 26), generator=torch.Generator().manual_seed(3))
     # Two packed sequences of 13 tokens (positions restart), as the trainer's micro-batches are.
@@ -49,10 +49,10 @@ def _bf16_vs_fp32(model_dir: str, run_dir: str) -> dict:
         runs = {}
         for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
             model = load_model(model_dir, mp, params_dtype=dtype)
-            t = make_trainable(model, OptimConfig(lr=1e-2, clip_grad=0.0))
+            t = OptimConfig(lr=1e-2, clip_grad=0.0).build(model, total_steps=10)
             outputs = forward_backward(t, [batch], _nll_output_fn(300, mp.tp_group))
             logits = gathered_logits(model, outputs[0]["logits"]) if outputs else None
-            grads = dict(iter_hf_tensors(model, grads=True))
+            grads = {n: p.main_grad.detach().clone() for n, p in model.module.named_parameters()}
             runs[name] = {"t": t, "logits": logits, "grads": grads}
         t = runs["bf16"]["t"]
         inner = t.optimizer.chained_optimizers[0]
@@ -80,8 +80,8 @@ def _bf16_vs_fp32(model_dir: str, run_dir: str) -> dict:
         if pp == 2:
             path = checkpointing.save_checkpoint(t, run_dir=run_dir, step=3, config_yaml="", extra_state={},
                                                  keep_last=1)
-            fresh = make_trainable(load_model(model_dir, mp, params_dtype=torch.bfloat16),
-                                   OptimConfig(lr=1e-2, clip_grad=0.0))
+            fresh_model = load_model(model_dir, mp, params_dtype=torch.bfloat16)
+            fresh = OptimConfig(lr=1e-2, clip_grad=0.0).build(fresh_model, total_steps=10)
             checkpointing.load_checkpoint(fresh, path)
             fresh_main = [p for g in fresh.optimizer.chained_optimizers[0].optimizer.param_groups
                           for p in g["params"]]

@@ -56,7 +56,7 @@ def test_cpu_refuses_what_megatron_cannot_do_there(tmp_path):
 
     from megatron_opd.models.config import transformer_config
     from megatron_opd.parallel import cuda_available
-    from megatron_opd.train.optim import OptimConfig
+    from megatron_opd.config import OptimConfig
 
     if cuda_available():
         pytest.skip("these refusals apply without CUDA only")
@@ -66,7 +66,7 @@ def test_cpu_refuses_what_megatron_cannot_do_there(tmp_path):
     with pytest.raises(ValueError, match=r"sequence_parallel=True needs CUDA"):
         transformer_config(arch, tp=1, pp=1, params_dtype=torch.float32, sequence_parallel=True)
     with pytest.raises(ValueError, match=r"optim.use_distributed_optimizer=true needs CUDA"):
-        OptimConfig(use_distributed_optimizer=True).validate()
+        OptimConfig(use_distributed_optimizer=True).check_device()
     config = transformer_config(arch, tp=1, pp=1, params_dtype=torch.float32)
     assert config.batch_p2p_comm is False and config.params_dtype == torch.float32
 

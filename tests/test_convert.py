@@ -45,6 +45,7 @@ def converted(tiny_models, tmp_path_factory):
     return work, models
 
 
+@pytest.mark.slow
 def test_round_trip_is_bit_exact_with_same_config(converted):
     work, models = converted
     for name, src in models.items():
@@ -61,6 +62,7 @@ def test_round_trip_is_bit_exact_with_same_config(converted):
     assert not [p for p in work.iterdir() if p.name.startswith(".staging-")]
 
 
+@pytest.mark.slow
 def test_converted_checkpoint_loads_at_any_layout_with_same_logits(converted):
     work, models = converted
     names = ["llama_tied", "qwen2"]
@@ -73,6 +75,7 @@ def test_converted_checkpoint_loads_at_any_layout_with_same_logits(converted):
     assert all(v <= 1e-4 for v in diffs.values()), diffs
 
 
+@pytest.mark.slow
 def test_exported_model_matches_transformers_on_original(converted):
     from transformers import AutoModelForCausalLM
 

@@ -60,7 +60,8 @@ def _exercise_shims(model_dir: str, ckpt_dir: str) -> dict:
     from megatron_opd.checkpoint.hf_weights import load_hf_weights
     from megatron_opd.losses import token_logprobs
     from megatron_opd.models import ArchConfig, build_model
-    from megatron_opd.train.optim import OptimConfig, forward_backward, make_trainable, optimizer_step
+    from megatron_opd.config import OptimConfig
+    from megatron_opd.train.optim import forward_backward, optimizer_step
 
     assert cpu_compat.is_applied()
     assert torch.cuda.current_device() == "cpu"
@@ -73,7 +74,7 @@ def _exercise_shims(model_dir: str, ckpt_dir: str) -> dict:
         parallel.seed(7, mp)
         model = build_model(arch, mp, recompute=recompute, config_extra={"hidden_dropout": 0.1})
         load_hf_weights(model, model_dir)
-        t = make_trainable(model, OptimConfig(lr=1e-3, clip_grad=0.01))
+        t = OptimConfig(lr=1e-3, clip_grad=0.01).build(model, total_steps=1)
 
         def output_fn(logits, b):
             lp = token_logprobs(logits[:, :-1], b["input_ids"][:, 1:], vocab_size=300, tp_group=mp.tp_group)

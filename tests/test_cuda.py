@@ -164,10 +164,10 @@ def test_model_forward_and_backward_on_cuda_match_the_cpu_reference(world, tiny_
     from transformers import AutoModelForCausalLM
 
     from megatron_opd import parallel
-    from megatron_opd.checkpoint.hf_weights import iter_hf_tensors
     from megatron_opd.checkpoint.load import load_model
     from megatron_opd.losses import token_logprobs
-    from megatron_opd.train.optim import OptimConfig, forward_backward, make_trainable
+    from megatron_opd.config import OptimConfig
+    from megatron_opd.train.optim import forward_backward
 
     ids = torch.randint(0, 300, (1, 24), generator=torch.Generator().manual_seed(0))
     hf = AutoModelForCausalLM.from_pretrained(tiny_hf, dtype=torch.float32, attn_implementation="eager")
@@ -179,7 +179,7 @@ def test_model_forward_and_backward_on_cuda_match_the_cpu_reference(world, tiny_
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         model = load_model(tiny_hf, mp, params_dtype=dtype)
         assert all(p.device.type == "cuda" and p.dtype == dtype for p in model.module.parameters())
-        t = make_trainable(model, OptimConfig(lr=1e-3))
+        t = OptimConfig(lr=1e-3).build(model, total_steps=10)
 
         def output_fn(z, b):
             lp = token_logprobs(z[:, :-1], b["input_ids"][:, 1:], vocab_size=300)
@@ -187,7 +187,7 @@ def test_model_forward_and_backward_on_cuda_match_the_cpu_reference(world, tiny_
 
         out = forward_backward(t, [batch], output_fn)
         logits[name] = out[0]["logits"].cpu()
-        grads[name] = {k: v.float().cpu() for k, v in iter_hf_tensors(model, grads=True)}
+        grads[name] = {n: p.main_grad.detach().cpu() for n, p in model.module.named_parameters()}
     fp32_err = _rel(logits["fp32"], ref)
     bf16_diff = (logits["bf16"] - ref).abs().max().item()
     grad_err = max(((grads["bf16"][k] - g).norm() / g.norm()).item() for k, g in grads["fp32"].items())

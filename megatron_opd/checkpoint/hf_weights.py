@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from megatron_opd import parallel
 from megatron_opd.checkpoint.safetensors_io import DTYPE_NAMES, HFCheckpoint
 from megatron_opd.models.builder import ShardedModel
 from megatron_opd.models.config import ArchConfig
@@ -61,62 +60,3 @@ def load_hf_weights(model: ShardedModel, path) -> None:
             raise AssertionError(f"{ref.name}: built shard {tuple(shard.shape)} != parameter "
                                  f"{tuple(ref.tensor.shape)}")
         ref.tensor.copy_(shard)
-
-
-def _gather_tp(tensor: torch.Tensor, model: ShardedModel) -> list[torch.Tensor]:
-    tp = model.mp.layout.tp
-    if tp == 1:
-        return [tensor]
-    parts = [torch.empty_like(tensor) for _ in range(tp)]
-    torch.distributed.all_gather(parts, tensor.contiguous(), group=model.mp.tp_group)
-    return parts
-
-
-@torch.no_grad()
-def iter_hf_tensors(model: ShardedModel, *, grads: bool = False):
-    """Yield ``(hf_name, tensor)`` for the whole model on one rank: pipeline stage 0, TP rank 0 of
-    data-parallel replica 0. Every rank of the model must exhaust the iterator (collectives).
-
-    With ``grads`` the tensors are the gradients (megatron DDP's ``main_grad`` when present).
-    Tensors travel one at a time, so no rank holds more than a stage plus one tensor.
-    """
-    from megatron_opd.models.layout import hf_from_shards
-
-    mp = model.mp
-    if mp.dp_rank != 0:
-        return
-    dst = mp.global_rank(tp_rank=0, pp_rank=0)
-    me = torch.distributed.get_rank()
-    for stage in range(mp.layout.pp):
-        src = mp.global_rank(tp_rank=0, pp_rank=stage)
-        out: list[tuple[str, torch.Tensor]] = []
-        if mp.pp_rank == stage:
-            for ref in model.param_refs():
-                if ref.name == "output_layer.weight" and model.arch.tie_word_embeddings:
-                    continue  # the stage-0 embedding is the tied tensor's source of truth
-                t = ref.tensor
-                if grads:
-                    t = getattr(t, "main_grad", None) if getattr(t, "main_grad", None) is not None else t.grad
-                    if t is None:
-                        t = torch.zeros_like(ref.tensor)
-                shards = _gather_tp(t.detach(), model)
-                if mp.tp_rank == 0:
-                    merged = hf_from_shards(ref.row, ref.hf_names, shards, model.arch)
-                    # Copies, so later in-place updates (clipping, optimizer) do not alter them.
-                    out.extend((n, t.clone()) for n, t in merged.items())
-        if src == dst:
-            if me == dst:
-                yield from out
-            continue
-        if me == src:
-            meta = [[(n, tuple(t.shape), t.dtype) for n, t in out]]
-            torch.distributed.send_object_list(meta, dst=dst)
-            for _, t in out:
-                torch.distributed.send(t.contiguous(), dst=dst)
-        elif me == dst:
-            meta = [None]
-            torch.distributed.recv_object_list(meta, src=src)
-            for name, shape, dtype in meta[0]:
-                t = torch.empty(shape, dtype=dtype, device=parallel.device())
-                torch.distributed.recv(t, src=src)
-                yield name, t

@@ -14,9 +14,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megatron_opd.models.builder import ShardedModel, build_model
-from megatron_opd.models.config import ArchConfig
-from megatron_opd.parallel import ModelParallel
+from megatron_opd.models.builder import ShardedModel
 
 META_FILE = "megatron_opd.json"
 MODEL_SUBDIR = "model"
@@ -112,26 +110,14 @@ def save_model(model: ShardedModel, out_dir: str | Path, *, dtype: torch.dtype |
         (out_dir / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
 
-def load_model(path: str | Path, mp: ModelParallel, *, params_dtype: torch.dtype = torch.float32,
-               seed: int = 1234) -> ShardedModel:
-    """Rebuild the model saved at ``path`` on ``mp``'s layout (any TP/PP) and load its weights."""
+def load_weights(model: ShardedModel, path: str | Path) -> None:
+    """Fill ``model`` (built for the checkpoint's architecture and padded vocabulary, at any TP/PP)
+    with the weights saved at ``path``; dist-checkpointing reshards."""
     from megatron.core import dist_checkpointing
 
-    from megatron_opd import parallel
-
     path = Path(path)
-    meta = read_meta(path)
-    arch = ArchConfig.from_dict(meta["arch"])
-    padded = int(meta["padded_vocab_size"])
-    tp = mp.layout.tp
-    if padded % tp:
-        raise ValueError(f"{path}: its padded vocabulary ({padded}) is not divisible by tp={tp}")
-    arch.check_parallel(tp=tp, pp=mp.layout.pp)
-    parallel.seed(seed, mp)
-    model = build_model(arch, mp, params_dtype=params_dtype, padded_vocab=padded, initialize=False)
-    stored = DTYPES[meta["dtype"]]
+    stored = DTYPES[read_meta(path)["dtype"]]
     sd = _cast_sharded(model.module.sharded_state_dict(), stored, empty=True)
     loaded = dist_checkpointing.load(sd, str(path / MODEL_SUBDIR))
     with torch.no_grad():
         model.module.load_state_dict(loaded, strict=True)
-    return model

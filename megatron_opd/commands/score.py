@@ -5,7 +5,6 @@ This is how users precompute teacher signals offline, and how we prove a model i
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -13,35 +12,26 @@ import torch
 import torch.distributed as dist
 
 from megatron_opd import parallel
+from megatron_opd.checkpoint.load import load_model, model_arch
 from megatron_opd.losses import token_logprobs, topk_logprobs
 from megatron_opd.models.builder import ShardedModel
 from megatron_opd.models.schedule import run_schedule
-from megatron_opd.utils import atomic_write_text, log0, progress
+from megatron_opd.utils import log0, progress, read_jsonl, write_jsonl
 
 
 def read_token_jsonl(path: str | Path, *, vocab_size: int) -> list[list[int]]:
     """Sequences from a JSONL file of ``{"input_ids": [...]}``; errors name the file and line."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{path}: input file does not exist")
     sequences = []
-    with path.open() as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            ids = row.get("input_ids") if isinstance(row, dict) else None
-            if not isinstance(ids, list) or not ids or not all(isinstance(i, int) for i in ids):
-                raise ValueError(f"{path}:{lineno}: expected {{\"input_ids\": [int, ...]}} with at "
-                                 "least one token")
-            bad = [i for i in ids if not 0 <= i < vocab_size]
-            if bad:
-                raise ValueError(f"{path}:{lineno}: token id {bad[0]} is outside the vocabulary "
-                                 f"[0, {vocab_size})")
-            sequences.append(ids)
+    for lineno, row in read_jsonl(path, what="input file"):
+        ids = row.get("input_ids")
+        if not isinstance(ids, list) or not ids or not all(isinstance(i, int) for i in ids):
+            raise ValueError(f"{path}:{lineno}: expected {{\"input_ids\": [int, ...]}} with at "
+                             "least one token")
+        bad = [i for i in ids if not 0 <= i < vocab_size]
+        if bad:
+            raise ValueError(f"{path}:{lineno}: token id {bad[0]} is outside the vocabulary "
+                             f"[0, {vocab_size})")
+        sequences.append(ids)
     return sequences
 
 
@@ -133,14 +123,8 @@ def score_sequences(model: ShardedModel, sequences: list[list[int]], *, top_k: i
     return [merged[i] for i in range(len(sequences))]
 
 
-def write_jsonl(path: str | Path, rows: list[dict]) -> None:
-    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
-
-
 def main(args) -> int:
     """``megatron-opd score``: see ``cli.py`` for the arguments."""
-    from megatron_opd.checkpoint.load import load_model, model_arch
-
     parallel.init_distributed()
     out = Path(args.output)
     if out.exists() and not args.force:

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from megatron_opd import parallel
+from megatron_opd.models.families import FAMILIES
 from megatron_opd.models.family import Family
 
 # Vocabulary rows are padded to a multiple of this times TP (megatron's convention), so every TP
@@ -59,8 +61,6 @@ class ArchConfig:
 
     @property
     def family(self) -> Family:
-        from megatron_opd.models import FAMILIES
-
         return FAMILIES[self.model_type]
 
     @property
@@ -88,8 +88,6 @@ class ArchConfig:
     @classmethod
     def from_hf_config(cls, data: dict, *, source: str = "config") -> "ArchConfig":
         """Validate an HF config dict (as in config.json) and resolve it."""
-        from megatron_opd.models import FAMILIES
-
         if hasattr(data, "to_dict"):
             data = data.to_dict()
         model_type = data.get("model_type")
@@ -217,8 +215,6 @@ def transformer_config(arch: ArchConfig, *, tp: int, pp: int, params_dtype: torc
     always off on CPU: with gloo it silently produces wrong gradients under interleaved pipelines.
     """
     from megatron.core.transformer import TransformerConfig
-
-    from megatron_opd import parallel
 
     arch.check_parallel(tp=tp, pp=pp)
     if params_dtype not in PARAMS_DTYPES.values():

@@ -26,6 +26,7 @@ from typing import Iterable
 
 import torch
 
+from megatron_opd import parallel
 from megatron_opd.models.config import ArchConfig
 
 VLLM_ENV = {
@@ -127,6 +128,8 @@ class RolloutEngine:
             os.environ.setdefault(k, v)
         from vllm import LLM
 
+        # vLLM joins the world group with groups of its own: they must go before it does.
+        parallel.before_shutdown(shutdown_vllm_distributed)
         self._reload_failures = _ReloadFailures()
         logging.getLogger(RELOAD_LOGGER).addFilter(self._reload_failures)
 
@@ -221,10 +224,6 @@ def _scored(seq: list[int], prompt_logprobs, top_k: int) -> ScoredSequence:
 
 def shutdown_vllm_distributed() -> None:
     """Tear down vLLM's process groups (before the trainer destroys the shared world group)."""
-    import sys
-
-    if "vllm.distributed.parallel_state" not in sys.modules:
-        return
     from vllm.distributed import parallel_state as vps
 
     vps.destroy_model_parallel()

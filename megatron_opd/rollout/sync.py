@@ -59,10 +59,10 @@ class WeightSync:
             self._params[i] = p
         self.dtype = model.config.params_dtype
 
-    def iter_hf_tensors(self, *, corrupt: str | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield every HF tensor (bucket by bucket) on every rank of the replica. All ranks of
-        the replica must exhaust the iterator together. ``corrupt`` (tests only) adds noise to
-        the named tensor, to check that the consistency metric catches a bad sync."""
+    def iter_hf_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield every HF tensor (bucket by bucket) on every rank of the replica, as views of the
+        bucket's buffer (copy what must outlive the next bucket). All ranks of the replica must
+        exhaust the iterator together."""
         mp = self.model.mp
         tp, pp = mp.layout.tp, mp.layout.pp
         device = next(iter(self.model.module.parameters())).device
@@ -112,12 +112,10 @@ class WeightSync:
                         n *= d
                     t = flat_hf[out:out + n].view(shape)
                     out += n
-                    if corrupt == name:
-                        t = t + 0.05 * torch.randn_like(t)
                     yield name, t
             t = flat_hf = None
 
-    def sync(self, engine=None, *, corrupt: str | None = None) -> SyncStats:
+    def sync(self, engine=None) -> SyncStats:
         """Push the current weights into ``engine`` (None: this rank only helps the others)."""
         start = time.perf_counter()
         count = 0
@@ -125,7 +123,7 @@ class WeightSync:
 
         def counted():
             nonlocal count, nbytes
-            for name, t in self.iter_hf_tensors(corrupt=corrupt):
+            for name, t in self.iter_hf_tensors():
                 count += 1
                 nbytes += t.numel() * t.element_size()
                 yield name, t

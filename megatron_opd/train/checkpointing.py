@@ -21,12 +21,14 @@ import torch
 import torch.distributed as dist
 
 from megatron_opd.checkpoint import mcore
+from megatron_opd.checkpoint.convert import write_hf_model
 from megatron_opd.checkpoint.manifest import verify_manifest, write_manifest
 from megatron_opd.checkpoint.publish import STAGING_PREFIX
 from megatron_opd.utils import atomic_write_text, log0
 
 TRACKER = "latest"
 STATE_FILE = "trainer_state.json"
+VERIFY_MODES = ("hash", "size", "none")  # what loading checks of a checkpoint's manifest
 
 
 def checkpoints_dir(run_dir: str | Path) -> Path:
@@ -55,11 +57,10 @@ def _rank0() -> bool:
 
 def save_checkpoint(trainable, *, run_dir: str | Path, step: int, config_yaml: str,
                     extra_state: dict, keep_last: int, source_hf_dtype: str = "float32",
-                    tokenizer_src: str | Path | None = None, mid_write=None) -> Path:
+                    tokenizer_src: str | Path | None = None) -> Path:
     """Save (collective). The checkpoint becomes visible only once complete: files are written
     into a staging directory, a manifest of their sizes and hashes is added, the directory is
-    renamed, and only then is the tracker updated. ``mid_write`` (fault drills) runs between the
-    model's files and the optimizer's."""
+    renamed, and only then is the tracker updated."""
     root = checkpoints_dir(run_dir)
     name = step_dir_name(step)
     box = [f"{STAGING_PREFIX}{name}-{uuid.uuid4().hex[:8]}" if _rank0() else None]
@@ -75,8 +76,6 @@ def save_checkpoint(trainable, *, run_dir: str | Path, step: int, config_yaml: s
     dist.barrier()
     model = trainable.model
     mcore.save_model(model, staging, extra_meta={"hf_dtype": source_hf_dtype})
-    if mid_write is not None:
-        mid_write()
     model_sd = model.module.sharded_state_dict()
     optim_sd = trainable.optimizer.sharded_state_dict(model_sd)
     mcore.dist_save(optim_sd, staging / "optimizer")
@@ -151,3 +150,41 @@ def _set_rng_state(state: dict) -> None:
     get_cuda_rng_tracker().set_states(state["tracker"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+class Checkpointer:
+    """The trainer's checkpoints as the ``checkpoint`` config section asks: where a run resumes
+    from, when it saves, and the final HF export."""
+
+    def __init__(self, run_dir: str | Path, *, every: int, keep_last: int, resume: str, verify: str,
+                 export_hf: bool, config_yaml: str, tokenizer_src: str | Path | None):
+        self.run_dir = Path(run_dir)
+        self.every, self.keep_last, self.resume, self.verify = every, keep_last, resume, verify
+        self.export_hf, self.config_yaml, self.tokenizer_src = export_hf, config_yaml, tokenizer_src
+
+    def restore(self, trainable) -> dict | None:
+        """Load the checkpoint to resume from into ``trainable``; its trainer state, or None."""
+        if self.resume == "none":
+            return None
+        path = latest_checkpoint(self.run_dir) if self.resume == "auto" else Path(self.resume)
+        if path is None:
+            return None
+        state = load_checkpoint(trainable, path, verify=self.verify)
+        log0(f"resumed from {path} at step {int(state['step'])}")
+        return state
+
+    def due(self, done: int, total_steps: int) -> bool:
+        """Whether to save after ``done`` steps (the last step is saved by :meth:`finish`)."""
+        return bool(self.every) and done % self.every == 0 and done < total_steps
+
+    def save(self, trainable, step: int, *, extra_state: dict) -> Path:
+        path = save_checkpoint(trainable, run_dir=self.run_dir, step=step, config_yaml=self.config_yaml,
+                               extra_state=extra_state, keep_last=self.keep_last, tokenizer_src=self.tokenizer_src)
+        log0(f"saved {path}")
+        return path
+
+    def export(self, model) -> None:
+        """The student as an HF model in ``<run_dir>/hf`` (fp32), when asked for."""
+        if self.export_hf:
+            write_hf_model(model, self.run_dir / "hf", dtype=torch.float32, max_shard_bytes=5 * 10**9, force=True,
+                           tokenizer_src=self.tokenizer_src)

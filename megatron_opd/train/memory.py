@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from megatron_opd.models.config import ArchConfig, padded_vocab_size, params_dtype
+from megatron_opd.teacher.signals import Need
 
 GiB = 1 << 30
 
@@ -135,16 +136,14 @@ def step_tokens_per_replica(cfg, *, world_size: int) -> int:
 
 def teacher_signal_bytes_per_token(cfg, student: ArchConfig, teacher: ArchConfig | None) -> tuple[float, str]:
     """Host bytes per token a student last-stage rank keeps of the teacher between the phases."""
-    from megatron_opd.train.objective import teacher_need
-
     bpe = bytes_per_parameter(cfg.teacher.dtype)
-    need = teacher_need(cfg.loss)
-    if need == "token":
+    need = cfg.loss.teacher_need
+    if need == Need.TOKEN:
         return 4, "log-probs of the sampled tokens"
-    if need == "topk":
+    if need == Need.TOPK:
         return cfg.loss.top_k * 12, f"top-{cfg.loss.top_k} ids and log-probs"
     width = (teacher or student)
-    if need == "hidden":
+    if need == Need.HIDDEN:
         return width.hidden_size * bpe, "final hidden states (loss.fused_linear)"
     return padded_vocab_size(width.vocab_size, cfg.teacher.tp) // cfg.teacher.tp * bpe, "logit shards"
 

@@ -1,0 +1,9 @@
+"""The supported architecture families, chosen by the exact HF ``config.model_type``."""
+
+from megatron_opd.models.family import Family
+from megatron_opd.models.llama import LLAMA
+from megatron_opd.models.mistral import MISTRAL
+from megatron_opd.models.qwen2 import QWEN2
+from megatron_opd.models.qwen3 import QWEN3
+
+FAMILIES: dict[str, Family] = {f.model_type: f for f in (LLAMA, QWEN2, QWEN3, MISTRAL)}
