@@ -156,7 +156,7 @@ FLOAT16_TYPE_CHECK = "param.type() in ['torch.cuda.HalfTensor', 'torch.cuda.BFlo
 def _with_cuda_type_names(init):
     """Wrap ``Float16OptimizerWithFloat16Params.__init__`` (megatron's bf16 optimizer: fp32 main
     copies of bf16 parameters), which accepts parameters by their CUDA type names only: while it
-    runs, a CPU tensor's ``type()`` answers with the CUDA name of its dtype
+    runs, a tensor off CUDA answers ``type()`` with the CUDA name of its dtype
     (``torch.BFloat16Tensor`` -> ``torch.cuda.BFloat16Tensor``)."""
 
     @functools.wraps(init)
@@ -166,9 +166,12 @@ def _with_cuda_type_names(init):
 
         def cuda_type_name(tensor, *type_args, **type_kwargs):
             name = real(tensor, *type_args, **type_kwargs)
-            if type_args or type_kwargs or tensor.device.type != "cpu":
+            kind = tensor.device.type
+            if type_args or type_kwargs or kind == "cuda":
                 return name
-            return name.replace("torch.", "torch.cuda.", 1)
+            # torch.BFloat16Tensor (CPU), torch.meta.BFloat16Tensor (meta) -> torch.cuda.BFloat16Tensor
+            prefix = f"torch.{kind}." if name.startswith(f"torch.{kind}.") else "torch."
+            return "torch.cuda." + name[len(prefix):]
 
         torch.Tensor.type = cuda_type_name
         try:

@@ -78,3 +78,21 @@ def test_model_dtype_names_the_field():
     load_config(None, base + ["student.dtype=bf16", "teacher.dtype=fp32"]).validate()
     with pytest.raises(ValueError, match=r"teacher.dtype must be one of fp32, bf16, got 'fp16'"):
         load_config(None, base + ["teacher.dtype=fp16"]).validate()
+
+
+def test_mismatch_threshold_follows_the_student_dtype_unless_given():
+    import torch
+
+    from megatron_opd.config import MISMATCH_THRESHOLDS, load_config
+
+    base = ["student.path=s", "teacher.path=t", "data.train_path=d"]
+    auto = load_config(None, base).rollout
+    assert auto.mismatch_threshold == "auto"
+    assert auto.mismatch_threshold_for(torch.float32) == MISMATCH_THRESHOLDS[torch.float32] == 1e-3
+    assert auto.mismatch_threshold_for(torch.bfloat16) == MISMATCH_THRESHOLDS[torch.bfloat16]
+    assert load_config(None, base + ["rollout.mismatch_threshold=0.02"]).rollout.mismatch_threshold_for(
+        torch.bfloat16) == 0.02
+    assert load_config(None, base + ["rollout.mismatch_threshold=null"]).rollout.mismatch_threshold_for(
+        torch.float32) is None
+    with pytest.raises(ValueError, match=r"rollout.mismatch_threshold must be a number, auto or null, got 'often'"):
+        load_config(None, base + ["rollout.mismatch_threshold=often"]).validate()

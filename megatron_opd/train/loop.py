@@ -178,7 +178,8 @@ class Trainer:
                         "sync/bytes_per_s": synced.bytes_per_second,
                         "tokens_per_s": metrics.pop("_tokens") / elapsed, "time/step_s": elapsed})
         check_mismatch(metrics.get("rollout/logprob_abs_diff_max", 0.0),
-                       threshold=self.cfg.rollout.mismatch_threshold, version=self.engine.version - 1)
+                       threshold=self.cfg.rollout.mismatch_threshold_for(self.cfg.student.params_dtype),
+                       version=self.engine.version - 1)
         return metrics
 
     # --- evaluation, checkpoints, the run --------------------------------------------------------
