@@ -32,12 +32,15 @@ demo: $(STAMP)
 # an ignored folder; `gpu-check` installs them there without network (pip --no-index --target) and
 # runs every `cuda`-marked test, with the system's Python and torch. Without CUDA it exits 2.
 GPU_WHEELS := build/gpu-wheels
+# The project's venv where there is one (its torch is the CPU build: the check then exits 2),
+# else the machine's Python (a GPU machine's, with its CUDA build of torch).
+GPU_PYTHON ?= $(shell test -x $(BIN)/python && echo $(BIN)/python || echo $(PYTHON))
 
 gpu-wheels:
 	$(PYTHON) tools/gpu_check.py --download-wheels $(GPU_WHEELS)
 
 gpu-check:
-	$(PYTHON) tools/gpu_check.py --wheels $(GPU_WHEELS)
+	$(GPU_PYTHON) tools/gpu_check.py --wheels $(GPU_WHEELS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache build

@@ -24,6 +24,7 @@ from megatron_opd.teacher.signals import Need, Teacher
 from megatron_opd.train.checkpointing import VERIFY_MODES, Checkpointer
 from megatron_opd.train.environments import ENVIRONMENTS
 from megatron_opd.train.evaluation import METRICS
+from megatron_opd.train.memory import parameter_count
 from megatron_opd.train.metrics import MetricsLogger
 from megatron_opd.train.objective import (KINDS, SAMPLED_REVERSE_KL, SUPPORTS, TEACHER_TOPK_INPUT, Objective,
                                           make_objective, teacher_need)
@@ -174,8 +175,9 @@ class RolloutConfig:
     def start_engine(self, arch: ArchConfig, *, dtype: torch.dtype, max_model_len: int, seed: int) -> RolloutEngine:
         """A rollout engine for ``arch`` in ``dtype`` (its model's) with this section's KV cache
         (collective: every rank starts one at the same point)."""
+        weights = parameter_count(arch, tp=1, pp=1, stage=0) * dtype.itemsize
         return RolloutEngine(arch, dtype=dtype, kv_cache_bytes=int(self.kv_cache_gb * (1 << 30)),
-                             max_model_len=max_model_len, seed=seed)
+                             max_model_len=max_model_len, seed=seed, weights_bytes=weights)
 
 
 @dataclass

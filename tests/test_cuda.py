@@ -216,6 +216,12 @@ class WeightSink:
         self.version += 1
         return self.version
 
+    def sleep(self) -> None:
+        pass
+
+    def wake_up(self) -> None:
+        pass
+
     def close(self) -> None:
         pass
 

@@ -119,8 +119,12 @@ def main(argv=None) -> int:
     if args.download_wheels:
         return download_wheels(Path(args.download_wheels))
 
-    import torch
-
+    try:
+        import torch
+    except ImportError as e:
+        print(f"gpu-check: torch does not import with {sys.executable} ({e}); this check runs with the "
+              "Python of a GPU machine that has a CUDA build of torch; nothing was run.", file=sys.stderr)
+        return EXIT_NO_CUDA
     if not torch.cuda.is_available():
         print(f"gpu-check: no CUDA device here (torch {torch.__version__}: torch.cuda.is_available() is "
               "False). This check runs only on a machine with a GPU; nothing was run.", file=sys.stderr)

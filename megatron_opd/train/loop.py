@@ -144,6 +144,7 @@ class Trainer:
         timer = PhaseTimer()
         with timer("rollout"):
             seqs = self.rollouts.for_step(step)
+            self._engines("sleep")  # two-phase memory: the engines' GPU memory is the update's
         with timer("teacher"):
             micro_batches = pack_micro_batches(seqs, budget=self.cfg.data.micro_batch_tokens,
                                                device=parallel.device(), sliding_window=self.arch.sliding_window)
@@ -151,8 +152,15 @@ class Trainer:
         with timer("student"):
             update = self.update_student(step, micro_batches, signals)
         with timer("sync"):
+            self._engines("wake_up")
             synced = self.sync.sync(self.engine)
         return self._metrics(seqs, update, synced, timer)
+
+    def _engines(self, action: str) -> None:
+        """``sleep`` or ``wake_up`` every rollout engine (vLLM's sleep mode on GPUs; no-op on CPU)."""
+        for engine in (self.engine, self.teacher_engine):
+            if engine is not None:
+                getattr(engine, action)()
 
     def update_student(self, step: int, micro_batches: list[dict],
                        signals: list[TeacherSignal | None]) -> StudentUpdate:
