@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from megatron_opd.models.builder import ShardedModel
-from megatron_opd.models.config import ArchConfig
+from megatron_opd.models.config import ArchConfig, params_dtype
 from megatron_opd.parallel import ParallelLayout, cuda_available
 from megatron_opd.rollout.engine import RolloutEngine, SamplingConfig
 from megatron_opd.teacher.megatron import MegatronTeacher
@@ -24,6 +24,7 @@ from megatron_opd.teacher.signals import Need, Teacher
 from megatron_opd.train.checkpointing import VERIFY_MODES, Checkpointer
 from megatron_opd.train.environments import ENVIRONMENTS
 from megatron_opd.train.evaluation import METRICS
+from megatron_opd.train.memory import parameter_count
 from megatron_opd.train.metrics import MetricsLogger
 from megatron_opd.train.objective import (KINDS, SAMPLED_REVERSE_KL, SUPPORTS, TEACHER_TOPK_INPUT, Objective,
                                           make_objective, teacher_need)
@@ -31,6 +32,11 @@ from megatron_opd.train.optim import Trainable, make_trainable
 from megatron_opd.utils import check_writable
 
 DECAYS = ("cosine", "constant", "linear")
+TRUNCATED_IMPORTANCE = ("auto", "on", "off")
+# rollout.mismatch_threshold=auto: the largest trainer-vs-rollout log-prob difference of a sampled
+# token that a healthy sync shows, with room, per student dtype (docs/gpu.md has the measurements:
+# fp32 engines agree to ~1e-4, a stale or garbled sync shows differences of 0.1-10).
+MISMATCH_THRESHOLDS = {torch.float32: 1e-3, torch.bfloat16: 0.05}
 OFFPOLICY_SOURCES = ("dataset", "teacher")
 
 
@@ -46,14 +52,22 @@ class ModelConfig:
     path: str = ""
     tp: int = 1
     pp: int = 1
+    # Parameter dtype: "fp32" or "bf16" (megatron's mixed precision: bf16 parameters and
+    # activations, fp32 main parameters and gradient reduction; the divergence math stays fp32).
+    dtype: str = "fp32"
 
     @property
     def layout(self) -> ParallelLayout:
         return ParallelLayout(self.tp, self.pp)
 
+    @property
+    def params_dtype(self) -> torch.dtype:
+        return params_dtype(self.dtype)
+
     def validate(self, name: str) -> None:
         _require(self.path, f"{name}.path is required")
         _require(self.tp >= 1 and self.pp >= 1, f"{name}.tp and {name}.pp must be >= 1")
+        params_dtype(self.dtype, what=f"{name}.dtype")
 
 
 @dataclass
@@ -69,6 +83,7 @@ class TeacherConfig(ModelConfig):
     def validate(self, name: str = "teacher") -> None:
         _require(self.path or self.served_url, f"{name}.path or {name}.served_url is required")
         _require(self.tp >= 1 and self.pp >= 1, f"{name}.tp and {name}.pp must be >= 1")
+        params_dtype(self.dtype, what=f"{name}.dtype")
         _require(self.temperature > 0, f"{name}.temperature must be > 0, got {self.temperature}")
         if self.served_url:
             _require(self.temperature == 1.0,
@@ -85,7 +100,7 @@ class TeacherConfig(ModelConfig):
                                    vocab_size=vocab_size)
             return ServedTeacher(client, need=need)
         return MegatronTeacher(self.path, self.layout, need=need, top_k=top_k, temperature=self.temperature,
-                               seed=seed)
+                               seed=seed, params_dtype=self.params_dtype)
 
 
 @dataclass
@@ -114,8 +129,9 @@ class RolloutConfig:
     offpolicy_source: str = "dataset"  # "dataset" completions or "teacher" samples
     kv_cache_gb: float = 1.0
     bucket_mb: float = 256.0
-    # Fail the run when trainer-vs-rollout log-prob mismatch exceeds this (null: never).
-    mismatch_threshold: float | None = 1e-3
+    # Fail the run when trainer-vs-rollout log-prob mismatch exceeds this (null: never; "auto": the
+    # threshold for the student's dtype, MISMATCH_THRESHOLDS).
+    mismatch_threshold: float | str | None = "auto"
     max_turns: int = 1
     environment: str = ""  # a multi-turn environment (see train/environments.py), "" = single turn
 
@@ -130,10 +146,18 @@ class RolloutConfig:
                  f"{name}.top_p={self.top_p} with {name}.mismatch_threshold set: vLLM's log-probs are of the "
                  "top-p truncated distribution, the trainer's of the full one, so they differ by design; "
                  f"set {name}.mismatch_threshold=null to sample with top-p")
+        _require(not isinstance(self.mismatch_threshold, str) or self.mismatch_threshold == "auto",
+                 f"{name}.mismatch_threshold must be a number, auto or null, got {self.mismatch_threshold!r}")
         _require(self.max_new_tokens >= 1, f"{name}.max_new_tokens must be >= 1")
         _require(self.max_turns >= 1, f"{name}.max_turns must be >= 1")
         _require(not self.environment or self.environment in ENVIRONMENTS,
                  f"{name}.environment={self.environment!r} is unknown (known: {', '.join(ENVIRONMENTS)})")
+
+    def mismatch_threshold_for(self, student_dtype: torch.dtype) -> float | None:
+        """The trainer-vs-rollout log-prob gap that stops the run, for a student in ``student_dtype``."""
+        if self.mismatch_threshold == "auto":
+            return MISMATCH_THRESHOLDS[student_dtype]
+        return self.mismatch_threshold
 
     @property
     def uses_teacher_samples(self) -> bool:
@@ -149,11 +173,12 @@ class RolloutConfig:
                               max_new_tokens=self.max_new_tokens, stop_token_ids=tuple(stop_token_ids),
                               seed=seed * 1_000_033 + step)
 
-    def start_engine(self, arch: ArchConfig, *, max_model_len: int, seed: int) -> RolloutEngine:
-        """A rollout engine for ``arch`` with this section's KV cache (collective: every rank
-        starts one at the same point)."""
-        return RolloutEngine(arch, kv_cache_bytes=int(self.kv_cache_gb * (1 << 30)), max_model_len=max_model_len,
-                             seed=seed)
+    def start_engine(self, arch: ArchConfig, *, dtype: torch.dtype, max_model_len: int, seed: int) -> RolloutEngine:
+        """A rollout engine for ``arch`` in ``dtype`` (its model's) with this section's KV cache
+        (collective: every rank starts one at the same point)."""
+        weights = parameter_count(arch, tp=1, pp=1, stage=0) * dtype.itemsize
+        return RolloutEngine(arch, dtype=dtype, kv_cache_bytes=int(self.kv_cache_gb * (1 << 30)),
+                             max_model_len=max_model_len, seed=seed, weights_bytes=weights)
 
 
 @dataclass
@@ -167,9 +192,16 @@ class LossConfig:
     fused_linear: bool = False
     # Weight each sample's tokens by its metadata field (e.g. a reward); "" = uniform.
     weight_field: str = ""
+    # sampled_reverse_kl: truncated importance weight min(pi_trainer / pi_rollout, cap) on the engine's
+    # samples. "auto": on when the student is bf16 (trainer and engine round differently), else off.
+    truncated_importance: str = "auto"  # "auto" | "on" | "off"
+    importance_cap: float = 2.0
 
     def validate(self, name: str = "loss") -> None:
         _require(self.kind in KINDS, f"{name}.kind must be one of {KINDS}, got {self.kind!r}")
+        _require(self.truncated_importance in TRUNCATED_IMPORTANCE,
+                 f"{name}.truncated_importance must be auto, on or off, got {self.truncated_importance!r}")
+        _require(self.importance_cap >= 1.0, f"{name}.importance_cap must be >= 1, got {self.importance_cap}")
         _require(self.support in SUPPORTS, f"{name}.support must be one of {SUPPORTS}, got {self.support!r}")
         _require(0.0 <= self.beta <= 1.0, f"{name}.beta must be in [0, 1], got {self.beta}")
         _require(self.temperature > 0, f"{name}.temperature must be > 0, got {self.temperature}")
@@ -187,7 +219,14 @@ class LossConfig:
         return make_objective(student, kind=self.kind, beta=self.beta, support=self.support, top_k=self.top_k,
                               temperature=self.temperature, chunk_size=self.chunk_size or None,
                               fused_linear=self.fused_linear, teacher_output_weight=teacher_output_weight,
-                              teacher_temperature=teacher_temperature, rollout_temperature=rollout_temperature)
+                              teacher_temperature=teacher_temperature, rollout_temperature=rollout_temperature,
+                              importance_cap=self.importance_cap_for(student.config.params_dtype))
+
+    def importance_cap_for(self, student_dtype: torch.dtype) -> float | None:
+        """The truncated importance weight's cap for a student in ``student_dtype``; None: off."""
+        on = self.truncated_importance == "on" or (
+            self.truncated_importance == "auto" and student_dtype == torch.bfloat16)
+        return self.importance_cap if on and self.kind == SAMPLED_REVERSE_KL else None
 
 
 @dataclass
@@ -421,7 +460,12 @@ def _coerce(value, annotation, where: str):
             if type(None) in args:
                 return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], where)
+        for kind in inner[:-1]:  # the first member type the value converts to
+            try:
+                return _coerce(value, kind, where)
+            except ValueError:
+                pass
+        return _coerce(value, inner[-1], where)
     if annotation is bool:
         if isinstance(value, bool):
             return value

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megatron_opd.cpu_compat import CUDA_LITERAL_MODULES
+from megatron_opd.cpu_compat import CUDA_LITERAL_MODULES, FLOAT16_TYPE_CHECK
 from megatron_opd.testing.multiprocess import run_distributed
 
 # Files with a literal device="cuda" that no CPU code path of ours reaches (MoE, FSDP, CUDA graphs,
@@ -39,6 +39,16 @@ def test_every_hard_coded_cuda_allocation_is_routed_or_known_unreached():
             if rel not in routed and rel not in UNREACHED_CUDA_LITERALS and not rel.startswith(UNREACHED_PREFIXES):
                 unknown.append(rel)
     assert not unknown, f"new hard-coded device='cuda' in megatron-core files: {unknown}"
+
+
+def test_bf16_optimizer_still_sorts_parameters_by_cuda_type_name():
+    """The bf16 shim exists for this check in megatron's bf16 optimizer (tests/test_bf16.py runs
+    the shimmed optimizer for real)."""
+    import inspect
+
+    from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
+
+    assert FLOAT16_TYPE_CHECK in inspect.getsource(Float16OptimizerWithFloat16Params.__init__)
 
 
 def _exercise_shims(model_dir: str, ckpt_dir: str) -> dict:

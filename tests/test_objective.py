@@ -132,3 +132,45 @@ def test_what_each_objective_needs_from_the_teacher():
     assert teacher_need(kind="jsd", support="student_topk", fused_linear=True) == Need.HIDDEN
     assert teacher_need(kind="forward_kl", support="teacher_topk_input", fused_linear=True) == Need.TOPK
     assert teacher_need(kind="sampled_reverse_kl", support="full", fused_linear=True) == Need.TOKEN
+
+
+def test_sampled_reverse_kl_with_truncated_importance_weights():
+    """Each engine-sampled token's policy-gradient term is weighted by min(pi_trainer / pi_rollout,
+    cap) at the rollout temperature; other tokens keep weight 1; the divergence is unweighted."""
+    batch, student = _batch(9), _logits(10)
+    targets = batch["targets"][0]
+    t_lp = -3 * torch.rand(L, generator=torch.Generator().manual_seed(11))
+    # rollout log-probs near the trainer's, some far below (ratio above the cap)
+    exact = torch.log_softmax(student[0].double() / 1.2, -1).gather(-1, targets[:, None])[:, 0]
+    noise = 0.3 * torch.randn(L, generator=torch.Generator().manual_seed(12), dtype=torch.float64)
+    noise[::4] = -2.0
+    batch["rollout_logprobs"] = (exact + noise).float().view(1, L)
+    loss = SampledReverseKLLoss(temperature=0.8, importance_cap=1.5, rollout_temperature=1.2)
+    loss_sum, _, metrics, grad = _run(loss, batch, TeacherSignal(token_logprobs=t_lp), student,
+                                      rollout_temperature=1.2)
+
+    z = student[0].double().requires_grad_()
+    lp = torch.log_softmax(z / 0.8, -1).gather(-1, targets[:, None])[:, 0]
+    ratio = torch.exp(exact - batch["rollout_logprobs"][0].double()).clamp(max=1.5)
+    w = torch.where(batch["on_policy"][0] > 0, ratio, torch.ones_like(ratio))
+    assert (w == 1.5).any() and (w < 1.5).any() and (w == 1).any()
+    advantage = -(lp - t_lp.double()).detach()
+    mask, weights = batch["loss_mask"][0].double(), batch["weights"][0].double()
+    ref = (-advantage * lp * w * weights * mask).sum()
+    ref.backward()
+    assert torch.allclose(loss_sum.double(), ref, rtol=1e-5)
+    assert torch.allclose(grad[0].double(), z.grad, atol=1e-6)
+    divergence = (lp - t_lp.double()).detach()
+    assert torch.allclose(metrics["divergence_sum"].double(), (divergence * mask).sum(), rtol=1e-5)
+
+
+def test_truncated_importance_is_on_by_default_in_bf16_only():
+    from megatron_opd.config import LossConfig
+
+    loss = LossConfig(kind="sampled_reverse_kl")
+    assert loss.importance_cap_for(torch.bfloat16) == 2.0 and loss.importance_cap_for(torch.float32) is None
+    assert LossConfig(kind="sampled_reverse_kl", truncated_importance="on").importance_cap_for(torch.float32) == 2.0
+    assert LossConfig(kind="sampled_reverse_kl", truncated_importance="off").importance_cap_for(torch.bfloat16) is None
+    assert LossConfig(kind="reverse_kl").importance_cap_for(torch.bfloat16) is None
+    with pytest.raises(ValueError, match=r"loss.truncated_importance must be auto, on or off, got 'yes'"):
+        LossConfig(truncated_importance="yes").validate()

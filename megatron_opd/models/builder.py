@@ -131,25 +131,37 @@ def build_model(arch: ArchConfig, mp: ModelParallel, *, params_dtype: torch.dtyp
     if padded_vocab % tp or padded_vocab < arch.vocab_size:
         raise ValueError(f"padded vocabulary {padded_vocab} must be >= vocab_size "
                          f"{arch.vocab_size} and divisible by tp={tp}")
-    module = GPTModel(
-        config=config,
-        transformer_layer_spec=spec,
-        vocab_size=padded_vocab,
-        max_sequence_length=arch.max_position_embeddings,
-        pre_process=mp.is_first_stage,
-        post_process=mp.is_last_stage,
-        parallel_output=True,
-        share_embeddings_and_output_weights=arch.tie_word_embeddings,
-        position_embedding_type="rope",
-        rotary_base=int(arch.rope_theta),
-        pg_collection=mp.pg_collection,
-    )
-    # megatron computes RoPE frequencies its own way (fixed Llama-3 constants); use HF's exactly.
+    device = parallel.device()
+    with torch.device(device):  # what megatron allocates without a device (the torch norms) lands here
+        module = GPTModel(
+            config=config,
+            transformer_layer_spec=spec,
+            vocab_size=padded_vocab,
+            max_sequence_length=arch.max_position_embeddings,
+            pre_process=mp.is_first_stage,
+            post_process=mp.is_last_stage,
+            parallel_output=True,
+            share_embeddings_and_output_weights=arch.tie_word_embeddings,
+            position_embedding_type="rope",
+            rotary_base=int(arch.rope_theta),
+            pg_collection=mp.pg_collection,
+        )
+    # The local spec's norms are torch norms created in fp32 whatever params_dtype says (megatron's
+    # training script casts the whole model to bf16 afterwards, as TE's norms would be built).
+    # In place, parameter by parameter: the Parameter objects (and megatron's marks on them) stay.
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.dtype != params_dtype or p.device != device:
+                p.data = p.data.to(device=device, dtype=params_dtype)
+        for b in module.buffers():
+            if b.device != device:
+                b.data = b.data.to(device)
+    # megatron computes RoPE frequencies its own way (fixed Llama-3 constants); use HF's exactly
+    # (in fp32 for every params_dtype, as megatron and transformers keep them).
     rotary = module.rotary_pos_emb
-    rotary.inv_freq = rope_inv_freq(arch).to(rotary.inv_freq.device)
+    rotary.inv_freq = rope_inv_freq(arch).to(device)
     rotary.packed_positions = None
     rotary.forward = functools.partial(_rope_at_positions, rotary)  # shadows the class's forward
-    module.to(parallel.device())
     model = ShardedModel(arch=arch, mp=mp, module=module, padded_vocab_size=padded_vocab, te_spec=te)
     _mark_tensor_parallel(model)
     return model

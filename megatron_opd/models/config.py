@@ -17,6 +17,18 @@ from megatron_opd.models.family import Family
 # rank holds an equal shard and the GEMM sizes stay friendly.
 VOCAB_PAD_MULTIPLE = 128
 
+# Parameter dtypes a model can be built in (``student.dtype``, ``teacher.dtype``). bf16 is megatron's
+# mixed precision: bf16 parameters and activations, fp32 main parameters in the optimizer, gradients
+# accumulated and reduced in fp32.
+PARAMS_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def params_dtype(name: str, *, what: str = "model.dtype") -> torch.dtype:
+    """The torch dtype of a ``PARAMS_DTYPES`` name; a ValueError naming ``what`` otherwise."""
+    if name not in PARAMS_DTYPES:
+        raise ValueError(f"{what} must be one of {', '.join(PARAMS_DTYPES)}, got {name!r}")
+    return PARAMS_DTYPES[name]
+
 
 def padded_vocab_size(vocab_size: int, tp: int, multiple: int = VOCAB_PAD_MULTIPLE) -> int:
     step = multiple * tp
@@ -197,17 +209,19 @@ def transformer_config(arch: ArchConfig, *, tp: int, pp: int, params_dtype: torc
                        extra: dict | None = None):
     """The megatron-core ``TransformerConfig`` for ``arch`` split ``tp`` x ``pp`` ways.
 
-    On CPU, what megatron-core cannot do there is refused with a message naming the setting:
-    bf16/fp16 parameters, sequence parallelism. ``batch_p2p_comm`` is always off on CPU: with
-    gloo it silently produces wrong gradients under interleaved pipelines.
+    ``params_dtype`` is fp32 or bf16 (:data:`PARAMS_DTYPES`), on GPUs and CPUs alike (bf16 on CPU
+    goes through the shims of :mod:`megatron_opd.cpu_compat`). On CPU, what megatron-core cannot do
+    there is refused with a message naming the setting: sequence parallelism. ``batch_p2p_comm`` is
+    always off on CPU: with gloo it silently produces wrong gradients under interleaved pipelines.
     """
     from megatron.core.transformer import TransformerConfig
 
     arch.check_parallel(tp=tp, pp=pp)
+    if params_dtype not in PARAMS_DTYPES.values():
+        raise ValueError(f"params_dtype={params_dtype} is not supported (supported: "
+                         f"{', '.join(f'{k} ({v})' for k, v in PARAMS_DTYPES.items())})")
     on_gpu = parallel.cuda_available()
     if not on_gpu:
-        if params_dtype != torch.float32:
-            raise ValueError(f"params_dtype={params_dtype} needs CUDA; on CPU use fp32")
         if sequence_parallel:
             raise ValueError("sequence_parallel=True needs CUDA (megatron's local-spec norm "
                              "rejects it); set it to false on CPU")
@@ -240,7 +254,6 @@ def transformer_config(arch: ArchConfig, *, tp: int, pp: int, params_dtype: torc
         params_dtype=params_dtype,
         pipeline_dtype=params_dtype,
         bf16=params_dtype == torch.bfloat16,
-        fp16=params_dtype == torch.float16,
         use_cpu_initialization=not on_gpu,
         variable_seq_lengths=True,
         moe_token_dispatcher_type="alltoall",  # megatron rejects the default with the line above

@@ -138,13 +138,37 @@ def write_engine_config(arch: ArchConfig, out_dir: str | Path, *, dtype: torch.d
     return out_dir
 
 
+GiB = 1 << 30
+# What an engine uses beyond its weights and KV cache on a GPU (activations of a batch, sampler
+# buffers, the CUDA context's allocator slack); eager mode, no CUDA graphs.
+ENGINE_WORKSPACE_BYTES = 2 * GiB
+
+
+def gpu_memory_fraction(*, engine_bytes: int, free_bytes: int, total_bytes: int) -> float:
+    """vLLM's ``gpu_memory_utilization`` for an engine that needs ``engine_bytes`` on a GPU the
+    trainer's models already occupy. vLLM refuses to start unless ``fraction x total`` is free at
+    start-up, and its own default (0.9) is not free once the models are loaded."""
+    if engine_bytes > free_bytes:
+        raise ValueError(f"the rollout engine needs {engine_bytes / GiB:.1f} GiB (weights, KV cache, "
+                         f"{ENGINE_WORKSPACE_BYTES / GiB:.0f} GiB workspace) but {free_bytes / GiB:.1f} of "
+                         f"{total_bytes / GiB:.1f} GiB are free after the models: lower rollout.kv_cache_gb, "
+                         "or split the models further (student.tp / student.pp)")
+    return engine_bytes / total_bytes
+
+
 class RolloutEngine:
     """vLLM engine for sampling from (or scoring with) a model whose weights come from memory."""
 
     def __init__(self, arch: ArchConfig, *, dtype: torch.dtype = torch.float32,
                  kv_cache_bytes: int = 1 << 30, max_model_len: int | None = None, seed: int = 0,
-                 model_dir: str | Path | None = None, max_num_seqs: int = 256):
-        """``model_dir`` (optional) starts from real weights on disk instead of dummy ones."""
+                 model_dir: str | Path | None = None, max_num_seqs: int = 256,
+                 weights_bytes: int | None = None):
+        """``model_dir`` (optional) starts from real weights on disk instead of dummy ones.
+
+        On a GPU the engine is sized from what the trainer's models leave: ``weights_bytes`` (its
+        copy of the model) plus the KV cache plus a workspace, as vLLM's memory fraction, and it
+        starts with sleep mode, so that :meth:`sleep` frees its memory during the student's update.
+        On CPU both are left to vLLM's CPU backend (sleep does nothing there)."""
         from vllm import LLM
 
         # vLLM joins the world group with groups of its own: they must go before it does.
@@ -158,7 +182,17 @@ class RolloutEngine:
         if model_dir is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="megatron_opd_engine_")
             model_dir = write_engine_config(arch, self._tmp.name, dtype=dtype)
+        gpu = {}
+        self._sleep_mode = parallel.cuda_available()
+        if self._sleep_mode:
+            torch.cuda.empty_cache()  # blocks the trainer's allocator keeps would count as used
+            free, total = torch.cuda.mem_get_info()
+            need = (weights_bytes or 0) + kv_cache_bytes + ENGINE_WORKSPACE_BYTES
+            gpu = dict(gpu_memory_utilization=gpu_memory_fraction(engine_bytes=need, free_bytes=free,
+                                                                  total_bytes=total),
+                       enable_sleep_mode=True)
         self.llm = LLM(
+            **gpu,
             model=str(model_dir), dtype=VLLM_DTYPES[dtype], enforce_eager=True,
             distributed_executor_backend="external_launcher",
             skip_tokenizer_init=True, seed=seed,
@@ -226,6 +260,16 @@ class RolloutEngine:
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=s) for s in sequences], params,
                                     use_tqdm=False)
         return [_scored(seq, out.prompt_logprobs, top_k) for seq, out in zip(sequences, outputs)]
+
+    def sleep(self) -> None:
+        """Free the engine's GPU memory until :meth:`wake_up` (vLLM's sleep mode, level 1: weights
+        to host memory, KV cache dropped); a no-op on CPU."""
+        if self._sleep_mode:
+            self.llm.sleep(level=1)
+
+    def wake_up(self) -> None:
+        if self._sleep_mode:
+            self.llm.wake_up()
 
     def close(self) -> None:
         logging.getLogger(RELOAD_LOGGER).removeFilter(self._reload_failures)

@@ -6,7 +6,9 @@ It is a megatron model on process groups of its own (its own TP/PP/DP, no DDP
 or optimizer state). It scores the micro-batches of *all* student replicas, split over its own
 replicas, and each result travels point to point to the student ranks that compute the loss for
 it. Full-vocabulary signals need teacher TP == student TP (rank r's shard goes to student TP rank
-r). Signals are kept on the CPU between the phases. For a fused-linear loss the teacher sends its
+r). Signals are kept on the CPU between the phases: each result moves to the host once, where the
+teacher's schedule produces it, and travels between ranks on the compute device (NCCL sends only
+device tensors), one message at a time. For a fused-linear loss the teacher sends its
 final hidden states ``[L, h]`` instead of its logits ``[L, V/TP]`` (h << V/TP), and each student
 last-stage rank receives the teacher's output-layer weight shard once (:meth:`MegatronTeacher.output_weight`).
 """
@@ -46,9 +48,9 @@ class MegatronTeacher:
     """A frozen megatron teacher on its own process groups. Collective: every rank builds it."""
 
     def __init__(self, path: str, layout: ParallelLayout, *, need: Need, top_k: int = 0,
-                 temperature: float = 1.0, seed: int = 1234):
+                 temperature: float = 1.0, seed: int = 1234, params_dtype: torch.dtype = torch.float32):
         self.mp: ModelParallel = parallel.build_model_parallel(layout, what="teacher")
-        self.model = load_model(path, self.mp, seed=seed)
+        self.model = load_model(path, self.mp, seed=seed, params_dtype=params_dtype)
         self.model.module.eval()
         for p in self.model.module.parameters():
             p.requires_grad_(False)
@@ -127,7 +129,7 @@ class MegatronTeacher:
                 elif me == dst:
                     config = self.model.config
                     mine = torch.empty(self.model.padded_vocab_size // tmp.layout.tp, config.hidden_size,
-                                       dtype=config.params_dtype)
+                                       dtype=config.params_dtype, device=parallel.device())
                     dist.recv(mine, src=src)
         return mine
 
@@ -160,25 +162,26 @@ class MegatronTeacher:
                     tensors = [self._empty(key, L) for key in keys]
                     for t in tensors:
                         dist.recv(t, src=src)
+                    tensors = [t.cpu() for t in tensors]
                 elif me == src and me != dst:
                     for t in tensors:
-                        dist.send(t.contiguous(), dst=dst)
+                        dist.send(t.to(parallel.device()).contiguous(), dst=dst)
                 if me == dst:
                     for key, t in zip(keys, tensors):
                         setattr(mine[i], key, t)
         return mine
 
     def _empty(self, key: str, L: int) -> torch.Tensor:
-        if key == "logits":
-            return torch.empty(L, self.model.padded_vocab_size // self.mp.layout.tp,
-                               dtype=self.model.config.params_dtype)
-        if key == "hidden":
-            return torch.empty(L, self.model.config.hidden_size, dtype=self.model.config.params_dtype)
-        if key == "topk_ids":
-            return torch.empty(L, self.top_k, dtype=torch.long)
-        if key == "topk_logprobs":
-            return torch.empty(L, self.top_k, dtype=torch.float32)
-        return torch.empty(L, dtype=torch.float32)
+        """A receive buffer for ``key`` on the compute device."""
+        config = self.model.config
+        shape, dtype = {
+            "logits": ((L, self.model.padded_vocab_size // self.mp.layout.tp), config.params_dtype),
+            "hidden": ((L, config.hidden_size), config.params_dtype),
+            "topk_ids": ((L, self.top_k), torch.long),
+            "topk_logprobs": ((L, self.top_k), torch.float32),
+            "token_logprobs": ((L,), torch.float32),
+        }[key]
+        return torch.empty(shape, dtype=dtype, device=parallel.device())
 
     def close(self) -> None:
         """Nothing to release: the model and its groups live as long as the process."""

@@ -65,7 +65,8 @@ class Trainer:
         cfg.check_models(model_arch(cfg.student.path), model_arch(cfg.teacher.path) if cfg.teacher.path else None)
         self.run_dir = Path(cfg.train.run_dir)
         self.mp = parallel.initialize_global_model_parallel(cfg.student.layout, what="student")
-        self.student = load_model(cfg.student.path, self.mp, seed=cfg.train.seed)
+        self.student = load_model(cfg.student.path, self.mp, seed=cfg.train.seed,
+                                  params_dtype=cfg.student.params_dtype)
         self.arch = self.student.arch
         self.trainable = cfg.optim.build(self.student, total_steps=cfg.train.steps)
         self.tokenizer = load_tokenizer(cfg.student.path)
@@ -110,13 +111,14 @@ class Trainer:
         environment = make_environment(r.environment)
         max_total_tokens = min(self.arch.max_position_embeddings,
                                cfg.data.max_prompt_tokens + r.max_turns * r.max_new_tokens * 2)
-        self.engine = engine or r.start_engine(self.arch, max_model_len=max_total_tokens, seed=cfg.train.seed)
+        self.engine = engine or r.start_engine(self.arch, dtype=cfg.student.params_dtype,
+                                               max_model_len=max_total_tokens, seed=cfg.train.seed)
         self._own_engine = engine is None
         self.sync = WeightSync(self.student, bucket_bytes=r.bucket_bytes)
         self.teacher_engine = None
         if r.uses_teacher_samples:  # the teacher is in process (Config.validate)
-            self.teacher_engine = r.start_engine(self.teacher.model.arch, max_model_len=max_total_tokens,
-                                                 seed=cfg.train.seed + 1)
+            self.teacher_engine = r.start_engine(self.teacher.model.arch, dtype=cfg.teacher.params_dtype,
+                                                 max_model_len=max_total_tokens, seed=cfg.train.seed + 1)
             WeightSync(self.teacher.model, bucket_bytes=r.bucket_bytes).sync(self.teacher_engine)
         prompts = StepPrompts(records, per_step=cfg.train.prompts_per_step, seed=cfg.train.seed,
                               shuffle=cfg.data.shuffle, lmbda=r.lmbda)
@@ -145,6 +147,7 @@ class Trainer:
         timer = PhaseTimer()
         with timer("rollout"):
             seqs = self.rollouts.for_step(step)
+            self._engines("sleep")  # two-phase memory: the engines' GPU memory is the update's
         with timer("teacher"):
             micro_batches = pack_micro_batches(seqs, budget=self.cfg.data.micro_batch_tokens,
                                                device=parallel.device(), sliding_window=self.arch.sliding_window)
@@ -152,8 +155,15 @@ class Trainer:
         with timer("student"):
             update = self.update_student(step, micro_batches, signals)
         with timer("sync"):
+            self._engines("wake_up")
             synced = self.sync.sync(self.engine)
         return self._metrics(seqs, update, synced, timer)
+
+    def _engines(self, action: str) -> None:
+        """``sleep`` or ``wake_up`` every rollout engine (vLLM's sleep mode on GPUs; no-op on CPU)."""
+        for engine in (self.engine, self.teacher_engine):
+            if engine is not None:
+                getattr(engine, action)()
 
     def update_student(self, step: int, micro_batches: list[dict],
                        signals: list[TeacherSignal | None]) -> StudentUpdate:
@@ -179,7 +189,8 @@ class Trainer:
                         "sync/bytes_per_s": synced.bytes_per_second,
                         "tokens_per_s": metrics.pop("_tokens") / elapsed, "time/step_s": elapsed})
         check_mismatch(metrics.get("rollout/logprob_abs_diff_max", 0.0),
-                       threshold=self.cfg.rollout.mismatch_threshold, version=self.engine.version - 1)
+                       threshold=self.cfg.rollout.mismatch_threshold_for(self.cfg.student.params_dtype),
+                       version=self.engine.version - 1)
         return metrics
 
     # --- evaluation, checkpoints, the run --------------------------------------------------------

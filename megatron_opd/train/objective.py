@@ -51,10 +51,13 @@ class Tokens:
     mask: torch.Tensor
     weights: torch.Tensor
     targets: torch.Tensor  # clamped into the vocabulary (masked positions may hold anything)
+    on_policy: torch.Tensor  # 1 where the token was sampled by the rollout engine
+    rollout_logprobs: torch.Tensor  # the engine's log-prob of it (0 elsewhere)
 
     @classmethod
     def of(cls, batch: dict, vocab_size: int) -> Tokens:
-        return cls(batch["loss_mask"][0], batch["weights"][0], batch["targets"][0].clamp(0, vocab_size - 1))
+        return cls(batch["loss_mask"][0], batch["weights"][0], batch["targets"][0].clamp(0, vocab_size - 1),
+                   batch["on_policy"][0], batch["rollout_logprobs"][0])
 
 
 # ---------------------------------------------------------------- heads: what the student hands over
@@ -151,10 +154,19 @@ class FusedHead(Head):
 
 class SampledReverseKLLoss:
     """On-policy distillation as RL: the negative sampled-token log-ratio log p_s(y) - log p_t(y) is
-    a per-token advantage for the policy gradient; its value is the divergence estimate."""
+    a per-token advantage for the policy gradient; its value is the divergence estimate.
 
-    def __init__(self, *, temperature: float):
-        self.temperature = temperature
+    With ``importance_cap`` (truncated importance sampling), each token the rollout engine sampled is
+    weighted by ``min(pi_trainer(y) / pi_rollout(y), cap)``, both at the rollout temperature: the
+    policy gradient is of the trainer's distribution, the samples come from the engine's, and the two
+    differ by the engine's kernels and, in bf16, by rounding. Tokens not sampled by the engine
+    (dataset or teacher completions) keep weight 1."""
+
+    def __init__(self, *, temperature: float, importance_cap: float | None = None,
+                 rollout_temperature: float = 1.0):
+        if importance_cap is not None and not importance_cap >= 1.0:
+            raise ValueError(f"importance_cap must be >= 1, got {importance_cap}")
+        self.temperature, self.importance_cap, self.rollout_temperature = temperature, importance_cap, rollout_temperature
 
     def __call__(self, head: Head, x, tokens: Tokens, signal: TeacherSignal):
         t_lp = signal.token_logprobs.to(x.device)
@@ -162,7 +174,18 @@ class SampledReverseKLLoss:
         student_lp = per_tok_kl + t_lp
         advantage = -per_tok_kl.detach()
         per_tok = -advantage * student_lp
+        if self.importance_cap is not None:
+            per_tok = per_tok * self.importance_weights(head, x, tokens, student_lp)
         return (per_tok * tokens.weights * tokens.mask).sum(), per_tok_kl.detach()
+
+    @torch.no_grad()
+    def importance_weights(self, head: Head, x, tokens: Tokens, student_lp: torch.Tensor) -> torch.Tensor:
+        if self.temperature == self.rollout_temperature:
+            trainer_lp = student_lp.detach()
+        else:
+            trainer_lp = head.token_logprobs(x, tokens.targets, temperature=self.rollout_temperature)
+        ratio = torch.exp(trainer_lp.float() - tokens.rollout_logprobs.float()).clamp(max=self.importance_cap)
+        return torch.where(tokens.on_policy > 0, ratio, torch.ones_like(ratio))
 
 
 class DivergenceLoss:
@@ -244,12 +267,13 @@ class Objective:
 def make_objective(student: ShardedModel, *, kind: str, beta: float, support: str, top_k: int,
                    temperature: float, chunk_size: int | None, fused_linear: bool,
                    teacher_output_weight: torch.Tensor | None, teacher_temperature: float,
-                   rollout_temperature: float) -> Objective:
+                   rollout_temperature: float, importance_cap: float | None = None) -> Objective:
     """The objective of the ``loss`` config section for ``student`` (see :meth:`LossConfig.build`)."""
     common = dict(vocab_size=student.arch.vocab_size, tp_group=student.mp.tp_group, chunk_size=chunk_size)
     head = FusedHead(student, teacher_output_weight, **common) if fused_linear else LogitsHead(**common)
     if kind == SAMPLED_REVERSE_KL:
-        loss = SampledReverseKLLoss(temperature=temperature)
+        loss = SampledReverseKLLoss(temperature=temperature, importance_cap=importance_cap,
+                                    rollout_temperature=rollout_temperature)
     else:
         loss = DivergenceLoss(kind=kind, beta=beta, temperature=temperature, support=support, top_k=top_k,
                           teacher_temperature=teacher_temperature)
