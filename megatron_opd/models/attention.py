@@ -21,14 +21,26 @@ spec uses ``TEDotProductAttention`` in THD format instead.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 
 import torch
 import torch.nn.functional as F
 from megatron.core import tensor_parallel
+from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.utils import is_layer_window_attention
+
+
+def packed_seq_params(lengths: list[int], *, device) -> PackedSeqParams:
+    """megatron's THD description of one packed row of sequences of ``lengths`` tokens (int32
+    ``cu_seqlens`` on ``device``, as Transformer Engine requires)."""
+    if not lengths or min(lengths) < 1:
+        raise ValueError(f"packed sequence lengths must be >= 1, got {lengths}")
+    cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=device)
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                           max_seqlen_q=max(lengths), max_seqlen_kv=max(lengths))
 
 
 def _window_mask(length: int, window: int, device) -> torch.Tensor:

@@ -166,13 +166,19 @@ class Sequence:
 
 
 def pack_sequences(seqs: list[Sequence], *, budget: int) -> list[list[int]]:
-    """Group sequence indices into micro-batches of at most ``budget`` tokens (first-fit
-    decreasing); a longer sequence gets a micro-batch of its own."""
-    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i].tokens))
+    """Group sequence indices into micro-batches of at most ``budget`` tokens (see
+    :func:`pack_lengths`)."""
+    return pack_lengths([len(s.tokens) for s in seqs], budget=budget)
+
+
+def pack_lengths(lengths: list[int], *, budget: int) -> list[list[int]]:
+    """Group the indices of ``lengths`` into bins of at most ``budget`` tokens (first-fit
+    decreasing; a longer sequence gets a bin of its own); indices sorted within a bin."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     bins: list[list[int]] = []
     sizes: list[int] = []
     for i in order:
-        n = len(seqs[i].tokens)
+        n = lengths[i]
         for b, size in enumerate(sizes):
             if size + n <= budget:
                 bins[b].append(i)
