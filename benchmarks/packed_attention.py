@@ -155,7 +155,8 @@ def main() -> None:
           "peak RSS MiB | inputs MiB |")
     print("|" + "---|" * 8)
     for num_tokens in args["tokens"]:
-        rows = {m: run_distributed(measure, 1, m, num_tokens, args, timeout=3600)[0] for m in args["methods"]}
+        rows = {m: run_distributed(measure, 1, m, num_tokens, args, timeout=3600)[0]
+                for m in args["methods"]}
         ours = rows.get("ours")
         for method, r in rows.items():
             ratio = f"{r['peak'] / ours['peak']:.1f}x" if ours else "-"

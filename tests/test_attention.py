@@ -167,6 +167,10 @@ def test_module_refuses_what_it_cannot_do():
                              max_seqlen_kv=5)
     with pytest.raises(ValueError, match=r"end at the 10 packed tokens"):
         module(q, k, v, None, packed_seq_params=params)
+    short = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=5,
+                            max_seqlen_kv=5, cu_seqlens_q_padded=torch.tensor([0, 3, 10], dtype=torch.int32))
+    with pytest.raises(ValueError, match="fit their padded bounds"):
+        module(q, k, v, None, packed_seq_params=short)
     with pytest.raises(ValueError, match="qkv_format='sbhd'"):
         module(q, k, v, None, packed_seq_params=PackedSeqParams(qkv_format="sbhd"))
     with pytest.raises(ValueError, match="context_parallel_size=2"):

@@ -41,7 +41,8 @@ def _check_against_transformers(model_dir, seqs, rows, *, top_k=5, atol=1e-4):
                 if ids[pos, j] != ref_ids[pos, j]:
                     tied = (ref_vals[pos] - ref_vals[pos, j]).abs() < atol
                     assert int(ids[pos, j]) in ref_ids[pos][tied].tolist() or \
-                        (logp[pos] - ref_vals[pos, j]).abs().lt(atol).sum() > 1, (pos, j, ids[pos], ref_ids[pos])
+                        (logp[pos] - ref_vals[pos, j]).abs().lt(atol).sum() > 1, \
+                        (pos, j, ids[pos], ref_ids[pos])
 
 
 def _sequences(seed, num, max_len):

@@ -139,8 +139,8 @@ class VarlenAttention(MegatronModule):
         if mask_type != AttnMaskType.causal:
             raise ValueError(f"attn_mask_type={mask_type}: VarlenAttention is causal attention only")
         dropout_p = self.dropout_p if self.training else 0.0
-        rng = (tensor_parallel.get_cuda_rng_tracker().fork() if dropout_p and not self.config.sequence_parallel
-               else contextlib.nullcontext())
+        forks = dropout_p and not self.config.sequence_parallel  # as megatron's DotProductAttention
+        rng = tensor_parallel.get_cuda_rng_tracker().fork() if forks else contextlib.nullcontext()
         with rng:
             if packed_seq_params is not None:
                 return self._forward_thd(query, key, value, attention_mask, packed_seq_params, dropout_p)
@@ -160,10 +160,13 @@ class VarlenAttention(MegatronModule):
         padded = padded.tolist() if padded is not None else None
         if padded == cu_q:
             padded = None
-        end = (padded or cu_q)[-1]
-        if cu_q[0] != 0 or end != query.shape[0] or any(b < a for a, b in zip(cu_q, cu_q[1:])):
-            raise ValueError(f"cu_seqlens {cu_q} (padded {padded}) must start at 0, not decrease and "
-                             f"end at the {query.shape[0]} packed tokens")
+        bounds = padded or cu_q
+        lengths = [b - a for a, b in zip(cu_q, cu_q[1:])]
+        sizes = [b - a for a, b in zip(bounds, bounds[1:])]
+        if (cu_q[0] != 0 or bounds[0] != 0 or bounds[-1] != query.shape[0] or len(sizes) != len(lengths)
+                or any(n < 0 or size < n for n, size in zip(lengths, sizes))):
+            raise ValueError(f"cu_seqlens {cu_q} (padded {padded}) must start at 0, not decrease, fit "
+                             f"their padded bounds and end at the {query.shape[0]} packed tokens")
         ctx = varlen_attention(query, key, value, cu_q, scale=self.softmax_scale, window=self.window,
                                cu_seqlens_padded=padded, dropout_p=dropout_p)
         return ctx.reshape(ctx.shape[0], -1)
