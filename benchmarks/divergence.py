@@ -44,8 +44,6 @@ many small per-chunk ops of (a) far more than the few large ops of (b) and (c)).
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import time
 
 import torch
@@ -54,8 +52,8 @@ import torch.nn.functional as F
 
 from megatron_opd.losses import (fused_linear_divergence, fused_linear_divergence_sum,
                                  vocab_parallel_divergence)
+from megatron_opd.testing.memory import peak_extra_bytes, rss_bytes, settle
 from megatron_opd.testing.multiprocess import run_distributed
-from megatron_opd.testing.profiling import peak_extra_bytes
 
 METHODS = ("ours", "all-gather", "LogitsKLLoss")
 FUSED_METHODS = ("logits+matmul", "fused", "fused sum")
@@ -153,23 +151,6 @@ def logits_then_divergence(h_s, w_s, h_t, w_t, group):
 
 # ---------------------------------------------------------------- measurement (in each rank)
 
-def _rss_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} missing from /proc/self/status")
-
-
-def _settle() -> int:
-    """Free what can be freed, return it to the OS, reset the high-water mark; the RSS now."""
-    gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    return _rss_bytes("VmRSS")
-
-
 def measure(method: str, num_tokens: int, vocab: int, repeats: int, threads: int) -> dict:
     """One rank: peak extra bytes of a forward+backward, and the best time of ``repeats``."""
     torch.set_num_threads(threads)
@@ -212,9 +193,9 @@ def _run(step, warm_up, repeats: int) -> tuple[int, int, float]:
     """(peak tensors, peak RSS, best time) of ``step``, after ``warm_up`` (a few tokens, so that
     loading code pages is not counted as memory). The first pass is timed too."""
     warm_up()
-    base = _settle()
+    base = settle()
     first = _timed(step)
-    peak_rss = _rss_bytes("VmHWM") - base
+    peak_rss = rss_bytes("VmHWM") - base
     peak = peak_extra_bytes(step)
     times = [_timed(step) for _ in range(repeats)]
     return peak, peak_rss, min(times, default=first)

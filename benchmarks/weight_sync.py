@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_opd.testing.multiprocess import run_distributed
-from megatron_opd.testing.profiling import peak_extra_bytes
+from megatron_opd.testing.memory import peak_extra_bytes
 
 MIB = 1 << 20
 

@@ -30,7 +30,9 @@ def _score_parser(sub) -> None:
     p.add_argument("--top-k", type=int, default=0, help="also write the K best ids and log-probs")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
     p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
-    p.add_argument("--max-tokens", type=int, default=4096, help="tokens per micro-batch")
+    p.add_argument("--micro-batch-tokens", type=int, default=4096,
+                   help="pack sequences into micro-batches of at most this many tokens (a longer "
+                   "sequence gets one of its own)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
 
 

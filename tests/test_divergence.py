@@ -18,7 +18,7 @@ import torch.distributed as dist
 from megatron_opd.losses import (sampled_token_reverse_kl, token_logprobs, topk_logprobs,
                                  vocab_parallel_divergence)
 from megatron_opd.testing.multiprocess import run_distributed
-from megatron_opd.testing.profiling import peak_extra_bytes
+from megatron_opd.testing.memory import peak_extra_bytes
 
 KIND_BETAS = [("forward_kl", 0.5), ("reverse_kl", 0.5)] + [("jsd", b) for b in (0.0, 0.1, 0.5, 0.9, 1.0)]
 # Each distinct formula once (jsd at beta 0 / 1 is forward / reverse KL), for the costlier sweeps.

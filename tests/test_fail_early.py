@@ -47,12 +47,12 @@ def _unwritable_dir(tmp_path) -> Path:
 def _score_args(hf_dir, tmp_path, **changes):
     inp = write_jsonl(tmp_path / "in.jsonl", [{"input_ids": [1, 2, 3]}])
     args = dict(model=str(hf_dir), input=str(inp), output=str(tmp_path / "out.jsonl"), top_k=0, tp=1, pp=1,
-                max_tokens=4096, force=False)
+                micro_batch_tokens=4096, force=False)
     args.update(changes)
     return argparse.Namespace(**args)
 
 
-@pytest.mark.parametrize("case", ["top_k_above_vocab", "max_tokens_zero", "empty_input", "output_parent_is_file",
+@pytest.mark.parametrize("case", ["top_k_above_vocab", "micro_batch_tokens_zero", "empty_input", "output_parent_is_file",
                                   "output_is_a_directory", "output_not_writable"])
 def test_score_refuses_bad_arguments_before_the_model_loads(hf_dir, tmp_path, monkeypatch, case):
     from megatron_opd import parallel
@@ -63,8 +63,8 @@ def test_score_refuses_bad_arguments_before_the_model_loads(hf_dir, tmp_path, mo
     args = _score_args(hf_dir, tmp_path)
     if case == "top_k_above_vocab":
         args.top_k, expected = 301, "--top-k 301 must be in [0, 300] (the vocabulary of"
-    elif case == "max_tokens_zero":
-        args.max_tokens, expected = 0, "--max-tokens must be >= 1, got 0"
+    elif case == "micro_batch_tokens_zero":
+        args.micro_batch_tokens, expected = 0, "--micro-batch-tokens must be >= 1, got 0"
     elif case == "empty_input":
         Path(args.input).write_text("\n")
         expected = f"{args.input}: no sequences to score (the file is empty)"

@@ -24,7 +24,7 @@ from megatron_opd.losses import (fused_linear_divergence, fused_linear_divergenc
                                  fused_linear_token_logprobs, fused_linear_topk_logprobs,
                                  vocab_parallel_divergence)
 from megatron_opd.losses import vocab_parallel
-from megatron_opd.testing.profiling import peak_extra_bytes
+from megatron_opd.testing.memory import peak_extra_bytes
 
 HIDDEN, TEACHER_HIDDEN = 6, 9  # neither divides the other nor any vocabulary here
 FP32_TOL = 1e-5

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from megatron_opd.testing.multiprocess import run_distributed
-from megatron_opd.testing.profiling import count_all_cpu_allocations, peak_extra_bytes
+from megatron_opd.testing.memory import count_all_cpu_allocations, peak_extra_bytes
 
 SMALL_BUCKET = 64 << 10
 LARGE_BUCKET = 64 << 20  # larger than the model: one bucket

@@ -15,6 +15,7 @@ from megatron_opd import parallel
 from megatron_opd.checkpoint.load import load_model, model_arch
 from megatron_opd.losses import token_logprobs, topk_logprobs
 from megatron_opd.models.builder import ShardedModel
+from megatron_opd.models.packing import pack_lengths, packed_positions, packed_seq_params
 from megatron_opd.models.schedule import run_schedule
 from megatron_opd.utils import check_writable, log0, progress, read_jsonl, write_jsonl
 
@@ -35,49 +36,44 @@ def read_token_jsonl(path: str | Path, *, vocab_size: int) -> list[list[int]]:
     return sequences
 
 
-def make_micro_batches(sequences: list[list[int]], indices: list[int], *, max_tokens: int,
+def make_micro_batches(sequences: list[list[int]], indices: list[int], *, micro_batch_tokens: int,
                        device: torch.device) -> list[dict]:
-    """Group sequences (sorted by length) into right-padded micro-batches of <= max_tokens tokens."""
-    order = sorted(indices, key=lambda i: len(sequences[i]))
-    batches, current = [], []
-
-    def flush():
-        if not current:
-            return
-        length = max(len(sequences[i]) for i in current)
-        ids = torch.zeros(len(current), length, dtype=torch.long)
-        for row, i in enumerate(current):
-            ids[row, : len(sequences[i])] = torch.tensor(sequences[i])
-        batches.append({"input_ids": ids.to(device),
-                        "position_ids": torch.arange(length, device=device).expand(len(current), -1),
-                        "indices": list(current)})
-        current.clear()
-
-    for i in order:
-        if current and (len(current) + 1) * len(sequences[i]) > max_tokens:
-            flush()
-        current.append(i)
-    flush()
+    """Pack the sequences ``indices`` into THD micro-batches of at most ``micro_batch_tokens``
+    tokens (first-fit decreasing; a longer sequence gets one of its own): one row ``[1, t]``
+    whose sequences attend only to themselves, with positions from 0 in each."""
+    batches = []
+    for members in pack_lengths([len(sequences[i]) for i in indices], budget=micro_batch_tokens):
+        members = [indices[j] for j in members]
+        lengths = [len(sequences[i]) for i in members]
+        ids = torch.tensor([t for i in members for t in sequences[i]], device=device)
+        batches.append({"input_ids": ids.view(1, -1),
+                        "position_ids": packed_positions(lengths, device=device),
+                        "packed_seq_params": packed_seq_params(lengths, device=device),
+                        "indices": members, "lengths": lengths})
     return batches
 
 
 @torch.no_grad()
 def score_sequences(model: ShardedModel, sequences: list[list[int]], *, top_k: int = 0,
-                    temperature: float = 1.0, max_tokens: int = 4096,
+                    temperature: float = 1.0, micro_batch_tokens: int = 4096,
                     show_progress: bool = True) -> list[dict] | None:
     """Score ``sequences``; returns the output rows (in input order) on global rank 0, else None.
 
-    Sequences are split round-robin over data-parallel replicas; each replica pipelines its
-    micro-batches; the last stage's TP rank 0 of every replica sends its rows to rank 0.
+    Sequences are split round-robin over data-parallel replicas; each replica packs them into
+    micro-batches of at most ``micro_batch_tokens`` tokens and pipelines those; the last stage's
+    TP rank 0 of every replica sends its rows to rank 0.
     """
     mp = model.mp
     model.module.eval()
     mine = [i for i in range(len(sequences)) if i % mp.dp_size == mp.dp_rank]
-    batches = make_micro_batches(sequences, mine, max_tokens=max_tokens, device=parallel.device())
+    batches = make_micro_batches(sequences, mine, micro_batch_tokens=micro_batch_tokens,
+                                 device=parallel.device())
     vocab = model.arch.vocab_size
     rows: dict[int, dict] = {}
 
     def output_fn(logits, batch):
+        # [1, t - 1]: position p predicts token p + 1; the positions that cross from one packed
+        # sequence into the next are dropped below
         ids = batch["input_ids"]
         lp = token_logprobs(logits[:, :-1], ids[:, 1:], vocab_size=vocab, tp_group=mp.tp_group,
                             temperature=temperature)
@@ -98,13 +94,15 @@ def score_sequences(model: ShardedModel, sequences: list[list[int]], *, top_k: i
         num_tokens += sum(b["input_ids"].numel() for b in chunk)
         outputs = run_schedule(model, chunk, output_fn, forward_only=True)
         for batch, out in zip(chunk, outputs):
-            for row, i in enumerate(batch["indices"]):
-                n = len(sequences[i]) - 1
-                r = {"logprobs": out["logprobs"][row, :n].tolist()}
+            offset = 0
+            for i, length in zip(batch["indices"], batch["lengths"]):
+                span = slice(offset, offset + length - 1)
+                r = {"logprobs": out["logprobs"][0, span].tolist()}
                 if top_k:
-                    r["topk_ids"] = out["topk_ids"][row, :n].tolist()
-                    r["topk_logprobs"] = out["topk_logprobs"][row, :n].tolist()
+                    r["topk_ids"] = out["topk_ids"][0, span].tolist()
+                    r["topk_logprobs"] = out["topk_logprobs"][0, span].tolist()
                 rows[i] = r
+                offset += length
         bar.update(len(chunk))
     bar.close()
     elapsed = time.perf_counter() - start
@@ -131,7 +129,7 @@ def check_args(args):
         raise ValueError(f"{args.output}: output exists (pass --force to overwrite)")
     if not Path(args.input).is_file():
         raise ValueError(f"{args.input}: input file does not exist")
-    for flag, value in (("--max-tokens", args.max_tokens), ("--tp", args.tp), ("--pp", args.pp)):
+    for flag, value in (("--micro-batch-tokens", args.micro_batch_tokens), ("--tp", args.tp), ("--pp", args.pp)):
         if value < 1:
             raise ValueError(f"{flag} must be >= 1, got {value}")
     arch = model_arch(args.model)
@@ -152,7 +150,7 @@ def main(args) -> int:
     layout = parallel.ParallelLayout(tp=args.tp, pp=args.pp)
     mp = parallel.initialize_global_model_parallel(layout, what="score")
     model = load_model(args.model, mp)
-    rows = score_sequences(model, sequences, top_k=args.top_k, max_tokens=args.max_tokens)
+    rows = score_sequences(model, sequences, top_k=args.top_k, micro_batch_tokens=args.micro_batch_tokens)
     out = Path(args.output)
     if rows is not None:
         write_jsonl(out, rows)

@@ -118,14 +118,7 @@ def build_model(arch: ArchConfig, mp: ModelParallel, *, params_dtype: torch.dtyp
                                 recompute=recompute, sequence_parallel=sequence_parallel,
                                 extra=config_extra)
     te = transformer_engine_available()
-    if te:
-        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
-
-        spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.family.qk_norm)
-    else:
-        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-
-        spec = get_gpt_layer_local_spec(qk_layernorm=arch.family.qk_norm, normalization="RMSNorm")
+    spec = layer_spec(arch, transformer_engine=te)
     if padded_vocab is None:
         padded_vocab = padded_vocab_size(arch.vocab_size, tp)
     if padded_vocab % tp or padded_vocab < arch.vocab_size:
@@ -165,6 +158,24 @@ def build_model(arch: ArchConfig, mp: ModelParallel, *, params_dtype: torch.dtyp
     model = ShardedModel(arch=arch, mp=mp, module=module, padded_vocab_size=padded_vocab, te_spec=te)
     _mark_tensor_parallel(model)
     return model
+
+
+def layer_spec(arch: ArchConfig, *, transformer_engine: bool):
+    """The decoder layer spec. Both attentions honour ``packed_seq_params`` (THD packs): with
+    Transformer Engine its ``TEDotProductAttention``; otherwise megatron's local spec with our
+    :class:`~megatron_opd.models.attention.VarlenAttention` as core attention (the local
+    ``DotProductAttention`` refuses packed sequences)."""
+    if transformer_engine:
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.family.qk_norm)
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    from megatron_opd.models.attention import VarlenAttention
+
+    spec = get_gpt_layer_local_spec(qk_layernorm=arch.family.qk_norm, normalization="RMSNorm")
+    spec.submodules.self_attention.submodules.core_attention = VarlenAttention
+    return spec
 
 
 def _rope_at_positions(rotary, max_seq_len: int, offset: int = 0, packed_seq: bool = False, cp_group=None):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_opd.models.packing import packed_inputs
+from megatron_opd.models.packing import pack_lengths, packed_inputs
 from megatron_opd.utils import read_jsonl
 
 
@@ -195,22 +195,9 @@ class Sequence:
 
 
 def pack_sequences(seqs: list[Sequence], *, budget: int) -> list[list[int]]:
-    """Group sequence indices into micro-batches of at most ``budget`` tokens (first-fit
-    decreasing); a longer sequence gets a micro-batch of its own."""
-    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i].tokens))
-    bins: list[list[int]] = []
-    sizes: list[int] = []
-    for i in order:
-        n = len(seqs[i].tokens)
-        for b, size in enumerate(sizes):
-            if size + n <= budget:
-                bins[b].append(i)
-                sizes[b] += n
-                break
-        else:
-            bins.append([i])
-            sizes.append(n)
-    return [sorted(b) for b in bins]
+    """Group sequence indices into micro-batches of at most ``budget`` tokens (see
+    :func:`pack_lengths`)."""
+    return pack_lengths([len(s.tokens) for s in seqs], budget=budget)
 
 
 def micro_batch(seqs: list[Sequence], indices: list[int], *, device,

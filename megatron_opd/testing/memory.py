@@ -1,12 +1,32 @@
-"""Peak extra memory of a call, from the CPU allocator's own accounting (tests and benchmarks)."""
+"""Peak memory of a piece of CPU work, for benchmarks and memory tests: the allocator's own
+accounting of tensor bytes, and the resident set's high-water mark."""
 
 from __future__ import annotations
 
 import ctypes
+import gc
 import os
 from typing import Callable
 
 import torch
+
+
+def rss_bytes(field: str = "VmRSS") -> int:
+    """A field of ``/proc/self/status`` in bytes (``VmRSS`` now, ``VmHWM`` the high-water mark)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} missing from /proc/self/status")
+
+
+def settle() -> int:
+    """Free what can be freed, return it to the OS, reset the high-water mark; the RSS now."""
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return rss_bytes("VmRSS")
 
 
 def _accounting_flag() -> ctypes.c_bool:
@@ -22,8 +42,9 @@ def count_all_cpu_allocations(on: bool = True) -> None:
 
 def peak_extra_bytes(fn: Callable[[], object]) -> int:
     """The allocator's peak running total while ``fn()`` runs minus its total before: the extra
-    memory ``fn`` needed at its worst, counting every thread. Read through torch.profiler's
-    memory events; allocation counting is on during ``fn`` and as before afterwards."""
+    memory ``fn`` needed at its worst, counting every thread (c10's
+    ``caffe2_report_cpu_memory_usage`` accounting, read through torch.profiler's memory events).
+    Allocation counting is on during ``fn`` and as before afterwards."""
     from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
 
