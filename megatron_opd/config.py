@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -26,8 +27,8 @@ from megatron_opd.train.environments import ENVIRONMENTS
 from megatron_opd.train.evaluation import METRICS
 from megatron_opd.train.memory import parameter_count
 from megatron_opd.train.metrics import MetricsLogger
-from megatron_opd.train.objective import (KINDS, SAMPLED_REVERSE_KL, SUPPORTS, TEACHER_TOPK_INPUT, Objective,
-                                          make_objective, teacher_need)
+from megatron_opd.train.objective import (CROSS_ENTROPY, KINDS, POLICY_GRADIENT_KINDS, SAMPLED_REVERSE_KL, SUPPORTS,
+                                          TEACHER_TOPK_INPUT, Objective, make_objective, teacher_need)
 from megatron_opd.train.optim import Trainable, make_trainable
 from megatron_opd.utils import check_writable
 
@@ -134,6 +135,9 @@ class RolloutConfig:
     mismatch_threshold: float | str | None = "auto"
     max_turns: int = 1
     environment: str = ""  # a multi-turn environment (see train/environments.py), "" = single turn
+    # Buffered generation: one generation of k x the step's prompts feeds k optimizer steps (the
+    # policy-gradient kinds then weight by the truncated importance ratio current / sampling policy).
+    steps_per_generation: int = 1
 
     def validate(self, name: str = "rollout") -> None:
         _require(0.0 <= self.lmbda <= 1.0, f"{name}.lmbda must be in [0, 1], got {self.lmbda}")
@@ -150,6 +154,8 @@ class RolloutConfig:
                  f"{name}.mismatch_threshold must be a number, auto or null, got {self.mismatch_threshold!r}")
         _require(self.max_new_tokens >= 1, f"{name}.max_new_tokens must be >= 1")
         _require(self.max_turns >= 1, f"{name}.max_turns must be >= 1")
+        _require(isinstance(self.steps_per_generation, int) and self.steps_per_generation >= 1,
+                 f"{name}.steps_per_generation must be an integer >= 1, got {self.steps_per_generation!r}")
         _require(not self.environment or self.environment in ENVIRONMENTS,
                  f"{name}.environment={self.environment!r} is unknown (known: {', '.join(ENVIRONMENTS)})")
 
@@ -187,13 +193,17 @@ class LossConfig:
     beta: float = 0.5
     support: str = "full"
     top_k: int = 0
+    # Top-k supports: keep the bucket of each side's remaining mass (false: renormalize over the k
+    # tokens; for reverse_kl_advantage, only the k tokens carry an advantage).
+    topk_tail: bool = True
     temperature: float = 1.0
     chunk_size: int = 0  # 0: automatic
     fused_linear: bool = False
     # Weight each sample's tokens by its metadata field (e.g. a reward); "" = uniform.
     weight_field: str = ""
-    # sampled_reverse_kl: truncated importance weight min(pi_trainer / pi_rollout, cap) on the engine's
-    # samples. "auto": on when the student is bf16 (trainer and engine round differently), else off.
+    # Policy-gradient kinds (sampled_reverse_kl, reverse_kl_advantage): truncated importance weight
+    # min(pi_trainer / pi_rollout, cap) on the engine's samples. "auto": on when the student is bf16
+    # (trainer and engine round differently) or rollout.steps_per_generation > 1, else off.
     truncated_importance: str = "auto"  # "auto" | "on" | "off"
     importance_cap: float = 2.0
 
@@ -207,26 +217,31 @@ class LossConfig:
         _require(self.temperature > 0, f"{name}.temperature must be > 0, got {self.temperature}")
         if self.support != "full":
             _require(self.top_k >= 1, f"{name}.top_k must be >= 1 with {name}.support={self.support!r}")
+        _require(self.topk_tail or (self.support != "full" and self.kind not in (SAMPLED_REVERSE_KL, CROSS_ENTROPY)),
+                 f"{name}.topk_tail=false needs a top-k support (loss.support=student_topk, teacher_topk or "
+                 f"{TEACHER_TOPK_INPUT}) and a divergence kind, got support={self.support!r}, kind={self.kind!r}")
 
     @property
     def teacher_need(self) -> Need:
         return teacher_need(kind=self.kind, support=self.support, fused_linear=self.fused_linear)
 
     def build(self, student: ShardedModel, *, teacher_output_weight: torch.Tensor | None,
-              teacher_temperature: float, rollout_temperature: float) -> Objective:
+              teacher_temperature: float, rollout_temperature: float, steps_per_generation: int = 1) -> Objective:
         """The student's objective on its last stage (``teacher_output_weight``: the teacher's
         output-layer shard for a loss fused with the output layers)."""
+        cap = self.importance_cap_for(student.config.params_dtype, steps_per_generation=steps_per_generation)
         return make_objective(student, kind=self.kind, beta=self.beta, support=self.support, top_k=self.top_k,
                               temperature=self.temperature, chunk_size=self.chunk_size or None,
                               fused_linear=self.fused_linear, teacher_output_weight=teacher_output_weight,
                               teacher_temperature=teacher_temperature, rollout_temperature=rollout_temperature,
-                              importance_cap=self.importance_cap_for(student.config.params_dtype))
+                              importance_cap=cap, topk_tail=self.topk_tail)
 
-    def importance_cap_for(self, student_dtype: torch.dtype) -> float | None:
-        """The truncated importance weight's cap for a student in ``student_dtype``; None: off."""
+    def importance_cap_for(self, student_dtype: torch.dtype, *, steps_per_generation: int = 1) -> float | None:
+        """The truncated importance weight's cap for a student in ``student_dtype`` whose samples
+        feed ``steps_per_generation`` optimizer steps; None: off."""
         on = self.truncated_importance == "on" or (
-            self.truncated_importance == "auto" and student_dtype == torch.bfloat16)
-        return self.importance_cap if on and self.kind == SAMPLED_REVERSE_KL else None
+            self.truncated_importance == "auto" and (student_dtype == torch.bfloat16 or steps_per_generation > 1))
+        return self.importance_cap if on and self.kind in POLICY_GRADIENT_KINDS else None
 
 
 @dataclass
@@ -268,11 +283,15 @@ class OptimConfig:
             return self.min_lr + (self.lr - self.min_lr) * (1 - frac)
         return self.min_lr + 0.5 * (self.lr - self.min_lr) * (1 + math.cos(math.pi * frac))
 
-    def build(self, model: ShardedModel, *, total_steps: int) -> Trainable:
-        """megatron's DDP and Adam over ``model`` with these settings, and this LR schedule."""
+    def build(self, model: ShardedModel, *, total_steps: int, schedule=None) -> Trainable:
+        """megatron's DDP and Adam over ``model`` with these settings, and this LR schedule (or
+        ``schedule``, step -> learning rate: a run's phases each have their own)."""
         self.validate()
         self.check_device()
-        return make_trainable(model, self, schedule=lambda step: self.learning_rate(step, total_steps=total_steps))
+        if schedule is None:
+            def schedule(step):
+                return self.learning_rate(step, total_steps=total_steps)
+        return make_trainable(model, self, schedule=schedule)
 
 
 @dataclass
@@ -335,10 +354,44 @@ class TrainConfig:
     max_nonfinite_steps: int = 3  # consecutive non-finite steps before the run stops
     gpu_memory_gb: float = 80.0  # for the dry-run's memory check
     host_memory_gb: float = 512.0  # CPU RAM per node, for the dry-run's memory check
+    # Phases of one run, in order: each {steps: N, rollout: {...}, loss: {...}, optim: {...}} runs
+    # N steps with those fields overriding the recipe's (their steps add up to train.steps); e.g. a
+    # cross-entropy cold start on teacher samples, then OPD. [] = one phase of train.steps.
+    phases: list = field(default_factory=list)
 
     def validate(self, name: str = "train") -> None:
         _require(self.steps >= 1, f"{name}.steps must be >= 1, got {self.steps}")
         _require(self.prompts_per_step >= 1, f"{name}.prompts_per_step must be >= 1")
+
+
+PHASE_SECTIONS = ("rollout", "loss", "optim")
+# What a phase may not change: the engines, the teacher's transfer and the optimizer are built once.
+PHASE_FIXED = {"rollout": ("kv_cache_gb", "max_turns", "environment", "bucket_mb"), "loss": ("fused_linear",),
+               "optim": ("weight_decay", "adam_beta1", "adam_beta2", "adam_eps", "clip_grad",
+                         "use_distributed_optimizer")}
+
+
+@dataclass(frozen=True)
+class Phase:
+    """Steps ``[start, end)`` of the run, trained with ``config`` (the recipe with the phase's overrides)."""
+
+    index: int
+    start: int
+    end: int
+    config: "Config"
+
+    @property
+    def steps(self) -> int:
+        return self.end - self.start
+
+    def generation_start(self, step: int) -> int:
+        """The step whose generation feeds ``step`` (``rollout.steps_per_generation`` steps each,
+        counted from the phase's start)."""
+        return step - (step - self.start) % self.config.rollout.steps_per_generation
+
+    def learning_rate(self, step: int) -> float:
+        """The phase's optim schedule, restarted at its first step."""
+        return self.config.optim.learning_rate(step - self.start, total_steps=self.steps)
 
 
 @dataclass
@@ -357,6 +410,39 @@ class Config:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def phases(self) -> list[Phase]:
+        """The run's phases (one of train.steps without ``train.phases``); ValueError naming
+        ``train.phases[i]...`` for a malformed phase."""
+        if not self.train.phases:
+            return [Phase(0, 0, self.train.steps, self)]
+        _require(isinstance(self.train.phases, list), f"train.phases must be a list, got {self.train.phases!r}")
+        base = self.to_dict()
+        base["train"]["phases"] = []
+        out, start = [], 0
+        for i, entry in enumerate(self.train.phases):
+            where = f"train.phases[{i}]"
+            _require(isinstance(entry, dict), f"{where} must be a mapping with steps and overrides, got {entry!r}")
+            unknown = sorted(set(entry) - {"steps", *PHASE_SECTIONS})
+            _require(not unknown, f"{where}: unknown key(s) {unknown}; a phase has steps and overrides of "
+                                  f"{', '.join(PHASE_SECTIONS)}")
+            steps = entry.get("steps")
+            _require(isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1,
+                     f"{where}.steps must be an integer >= 1, got {steps!r}")
+            data = copy.deepcopy(base)
+            for section in PHASE_SECTIONS:
+                override = entry.get(section) or {}
+                _require(isinstance(override, dict), f"{where}.{section} must be a mapping, got {override!r}")
+                _deep_update(data[section], override)
+            try:
+                config = _build(Config, data, "")
+            except ValueError as e:
+                raise ValueError(f"{where}: {e}") from None
+            out.append(Phase(i, start, start + steps, config))
+            start += steps
+        _require(start == self.train.steps,
+                 f"train.phases: the phases' steps add up to {start}, but train.steps is {self.train.steps}")
+        return out
+
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
@@ -368,12 +454,45 @@ class Config:
         if world_size is not None:
             self._check_layouts(world_size)
         self._check_teacher_serves_the_loss()
+        self._check_generations()
+        if self.train.phases:
+            self._check_phases(world_size)
+
+    def _check_generations(self) -> None:
+        """A checkpoint falls where a generation starts, so that resuming regenerates nothing that
+        a step of the interrupted run had already trained on."""
+        k, every = self.rollout.steps_per_generation, self.checkpoint.every
+        _require(k == 1 or every % k == 0,
+                 f"checkpoint.every={every} must be a multiple of rollout.steps_per_generation={k} (a resumed "
+                 "run starts with a generation)")
+
+    def _check_phases(self, world_size: int | None) -> None:
+        """Every phase validated as a run of its own, then what may not change between phases."""
+        phases = self.phases()
+        for ph in phases:
+            try:
+                ph.config.validate(world_size=world_size)
+            except ValueError as e:
+                raise ValueError(f"train.phases[{ph.index}]: {e}") from None
+            k = ph.config.rollout.steps_per_generation
+            _require(ph.start % k == 0,
+                     f"train.phases[{ph.index}] starts at step {ph.start}, not a multiple of its "
+                     f"rollout.steps_per_generation={k} (a checkpoint there would fall inside a generation)")
+        for section, names in PHASE_FIXED.items():
+            for name in names:
+                values = {ph.index: getattr(getattr(ph.config, section), name) for ph in phases}
+                _require(len(set(map(repr, values.values()))) == 1,
+                         f"train.phases: {section}.{name} may not change between phases (it is built once), "
+                         f"got {values}")
+        topk = {ph.config.loss.top_k for ph in phases if ph.config.loss.teacher_need == Need.TOPK}
+        _require(len(topk) <= 1, f"train.phases: loss.top_k may not change between phases where the teacher "
+                                 f"sends its top-k, got {sorted(topk)}")
 
     def _check_teacher_serves_the_loss(self) -> None:
         loss, teacher = self.loss, self.teacher
         if teacher.served_url:
             _require(loss.top_k >= 1, "loss.top_k must be >= 1 with a served teacher (teacher.served_url)")
-            _require(loss.support == TEACHER_TOPK_INPUT or loss.kind == SAMPLED_REVERSE_KL,
+            _require(loss.support == TEACHER_TOPK_INPUT or loss.kind in (SAMPLED_REVERSE_KL, CROSS_ENTROPY),
                      "a served teacher (teacher.served_url) gives top-k log-probs only: set "
                      f"loss.support={TEACHER_TOPK_INPUT} or loss.kind={SAMPLED_REVERSE_KL}")
             _require(not self.rollout.uses_teacher_samples,

@@ -9,6 +9,7 @@ import torch
 
 from megatron_opd.teacher.signals import Need, TeacherSignal
 from megatron_opd.train.objective import (DivergenceLoss, LogitsHead, Objective, SampledReverseKLLoss,
+                                          TruncatedImportance,
                                           teacher_need)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -145,7 +146,7 @@ def test_sampled_reverse_kl_with_truncated_importance_weights():
     noise = 0.3 * torch.randn(L, generator=torch.Generator().manual_seed(12), dtype=torch.float64)
     noise[::4] = -2.0
     batch["rollout_logprobs"] = (exact + noise).float().view(1, L)
-    loss = SampledReverseKLLoss(temperature=0.8, importance_cap=1.5, rollout_temperature=1.2)
+    loss = SampledReverseKLLoss(temperature=0.8, importance=TruncatedImportance(1.5, rollout_temperature=1.2))
     loss_sum, _, metrics, grad = _run(loss, batch, TeacherSignal(token_logprobs=t_lp), student,
                                       rollout_temperature=1.2)
 

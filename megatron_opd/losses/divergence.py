@@ -72,6 +72,7 @@ def vocab_parallel_divergence(
     top_k: int | None = None,
     teacher_topk_ids: torch.Tensor | None = None,
     teacher_topk_logprobs: torch.Tensor | None = None,
+    topk_tail: bool = True,
 ) -> torch.Tensor:
     """Per-token divergence between student and teacher next-token distributions, vocab-parallel.
 
@@ -102,6 +103,14 @@ def vocab_parallel_divergence(
         teacher_topk_ids, teacher_topk_logprobs: ``[..., K]`` global ids and the teacher's
             log-probs of them, instead of ``teacher_logits`` (needs ``support="teacher_topk"``);
             the rest bucket carries the teacher's remaining mass 1 - sum exp(logprobs).
+        topk_tail: False drops the rest bucket of a top-k support: both sides are renormalized
+            over the k tokens (``reverse_kl_advantage``: the k tokens keep their full log-probs
+            and only they carry an advantage).
+        kind ``"reverse_kl_advantage"``: the policy gradient of arXiv 2604.13016's top-k OPD,
+            advantage -w_x (log p_x - log q_x) per support token x (w: the student's probability
+            renormalized over the support); value sum_x w_x (log p_x - log q_x), gradient that of
+            -sum_x sg(A_x) log p_x. Equal to reverse KL (value and gradient) unless
+            ``topk_tail=False``.
 
     Returns:
         ``[...]`` per-token loss in fp32 (fp64 for fp64 inputs), identical on every TP rank.
@@ -142,7 +151,7 @@ def vocab_parallel_divergence(
                               dtype=compute_dtype(student_logits.dtype), temperature=temperature,
                               support=support, top_k=top_k,
                               teacher_topk_ids=teacher_topk_ids, teacher_topk_logprobs=teacher_topk_logprobs,
-                              teacher_name="teacher_logits")
+                              teacher_name="teacher_logits", topk_tail=topk_tail)
     mask_t = flat_mask(loss_mask, lead, what="student_logits")
     z_tv = student_logits.reshape(-1, shard.width)
     width = max(shard.width, teacher.shard.width) if teacher is not None else shard.width
@@ -154,7 +163,8 @@ def vocab_parallel_divergence(
 def chunked_divergence(divergence, shard: VocabShard, teacher: LogitRows | None, *,
                        lead: tuple[int, ...], dtype: torch.dtype, temperature: float, support: str,
                        top_k: int | None, teacher_topk_ids: torch.Tensor | None,
-                       teacher_topk_logprobs: torch.Tensor | None, teacher_name: str):
+                       teacher_topk_logprobs: torch.Tensor | None, teacher_name: str,
+                       topk_tail: bool = True):
     """The :class:`ChunkedLoss` of a divergence against a teacher given as logit rows or as top-k
     ids + log-probs, after checking the support arguments (``teacher_name`` names the teacher's
     tensor in errors). Shared by the logits and the fused-linear entry points."""
@@ -182,12 +192,15 @@ def chunked_divergence(divergence, shard: VocabShard, teacher: LogitRows | None,
             raise ValueError(f"teacher_topk_ids must lie in [0, vocab_size={shard.vocab_size}), got "
                              f"[{ids.min().item()}, {ids.max().item()}]")
         return TopKTail(divergence, shard, temperature=temperature, dtype=dtype, k=k, select="given",
-                        teacher_ids_tk=ids, teacher_logprobs_tk=teacher_topk_logprobs.detach().reshape(-1, k))
+                        teacher_ids_tk=ids, teacher_logprobs_tk=teacher_topk_logprobs.detach().reshape(-1, k),
+                        tail=topk_tail)
     if teacher is None:
         raise ValueError(f"{teacher_name} is required (or teacher_topk_ids + teacher_topk_logprobs)")
     if support == "full":
         if top_k is not None:
             raise ValueError(f'top_k={top_k} needs support="teacher_topk" or "student_topk"')
+        if not topk_tail:
+            raise ValueError('topk_tail=False needs support="teacher_topk" or "student_topk"')
         return FullVocab(divergence, shard, teacher, temperature=temperature, dtype=dtype)
     if top_k is None:
         raise ValueError(f"support={support!r} needs top_k")
@@ -196,7 +209,7 @@ def chunked_divergence(divergence, shard: VocabShard, teacher: LogitRows | None,
         raise ValueError(f"top-k selection carries ids as float32: vocab_size "
                          f"{shard.vocab_size} > {MAX_EXACT_FLOAT32_ID}")
     return TopKTail(divergence, shard, temperature=temperature, dtype=dtype, k=top_k,
-                    select=support.removesuffix("_topk"), teacher=teacher)
+                    select=support.removesuffix("_topk"), teacher=teacher, tail=topk_tail)
 
 
 def sampled_token_reverse_kl(

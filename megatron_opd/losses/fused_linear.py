@@ -223,7 +223,7 @@ class _Fused:
 
 def _fused_divergence(student_hidden, student_lm_head_shard, teacher_hidden, teacher_lm_head_shard, *, kind,
                       beta, temperature, loss_mask, vocab_size, chunk_size, tp_group, support, top_k,
-                      teacher_topk_ids, teacher_topk_logprobs) -> _Fused:
+                      teacher_topk_ids, teacher_topk_logprobs, topk_tail=True) -> _Fused:
     divergence = make_divergence(kind, beta)
     check_temperature(temperature)
     if support not in SUPPORTS:
@@ -252,7 +252,8 @@ def _fused_divergence(student_hidden, student_lm_head_shard, teacher_hidden, tea
     loss = chunked_divergence(divergence, shard, teacher, lead=lead,
                               dtype=compute_dtype(student_hidden.dtype), temperature=temperature,
                               support=support, top_k=top_k, teacher_topk_ids=teacher_topk_ids,
-                              teacher_topk_logprobs=teacher_topk_logprobs, teacher_name="teacher_hidden")
+                              teacher_topk_logprobs=teacher_topk_logprobs, teacher_name="teacher_hidden",
+                              topk_tail=topk_tail)
     return _Fused(loss, lead, student_hidden.reshape(-1, student_hidden.shape[-1]), student_lm_head_shard,
                   flat_mask(loss_mask, lead, what="student_hidden"), chunks, teacher)
 
@@ -275,6 +276,7 @@ def fused_linear_divergence(
     teacher_topk_ids: torch.Tensor | None = None,
     teacher_topk_logprobs: torch.Tensor | None = None,
     reduce_hidden_grad: bool = True,
+    topk_tail: bool = True,
 ) -> torch.Tensor:
     """:func:`~megatron_opd.losses.vocab_parallel_divergence` of the logits ``hidden @ W_shard^T``
     of both models, without ever holding more than one chunk of them.
@@ -289,7 +291,8 @@ def fused_linear_divergence(
         teacher_hidden, teacher_lm_head_shard: the same for the teacher (its own hidden size and
             padding), taken as constants; or None with ``teacher_topk_ids`` +
             ``teacher_topk_logprobs`` ``[..., K]``.
-        kind, beta, temperature, loss_mask, vocab_size, support, top_k: as for the logits version.
+        kind, beta, temperature, loss_mask, vocab_size, support, top_k, topk_tail: as for the logits
+            version.
         chunk_size: tokens whose logits exist at once; default about 2**25 logits
             (``2**25 // V_local`` tokens). Peak extra memory is about three ``chunk_size x
             V_local`` buffers (both models' logits and their gradient) plus the gradients,
@@ -317,7 +320,7 @@ def fused_linear_divergence(
                           kind=kind, beta=beta, temperature=temperature, loss_mask=loss_mask,
                           vocab_size=vocab_size, chunk_size=chunk_size, tp_group=tp_group, support=support,
                           top_k=top_k, teacher_topk_ids=teacher_topk_ids,
-                          teacher_topk_logprobs=teacher_topk_logprobs)
+                          teacher_topk_logprobs=teacher_topk_logprobs, topk_tail=topk_tail)
     out = FusedLinearLoss.apply(f.h_td, f.w_vd, f.loss, f.mask_t, f.chunks, reduce_hidden_grad, f.teacher)
     return out.view(f.lead)
 
@@ -341,6 +344,7 @@ def fused_linear_divergence_sum(
     teacher_topk_ids: torch.Tensor | None = None,
     teacher_topk_logprobs: torch.Tensor | None = None,
     reduce_hidden_grad: bool = True,
+    topk_tail: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(sum of token_weights * D over the unmasked tokens, D)``: the weighted sum of
     :func:`fused_linear_divergence`'s per-token loss ``D`` (a differentiable scalar) and ``D``
@@ -358,7 +362,7 @@ def fused_linear_divergence_sum(
                           kind=kind, beta=beta, temperature=temperature, loss_mask=loss_mask,
                           vocab_size=vocab_size, chunk_size=chunk_size, tp_group=tp_group, support=support,
                           top_k=top_k, teacher_topk_ids=teacher_topk_ids,
-                          teacher_topk_logprobs=teacher_topk_logprobs)
+                          teacher_topk_logprobs=teacher_topk_logprobs, topk_tail=topk_tail)
     if token_weights is None:
         weights_t = f.h_td.new_ones(f.h_td.shape[0], dtype=f.loss.dtype)
     elif tuple(token_weights.shape) != f.lead:

@@ -13,6 +13,15 @@ For any D(p) with p = softmax(s): dD/ds_j = p_j (g_j - sum_i p_i g_i), g = dD/dp
                                                          dD/ds = (1 - beta) p (log p - log m - KL(p || m))
 All terms are products of a probability with a difference of finite log-probs (-inf logits are
 floored at LOG_ZERO), so p = 0 gives 0, never 0 * log 0.
+
+``reverse_kl_advantage`` is not a divergence's gradient but a policy gradient (arXiv 2604.13016's
+top-k OPD): each entry x of the support has the advantage A_x = -w_x (log p_x - log q_x), w the
+student's probability renormalized over the support, and the gradient is that of the surrogate
+-sum_x sg(A_x) log p_x, i.e. dL/ds = c - p sum c with c_x = w_x (log p_x - log q_x); the value is
+sum c. Over the full vocabulary (or top-k buckets with their tail) w = p and this is reverse KL's
+own gradient; it differs when a top-k support drops its tail (``without_rest``): then log p, log q
+stay the full distributions' (the rest bucket normalizes them) and only the k selected tokens
+carry an advantage.
 """
 
 from __future__ import annotations
@@ -80,7 +89,41 @@ class JSD:
         return logp.sub_(logm).sub_(kl_pm_c.unsqueeze(-1)).mul_(p).mul_(1.0 - self.beta)
 
 
-KINDS = ("forward_kl", "reverse_kl", "jsd")
+class ReverseKLAdvantage:
+    """The support's reverse-KL terms as per-token advantages of a policy gradient (see the module
+    docstring). ``exclude_last``: the last entry of a row (a top-k tail bucket) normalizes the
+    log-probs but carries no advantage."""
+
+    needs_rest = True  # without a tail bucket, the log-probs of the top-k are still the full ones
+
+    def __init__(self, exclude_last: bool = False):
+        self.exclude_last = exclude_last
+
+    def without_rest(self) -> "ReverseKLAdvantage":
+        return ReverseKLAdvantage(exclude_last=True)
+
+    def _terms(self, logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+        """c = w (log p - log q) per entry (0 on an excluded last entry)."""
+        if not self.exclude_last:
+            return logp.exp() * (logp - logq)
+        sel_p, sel_q = logp[:, :-1], logq[:, :-1]
+        w = (sel_p - torch.logsumexp(sel_p, dim=-1, keepdim=True)).exp()
+        return torch.nn.functional.pad(w * (sel_p - sel_q), (0, 1))
+
+    def sums(self, logp, logq, p, q) -> torch.Tensor:
+        return self._terms(logp, logq).sum(dim=-1, keepdim=True)
+
+    def loss(self, sums_cf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return sums_cf[:, 0], sums_cf[:, 0]
+
+    def grad_(self, logp, logq, sum_c: torch.Tensor) -> torch.Tensor:
+        """c - p sum(c): the surrogate's gradient w.r.t. s (d log p_x / ds = onehot(x) - p)."""
+        c = self._terms(logp, logq)
+        return c.sub_(logp.exp_().mul_(sum_c.unsqueeze(-1)))
+
+
+REVERSE_KL_ADVANTAGE = "reverse_kl_advantage"
+KINDS = ("forward_kl", "reverse_kl", "jsd", REVERSE_KL_ADVANTAGE)
 
 
 def make_divergence(kind: str, beta: float):
@@ -89,6 +132,8 @@ def make_divergence(kind: str, beta: float):
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta must be a number in [0, 1], got {beta!r}")
+    if kind == REVERSE_KL_ADVANTAGE:
+        return ReverseKLAdvantage()
     if kind == "forward_kl" or (kind == "jsd" and beta == 0.0):
         return ForwardKL()
     if kind == "reverse_kl" or (kind == "jsd" and beta == 1.0):

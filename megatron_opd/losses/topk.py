@@ -55,6 +55,11 @@ class TopKTail:
     (p_j / P_rest) * H_rest, its share of the rest bucket (computed as exp of a log-ratio, so it
     stays finite when the rest's mass underflows).
 
+    ``tail=False`` drops the rest bucket: a divergence is then taken between both distributions
+    renormalized over the k selected tokens (unselected tokens get no gradient); a policy gradient
+    (``reverse_kl_advantage``) keeps the full distributions' log-probs of the k tokens and gives
+    the rest no advantage (its gradient still reaches every token through the softmax).
+
     Collectives per chunk (TP > 1), forward only: one all_gather of the local top-k candidates
     (``tp x c x min(k, V_local) x 2``; skipped when ids are given) and one all_gather of per-token
     partials (``tp x c x (k + 4)``: the other side's selected logits and each side's tail
@@ -64,11 +69,17 @@ class TopKTail:
     def __init__(self, divergence, shard: VocabShard, *, temperature: float, dtype: torch.dtype,
                  k: int, select: str, teacher: LogitRows | None = None,
                  teacher_ids_tk: torch.Tensor | None = None,
-                 teacher_logprobs_tk: torch.Tensor | None = None):
+                 teacher_logprobs_tk: torch.Tensor | None = None, tail: bool = True):
         assert select in ("teacher", "student", "given"), select
-        self.divergence, self.shard, self.temperature, self.dtype = divergence, shard, temperature, dtype
+        self.shard, self.temperature, self.dtype = shard, temperature, dtype
         self.k, self.select = k, select
-        self.has_tail = k < shard.vocab_size
+        has_rest = k < shard.vocab_size
+        # Without the tail bucket a divergence compares both sides renormalized over the k tokens
+        # (the unselected get no gradient); a policy gradient keeps the rest bucket to normalize
+        # the log-probs of the k and gives it no advantage.
+        keeps_rest = getattr(divergence, "needs_rest", False)
+        self.has_tail = has_rest and (tail or keeps_rest)
+        self.divergence = divergence.without_rest() if has_rest and not tail and keeps_rest else divergence
         self.teacher = teacher
         self.teacher_ids_tk, self.teacher_logprobs_tk = teacher_ids_tk, teacher_logprobs_tk
 
@@ -106,7 +117,9 @@ class TopKTail:
         logp = _bucket_logprobs(parts[..., :k].sum(dim=0), s_tail, temperature)
         tiny = torch.finfo(self.dtype).tiny
         logq = self.teacher_logprobs_tk[rows].to(self.dtype).clamp_min(math.log(tiny))
-        if self.has_tail:
+        if not self.has_tail and k < self.shard.vocab_size:  # no tail bucket: renormalized over the k
+            logq = (logq - torch.logsumexp(logq, dim=-1, keepdim=True)).clamp_min_(LOG_ZERO)
+        elif self.has_tail:
             # 1 - sum exp(logq) cancels when the top-k holds nearly all mass: work in fp64 ([c, k] only).
             rest = (-torch.expm1(torch.logsumexp(logq.double(), dim=-1))).clamp_min(tiny).log()
             logq = torch.cat([logq, rest.to(self.dtype).unsqueeze(-1)], dim=-1)

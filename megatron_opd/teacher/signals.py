@@ -20,6 +20,7 @@ class Need(str, enum.Enum):
     HIDDEN = "hidden"  # its final hidden states [L, h] (the same, fused with the output layers)
     TOPK = "topk"      # its top-k ids and log-probs [L, K] (loss.support=teacher_topk_input)
     TOKEN = "token"    # its log-probs of the sampled tokens [L] (loss.kind=sampled_reverse_kl)
+    NONE = "none"      # nothing (loss.kind=cross_entropy: the completion is the target)
 
 
 @dataclass

@@ -110,13 +110,25 @@ class Rollouts:
         self.weight_field = weight_field
 
     def for_step(self, step: int) -> list[Sequence]:
-        records, on_policy = self.prompts.for_replica(step, dp_rank=self.mp.dp_rank, dp_size=self.mp.dp_size)
-        sampling = self.rollout.sampling(seed=self.prompts.seed, step=step, stop_token_ids=self.stop_token_ids)
-        onp = [r for r, flag in zip(records, on_policy) if flag]
-        off = [r for r, flag in zip(records, on_policy) if not flag]
+        return self.for_steps([step])[0]
+
+    def for_steps(self, steps: list[int]) -> list[list[Sequence]]:
+        """The sequences of each of ``steps`` from one generation (``rollout.steps_per_generation``):
+        every step's own prompts and on-policy flags, sampled together with the first step's
+        sampling seed. Within the generation a prompt is keyed by ``offset * num_records + index``
+        (its request seed derives from that key), so a prompt drawn by two of the steps is sampled
+        twice; for one step the key is the prompt's index."""
+        num_records = len(self.prompts.records)
+        onp, off = [], []
+        for offset, step in enumerate(steps):
+            records, on_policy = self.prompts.for_replica(step, dp_rank=self.mp.dp_rank, dp_size=self.mp.dp_size)
+            for r, flag in zip(records, on_policy):
+                (onp if flag else off).append(replace(r, index=offset * num_records + r.index))
+        sampling = self.rollout.sampling(seed=self.prompts.seed, step=steps[0], stop_token_ids=self.stop_token_ids)
         seqs = self._sample(self.student_engine, onp, sampling) if onp else []
+        by_key = {r.index: r for r in onp}
         for s in seqs:
-            s.weight = _weight(next(r for r in onp if r.index == s.prompt_index), self.weight_field)
+            s.weight = _weight(by_key[s.prompt_index], self.weight_field)
         if off and self.rollout.offpolicy_source == "dataset":
             seqs += offpolicy_from_dataset(off, weight_field=self.weight_field)
         elif off:
@@ -125,7 +137,11 @@ class Rollouts:
                 s.on_policy = False
                 s.rollout_logprobs = None  # the teacher's, not the student's: no mismatch metric
             seqs += teacher_seqs
-        return seqs
+        per_step: list[list[Sequence]] = [[] for _ in steps]
+        for s in seqs:
+            offset, s.prompt_index = divmod(s.prompt_index, num_records)
+            per_step[offset].append(s)
+        return per_step
 
     def _sample(self, engine: RolloutEngine, records: list[PromptRecord], sampling: SamplingConfig) -> list[Sequence]:
         return distributed_rollouts(engine, records, sampling, self.mp, environment=self.environment,

@@ -13,11 +13,12 @@ import torch.distributed as dist
 
 from megatron_opd import parallel
 from megatron_opd.checkpoint.load import load_model, model_arch
-from megatron_opd.config import Config
+from megatron_opd.config import Config, Phase
 from megatron_opd.rollout.consistency import check_mismatch
 from megatron_opd.rollout.engine import RolloutEngine
 from megatron_opd.rollout.sync import SyncStats, WeightSync
 from megatron_opd.teacher.signals import Need, Teacher, TeacherSignal
+from megatron_opd.train.data import Sequence
 from megatron_opd.train.data import (StepPrompts, check_tokenizers, eos_token_ids, load_prompts, load_tokenizer,
                                      pack_micro_batches)
 from megatron_opd.train.environments import make_environment
@@ -64,19 +65,25 @@ class Trainer:
         cfg.check_inputs()
         cfg.check_models(model_arch(cfg.student.path), model_arch(cfg.teacher.path) if cfg.teacher.path else None)
         self.run_dir = Path(cfg.train.run_dir)
+        self.phases = cfg.phases()
         self.mp = parallel.initialize_global_model_parallel(cfg.student.layout, what="student")
         self.student = load_model(cfg.student.path, self.mp, seed=cfg.train.seed,
                                   params_dtype=cfg.student.params_dtype)
         self.arch = self.student.arch
-        self.trainable = cfg.optim.build(self.student, total_steps=cfg.train.steps)
+        self.trainable = cfg.optim.build(self.student, total_steps=cfg.train.steps,
+                                         schedule=lambda step: self.phase_at(step).learning_rate(step))
         self.tokenizer = load_tokenizer(cfg.student.path)
         self.teacher = self._build_teacher()
         # A loss fused with the output layers needs the teacher's output-layer shard on the
         # student's last stage (once: the teacher is frozen).
-        teacher_weight = self.teacher.output_weight(self.mp) if self.teacher.need == Need.HIDDEN else None
-        self.objective = cfg.loss.build(self.student, teacher_output_weight=teacher_weight,
-                                        teacher_temperature=cfg.teacher.temperature,
-                                        rollout_temperature=cfg.rollout.temperature)
+        needs = [ph.config.loss.teacher_need for ph in self.phases]
+        teacher_weight = self.teacher.output_weight(self.mp) if Need.HIDDEN in needs else None
+        self.objectives = [ph.config.loss.build(self.student, teacher_output_weight=teacher_weight,
+                                                teacher_temperature=cfg.teacher.temperature,
+                                                rollout_temperature=ph.config.rollout.temperature,
+                                                steps_per_generation=ph.config.rollout.steps_per_generation)
+                           for ph in self.phases]
+        self.buffer: dict[int, list[Sequence]] = {}  # step -> its sequences, from the last generation
         self.stop_ids = list(cfg.rollout.stop_token_ids) or eos_token_ids(self.arch.hf_config, self.tokenizer)
         self._start_rollouts(engine)
         self.checkpointer = cfg.checkpoint.build(self.run_dir, config_yaml=cfg.to_yaml(),
@@ -94,10 +101,18 @@ class Trainer:
 
     # --- set-up -------------------------------------------------------------------------------
 
+    def phase_at(self, step: int) -> Phase:
+        return next(ph for ph in self.phases if step < ph.end) if step < self.phases[-1].end else self.phases[-1]
+
     def _build_teacher(self) -> Teacher:
+        """The teacher, built for the first phase that asks it for a signal (each phase sets the
+        teacher's need when it starts; the top-k it sends does not change, Config.validate)."""
         cfg = self.cfg
-        teacher = cfg.teacher.build(need=cfg.loss.teacher_need, top_k=cfg.loss.top_k,
-                                    vocab_size=self.arch.vocab_size, seed=cfg.train.seed)
+        losses = [ph.config.loss for ph in self.phases]
+        scoring = [loss for loss in losses if loss.teacher_need != Need.NONE] or [losses[0]]
+        need = scoring[0].teacher_need if scoring[0].teacher_need != Need.NONE else Need.TOKEN
+        top_k = next((loss.top_k for loss in scoring if loss.teacher_need == Need.TOPK), scoring[0].top_k)
+        teacher = cfg.teacher.build(need=need, top_k=top_k, vocab_size=self.arch.vocab_size, seed=cfg.train.seed)
         if teacher.model is not None:
             check_tokenizers(self.tokenizer, load_tokenizer(cfg.teacher.path), student_vocab=self.arch.vocab_size,
                              teacher_vocab=teacher.model.arch.vocab_size)
@@ -108,24 +123,28 @@ class Trainer:
         point: vLLM joins the world group collectively) and the weight sync into them."""
         cfg, r = self.cfg, self.cfg.rollout
         records, self.eval_records = self._load_prompts()
-        environment = make_environment(r.environment)
+        environment = make_environment(r.environment)  # the same in every phase (Config.validate)
+        max_new_tokens = max(ph.config.rollout.max_new_tokens for ph in self.phases)
         max_total_tokens = min(self.arch.max_position_embeddings,
-                               cfg.data.max_prompt_tokens + r.max_turns * r.max_new_tokens * 2)
+                               cfg.data.max_prompt_tokens + r.max_turns * max_new_tokens * 2)
         self.engine = engine or r.start_engine(self.arch, dtype=cfg.student.params_dtype,
                                                max_model_len=max_total_tokens, seed=cfg.train.seed)
         self._own_engine = engine is None
         self.sync = WeightSync(self.student, bucket_bytes=r.bucket_bytes)
         self.teacher_engine = None
-        if r.uses_teacher_samples:  # the teacher is in process (Config.validate)
+        if any(ph.config.rollout.uses_teacher_samples for ph in self.phases):  # in process (Config.validate)
             self.teacher_engine = r.start_engine(self.teacher.model.arch, dtype=cfg.teacher.params_dtype,
                                                  max_model_len=max_total_tokens, seed=cfg.train.seed + 1)
             WeightSync(self.teacher.model, bucket_bytes=r.bucket_bytes).sync(self.teacher_engine)
-        prompts = StepPrompts(records, per_step=cfg.train.prompts_per_step, seed=cfg.train.seed,
-                              shuffle=cfg.data.shuffle, lmbda=r.lmbda)
-        self.rollouts = Rollouts(r, prompts, mp=self.mp, student_engine=self.engine,
-                                 teacher_engine=self.teacher_engine, environment=environment,
-                                 stop_token_ids=self.stop_ids, max_total_tokens=max_total_tokens,
-                                 weight_field=cfg.loss.weight_field)
+        self.rollouts = []  # one per phase: its sampling, lmbda and off-policy source
+        for ph in self.phases:
+            pr = ph.config.rollout
+            prompts = StepPrompts(records, per_step=cfg.train.prompts_per_step, seed=cfg.train.seed,
+                                  shuffle=cfg.data.shuffle, lmbda=pr.lmbda)
+            self.rollouts.append(Rollouts(pr, prompts, mp=self.mp, student_engine=self.engine,
+                                          teacher_engine=self.teacher_engine, environment=environment,
+                                          stop_token_ids=self.stop_ids, max_total_tokens=max_total_tokens,
+                                          weight_field=ph.config.loss.weight_field))
 
     def _load_prompts(self) -> tuple[list, list]:
         d = self.cfg.data
@@ -143,21 +162,50 @@ class Trainer:
     # --- one step -------------------------------------------------------------------------------
 
     def step(self, step: int) -> dict:
-        """rollout -> teacher signals -> student update -> weight sync -> metrics."""
+        """rollout (one generation every rollout.steps_per_generation steps) -> teacher signals ->
+        student update -> weight sync (before the next generation or evaluation) -> metrics."""
         timer = PhaseTimer()
-        with timer("rollout"):
-            seqs = self.rollouts.for_step(step)
-            self._engines("sleep")  # two-phase memory: the engines' GPU memory is the update's
+        phase = self.phase_at(step)
+        # (a run resumed from a checkpoint inside a generation, which Config.validate rules out for
+        # its own checkpoints, generates anew)
+        generates = phase.generation_start(step) == step or step not in self.buffer
+        if generates:
+            with timer("rollout"):
+                last = min(step + phase.config.rollout.steps_per_generation, phase.end)
+                steps = list(range(step, last))
+                self.buffer = dict(zip(steps, self.rollouts[phase.index].for_steps(steps)))
+                self._engines("sleep")  # two-phase memory: the engines' GPU memory is the update's
+        else:
+            timer.seconds["time/rollout_s"] = 0.0
+        seqs = self.buffer.pop(step)
+        need = phase.config.loss.teacher_need
         with timer("teacher"):
             micro_batches = pack_micro_batches(seqs, budget=self.cfg.data.micro_batch_tokens,
                                                device=parallel.device(), sliding_window=self.arch.sliding_window)
-            signals = self.teacher.signals(micro_batches, self.mp)
+            if need == Need.NONE:  # cross-entropy: the completion is the target
+                signals = [TeacherSignal() for _ in micro_batches]
+            else:
+                self.teacher.need = need
+                signals = self.teacher.signals(micro_batches, self.mp)
         with timer("student"):
             update = self.update_student(step, micro_batches, signals)
-        with timer("sync"):
-            self._engines("wake_up")
-            synced = self.sync.sync(self.engine)
-        return self._metrics(seqs, update, synced, timer)
+        synced = None
+        if self._syncs_after(step):
+            with timer("sync"):
+                self._engines("wake_up")
+                synced = self.sync.sync(self.engine)
+        threshold = phase.config.rollout.mismatch_threshold_for(self.cfg.student.params_dtype) if generates else None
+        metrics = self._metrics(seqs, update, synced, timer, mismatch_threshold=threshold)
+        metrics["train/phase"] = float(phase.index)
+        return metrics
+
+    def _syncs_after(self, step: int) -> bool:
+        """Whether the engine needs the weights after ``step``: the next step generates, evaluation
+        is due, or the run ends."""
+        done = step + 1
+        if done >= self.cfg.train.steps or self.cfg.eval.due(done, self.cfg.train.steps):
+            return True
+        return self.phase_at(done).generation_start(done) == done
 
     def _engines(self, action: str) -> None:
         """``sleep`` or ``wake_up`` every rollout engine (vLLM's sleep mode on GPUs; no-op on CPU)."""
@@ -170,27 +218,33 @@ class Trainer:
         """Forward and backward through the pipeline schedule, then the optimizer step if the
         losses and gradients of every rank are finite."""
         lr = self.trainable.set_learning_rate(step)
-        outputs = self._forward_backward(micro_batches, signals)
+        outputs = self._forward_backward(micro_batches, signals, self.objectives[self.phase_at(step).index])
         grad_norm = self.guard.step(self.trainable, outputs, step=step)
         return StudentUpdate(outputs, lr, grad_norm)
 
-    def _forward_backward(self, micro_batches: list[dict], signals: list[TeacherSignal | None]) -> list[dict]:
+    def _forward_backward(self, micro_batches: list[dict], signals: list[TeacherSignal | None],
+                          objective) -> list[dict]:
         def loss_fn(output, batch):
-            return self.objective(output, batch, signals[batch["index"]])
+            return objective(output, batch, signals[batch["index"]])
 
-        with self.objective.outputs():
+        with objective.outputs():
             return forward_backward(self.trainable, micro_batches, loss_fn)
 
-    def _metrics(self, seqs, update: StudentUpdate, synced: SyncStats, timer: PhaseTimer) -> dict:
+    def _metrics(self, seqs, update: StudentUpdate, synced: SyncStats | None, timer: PhaseTimer, *,
+                 mismatch_threshold: float | None) -> dict:
+        """The step's metrics; the trainer-vs-rollout mismatch must be within ``mismatch_threshold``
+        on a step whose sequences were sampled with its weights (None: not checked; on later steps
+        of a generation the mismatch measures how far the policy moved since)."""
         elapsed = timer.elapsed()
         metrics = step_metrics(update.outputs, seqs, self.mp)
         metrics.update(timer.seconds)
         metrics.update({"lr": update.lr, "grad_norm": update.grad_norm, "skipped_steps": float(self.guard.skipped),
-                        "sync/bytes_per_s": synced.bytes_per_second,
                         "tokens_per_s": metrics.pop("_tokens") / elapsed, "time/step_s": elapsed})
-        check_mismatch(metrics.get("rollout/logprob_abs_diff_max", 0.0),
-                       threshold=self.cfg.rollout.mismatch_threshold_for(self.cfg.student.params_dtype),
-                       version=self.engine.version - 1)
+        if synced is not None:
+            metrics["sync/bytes_per_s"] = synced.bytes_per_second
+        if mismatch_threshold is not None:
+            check_mismatch(metrics.get("rollout/logprob_abs_diff_max", 0.0), threshold=mismatch_threshold,
+                           version=self.engine.version - 1)
         return metrics
 
     # --- evaluation, checkpoints, the run --------------------------------------------------------

@@ -21,13 +21,19 @@ from megatron_opd.losses import (fused_linear_divergence_sum, fused_linear_token
                                  topk_logprobs, vocab_parallel_divergence)
 from megatron_opd.losses.divergence import SUPPORTS as DIVERGENCE_SUPPORTS
 from megatron_opd.losses.kinds import KINDS as DIVERGENCE_KINDS
+from megatron_opd.losses.kinds import REVERSE_KL_ADVANTAGE
 from megatron_opd.models.builder import ShardedModel
 from megatron_opd.models.schedule import final_hidden_states, gather_sequence_parallel, output_weight
 from megatron_opd.teacher.signals import Need, TeacherSignal
 
-# loss.kind: a divergence over a support, or the sampled-token log-ratio as a per-token advantage.
+# loss.kind: a divergence over a support (or its reverse-KL terms as advantages), the sampled-token
+# log-ratio as a per-token advantage, or the completion's cross-entropy (SFT, no teacher signal).
 SAMPLED_REVERSE_KL = "sampled_reverse_kl"
-KINDS = DIVERGENCE_KINDS + (SAMPLED_REVERSE_KL,)
+CROSS_ENTROPY = "cross_entropy"
+KINDS = DIVERGENCE_KINDS + (SAMPLED_REVERSE_KL, CROSS_ENTROPY)
+# The policy-gradient kinds: their samples' state distribution is the rollout policy's, so the
+# truncated importance weight applies (loss.truncated_importance).
+POLICY_GRADIENT_KINDS = (SAMPLED_REVERSE_KL, REVERSE_KL_ADVANTAGE)
 # loss.support: one of the divergences' own, or the teacher's top-k as sent by the teacher.
 TEACHER_TOPK_INPUT = "teacher_topk_input"
 SUPPORTS = DIVERGENCE_SUPPORTS + (TEACHER_TOPK_INPUT,)
@@ -37,6 +43,8 @@ OVERLAP_K = 8  # top-k used for the teacher/student overlap metric
 def teacher_need(*, kind: str, support: str, fused_linear: bool) -> Need:
     """What the loss needs from the teacher: full logits (final hidden states when the loss is fused
     with the output layers), top-k, or log-probs of sampled tokens."""
+    if kind == CROSS_ENTROPY:
+        return Need.NONE
     if kind == SAMPLED_REVERSE_KL:
         return Need.TOKEN
     if support == TEACHER_TOPK_INPUT:
@@ -84,6 +92,10 @@ class LogitsHead(Head):
         return sampled_token_reverse_kl(x, targets, teacher_lp, temperature=temperature, loss_mask=mask,
                                         **self.common)
 
+    def student_logprobs(self, x, targets, *, temperature: float, mask) -> torch.Tensor:
+        """log p_student(targets), differentiable; 0 where masked."""
+        return torch.where(mask != 0, token_logprobs(x, targets, temperature=temperature, **self.common), 0.0)
+
     def divergence_sum(self, x, signal: TeacherSignal, weights, *, teacher_scale: float, **kw):
         """(sum of weights * D over the unmasked tokens, D) against the teacher's logits."""
         t_logits = None if signal.logits is None else signal.logits.to(x.device)
@@ -128,6 +140,11 @@ class FusedHead(Head):
                                          **self.fused)
         return torch.where(mask != 0, lp - teacher_lp.to(lp.dtype), 0.0)
 
+    def student_logprobs(self, x, targets, *, temperature: float, mask) -> torch.Tensor:
+        lp = fused_linear_token_logprobs(x, self.student_weight, targets, temperature=temperature, **self.common,
+                                         **self.fused)
+        return torch.where(mask != 0, lp, 0.0)
+
     def divergence_sum(self, x, signal: TeacherSignal, weights, *, teacher_scale: float, **kw):
         teacher = (None, None)
         if signal.hidden is not None:
@@ -152,21 +169,34 @@ class FusedHead(Head):
 
 # ---------------------------------------------------------------- losses: (loss_sum, divergence)
 
+class TruncatedImportance:
+    """The truncated importance weight ``min(pi_trainer(y) / pi_rollout(y), cap)`` of each token the
+    rollout engine sampled, both at the rollout temperature (tokens not sampled by the engine, from
+    the dataset or the teacher, keep weight 1). The policy gradient is of the trainer's distribution,
+    the samples come from the engine's: they differ by the engine's kernels, by rounding in bf16,
+    and by the optimizer steps taken since the generation (``rollout.steps_per_generation > 1``)."""
+
+    def __init__(self, cap: float, *, rollout_temperature: float):
+        if not cap >= 1.0:
+            raise ValueError(f"importance_cap must be >= 1, got {cap}")
+        self.cap, self.rollout_temperature = cap, rollout_temperature
+
+    @torch.no_grad()
+    def __call__(self, head: Head, x, tokens: Tokens, trainer_lp: torch.Tensor | None = None) -> torch.Tensor:
+        """``trainer_lp``: the trainer's log-probs of the targets at the rollout temperature, if known."""
+        if trainer_lp is None:
+            trainer_lp = head.token_logprobs(x, tokens.targets, temperature=self.rollout_temperature)
+        ratio = torch.exp(trainer_lp.detach().float() - tokens.rollout_logprobs.float()).clamp(max=self.cap)
+        return torch.where(tokens.on_policy > 0, ratio, torch.ones_like(ratio))
+
+
 class SampledReverseKLLoss:
     """On-policy distillation as RL: the negative sampled-token log-ratio log p_s(y) - log p_t(y) is
-    a per-token advantage for the policy gradient; its value is the divergence estimate.
+    a per-token advantage for the policy gradient; its value is the divergence estimate. With
+    ``importance``, each token's term is multiplied by its :class:`TruncatedImportance` weight."""
 
-    With ``importance_cap`` (truncated importance sampling), each token the rollout engine sampled is
-    weighted by ``min(pi_trainer(y) / pi_rollout(y), cap)``, both at the rollout temperature: the
-    policy gradient is of the trainer's distribution, the samples come from the engine's, and the two
-    differ by the engine's kernels and, in bf16, by rounding. Tokens not sampled by the engine
-    (dataset or teacher completions) keep weight 1."""
-
-    def __init__(self, *, temperature: float, importance_cap: float | None = None,
-                 rollout_temperature: float = 1.0):
-        if importance_cap is not None and not importance_cap >= 1.0:
-            raise ValueError(f"importance_cap must be >= 1, got {importance_cap}")
-        self.temperature, self.importance_cap, self.rollout_temperature = temperature, importance_cap, rollout_temperature
+    def __init__(self, *, temperature: float, importance: TruncatedImportance | None = None):
+        self.temperature, self.importance = temperature, importance
 
     def __call__(self, head: Head, x, tokens: Tokens, signal: TeacherSignal):
         t_lp = signal.token_logprobs.to(x.device)
@@ -174,28 +204,34 @@ class SampledReverseKLLoss:
         student_lp = per_tok_kl + t_lp
         advantage = -per_tok_kl.detach()
         per_tok = -advantage * student_lp
-        if self.importance_cap is not None:
-            per_tok = per_tok * self.importance_weights(head, x, tokens, student_lp)
+        if self.importance is not None:
+            same_t = self.temperature == self.importance.rollout_temperature
+            per_tok = per_tok * self.importance(head, x, tokens, student_lp if same_t else None)
         return (per_tok * tokens.weights * tokens.mask).sum(), per_tok_kl.detach()
 
-    @torch.no_grad()
-    def importance_weights(self, head: Head, x, tokens: Tokens, student_lp: torch.Tensor) -> torch.Tensor:
-        if self.temperature == self.rollout_temperature:
-            trainer_lp = student_lp.detach()
-        else:
-            trainer_lp = head.token_logprobs(x, tokens.targets, temperature=self.rollout_temperature)
-        ratio = torch.exp(trainer_lp.float() - tokens.rollout_logprobs.float()).clamp(max=self.importance_cap)
-        return torch.where(tokens.on_policy > 0, ratio, torch.ones_like(ratio))
+
+class CrossEntropyLoss:
+    """SFT on the completion (sampled, from the dataset or from the teacher): -log p_student(y) per
+    token, at ``loss.temperature``. Needs no teacher signal; its value is also the divergence metric."""
+
+    def __init__(self, *, temperature: float):
+        self.temperature = temperature
+
+    def __call__(self, head: Head, x, tokens: Tokens, signal: TeacherSignal):
+        nll = -head.student_logprobs(x, tokens.targets, temperature=self.temperature, mask=tokens.mask)
+        return (nll * tokens.weights * tokens.mask).sum(), nll.detach()
 
 
 class DivergenceLoss:
     """A divergence between the student's and the teacher's next-token distributions over a
-    support; a teacher that sent only its top-k is compared on its top-k buckets."""
+    support; a teacher that sent only its top-k is compared on its top-k buckets. For
+    ``reverse_kl_advantage`` (a policy gradient) ``importance`` weights each token's term."""
 
     def __init__(self, *, kind: str, beta: float, temperature: float, support: str, top_k: int,
-                 teacher_temperature: float):
+                 teacher_temperature: float, topk_tail: bool = True,
+                 importance: TruncatedImportance | None = None):
         self.kind, self.beta, self.temperature = kind, beta, temperature
-        self.support, self.top_k = support, top_k
+        self.support, self.top_k, self.topk_tail, self.importance = support, top_k, topk_tail, importance
         # The loss divides both sides by loss.temperature; the teacher needs its own (its logits
         # are linear in its hidden states).
         self.teacher_scale = temperature / teacher_temperature
@@ -204,10 +240,15 @@ class DivergenceLoss:
         kw = dict(kind=self.kind, beta=self.beta, temperature=self.temperature, loss_mask=tokens.mask)
         if signal.logits is None and signal.hidden is None:  # the teacher's top-k
             kw.update(support="teacher_topk", top_k=self.top_k, teacher_topk_ids=signal.topk_ids.to(x.device),
-                      teacher_topk_logprobs=signal.topk_logprobs.to(x.device))
+                      teacher_topk_logprobs=signal.topk_logprobs.to(x.device), topk_tail=self.topk_tail)
         else:
             kw.update(support=self.support, top_k=self.top_k or None)
-        loss_sum, per_tok = head.divergence_sum(x, signal, tokens.weights, teacher_scale=self.teacher_scale, **kw)
+            if self.support != "full":
+                kw.update(topk_tail=self.topk_tail)
+        weights = tokens.weights
+        if self.importance is not None:
+            weights = weights * self.importance(head, x, tokens)
+        loss_sum, per_tok = head.divergence_sum(x, signal, weights, teacher_scale=self.teacher_scale, **kw)
         return loss_sum, per_tok.detach()
 
 
@@ -267,14 +308,19 @@ class Objective:
 def make_objective(student: ShardedModel, *, kind: str, beta: float, support: str, top_k: int,
                    temperature: float, chunk_size: int | None, fused_linear: bool,
                    teacher_output_weight: torch.Tensor | None, teacher_temperature: float,
-                   rollout_temperature: float, importance_cap: float | None = None) -> Objective:
+                   rollout_temperature: float, importance_cap: float | None = None,
+                   topk_tail: bool = True) -> Objective:
     """The objective of the ``loss`` config section for ``student`` (see :meth:`LossConfig.build`)."""
     common = dict(vocab_size=student.arch.vocab_size, tp_group=student.mp.tp_group, chunk_size=chunk_size)
     head = FusedHead(student, teacher_output_weight, **common) if fused_linear else LogitsHead(**common)
+    importance = None
+    if importance_cap is not None and kind in POLICY_GRADIENT_KINDS:
+        importance = TruncatedImportance(importance_cap, rollout_temperature=rollout_temperature)
     if kind == SAMPLED_REVERSE_KL:
-        loss = SampledReverseKLLoss(temperature=temperature, importance_cap=importance_cap,
-                                    rollout_temperature=rollout_temperature)
+        loss = SampledReverseKLLoss(temperature=temperature, importance=importance)
+    elif kind == CROSS_ENTROPY:
+        loss = CrossEntropyLoss(temperature=temperature)
     else:
         loss = DivergenceLoss(kind=kind, beta=beta, temperature=temperature, support=support, top_k=top_k,
-                          teacher_temperature=teacher_temperature)
+                              teacher_temperature=teacher_temperature, topk_tail=topk_tail, importance=importance)
     return Objective(loss, head, rollout_temperature=rollout_temperature)
