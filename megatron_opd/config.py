@@ -217,9 +217,9 @@ class LossConfig:
         _require(self.temperature > 0, f"{name}.temperature must be > 0, got {self.temperature}")
         if self.support != "full":
             _require(self.top_k >= 1, f"{name}.top_k must be >= 1 with {name}.support={self.support!r}")
-        _require(self.topk_tail or (self.support != "full" and self.kind not in (SAMPLED_REVERSE_KL, CROSS_ENTROPY)),
+        _require(self.topk_tail or self.support != "full" or self.kind in (SAMPLED_REVERSE_KL, CROSS_ENTROPY),
                  f"{name}.topk_tail=false needs a top-k support (loss.support=student_topk, teacher_topk or "
-                 f"{TEACHER_TOPK_INPUT}) and a divergence kind, got support={self.support!r}, kind={self.kind!r}")
+                 f"{TEACHER_TOPK_INPUT}), got support={self.support!r}")
 
     @property
     def teacher_need(self) -> Need:
@@ -519,7 +519,10 @@ class Config:
         if teacher is not None:
             teacher.check_parallel(tp=self.teacher.tp, pp=self.teacher.pp, what="teacher")
         vocab = student.vocab_size
-        _require(self.loss.top_k <= vocab, f"loss.top_k={self.loss.top_k} is larger than the student's vocabulary ({vocab})")
+        for ph in self.phases():
+            where = f"train.phases[{ph.index}]: " if self.train.phases else ""
+            top_k = ph.config.loss.top_k
+            _require(top_k <= vocab, f"{where}loss.top_k={top_k} is larger than the student's vocabulary ({vocab})")
         for i in self.rollout.stop_token_ids:
             _require(isinstance(i, int) and 0 <= i < vocab,
                      f"rollout.stop_token_ids: {i!r} is not a token id of the student's vocabulary [0, {vocab})")

@@ -107,3 +107,74 @@ def test_recipes_derive_and_dry_run():
     assert cfg.optim.lr == 1e-3 and cfg.student.tp == 2  # from its base
     assert main(["train", "--config", str(recipe), "--dry-run", "--world-size", "2",
                  "student.path=s", "teacher.path=t", "data.train_path=x"]) == 0
+
+
+# --- recipes: phases, buffered generation, the new objectives ----------------------------------------
+
+TWO_PHASES = ("train.phases=[{steps: 2, rollout: {lmbda: 0, offpolicy_source: teacher}, loss: {kind: cross_entropy}}, "
+              "{steps: 4, rollout: {steps_per_generation: 2}, loss: {kind: reverse_kl_advantage, "
+              "support: student_topk, top_k: 16, topk_tail: false}}]")
+
+
+def test_phases_override_their_sections_and_keep_the_rest():
+    cfg = load_config(None, BASE + ["train.steps=6", "optim.lr=2e-6", TWO_PHASES])
+    cfg.validate(world_size=2)
+    first, second = cfg.phases()
+    assert (first.start, first.end, second.start, second.end) == (0, 2, 2, 6)
+    assert first.config.loss.kind == "cross_entropy" and first.config.rollout.uses_teacher_samples
+    assert first.config.loss.teacher_need == Need.NONE and second.config.loss.teacher_need == Need.LOGITS
+    assert second.config.loss.topk_tail is False and second.config.rollout.lmbda == 1.0
+    assert second.config.optim.lr == first.config.optim.lr == 2e-6  # not overridden: the recipe's
+    assert [second.generation_start(s) for s in range(2, 6)] == [2, 2, 4, 4]
+    assert second.learning_rate(2) == 2e-6  # each phase's schedule starts at its first step
+    assert len(Config().phases()) == 1 and Config().phases()[0].config is not None
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["train.steps=5", TWO_PHASES], "the phases' steps add up to 6, but train.steps is 5"),
+    (["train.steps=2", "train.phases=[{steps: 2, data: {shuffle: false}}]"], r"train.phases\[0\]: unknown key"),
+    (["train.steps=2", "train.phases=[{steps: 0}, {steps: 2}]"], r"train.phases\[0\].steps must be an integer >= 1"),
+    (["train.steps=2", "train.phases=[{steps: 2, loss: {kind: kl}}]"], r"train.phases\[0\]: loss.kind must be one of"),
+    (["train.steps=2", "train.phases=[{steps: 2, loss: {knd: x}}]"], r"train.phases\[0\]: unknown config field 'loss.knd'"),
+    (["train.steps=4", "train.phases=[{steps: 2}, {steps: 2, loss: {fused_linear: true}}]"],
+     "loss.fused_linear may not change between phases"),
+    (["train.steps=4", "train.phases=[{steps: 3}, {steps: 1, rollout: {steps_per_generation: 2}}]"],
+     r"train.phases\[1\] starts at step 3, not a multiple of its rollout.steps_per_generation=2"),
+    (["rollout.steps_per_generation=2", "checkpoint.every=3"],
+     "checkpoint.every=3 must be a multiple of rollout.steps_per_generation=2"),
+    (["rollout.steps_per_generation=0"], "rollout.steps_per_generation must be an integer >= 1"),
+    (["loss.topk_tail=false"], "loss.topk_tail=false needs a top-k support"),
+])
+def test_every_phase_is_validated_before_anything_is_built(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        _validate(*overrides)
+
+
+def test_truncated_importance_is_on_with_buffered_generation():
+    import torch
+    from megatron_opd.config import LossConfig
+
+    for kind in ("sampled_reverse_kl", "reverse_kl_advantage"):
+        loss = LossConfig(kind=kind)
+        assert loss.importance_cap_for(torch.float32) is None
+        assert loss.importance_cap_for(torch.float32, steps_per_generation=2) == 2.0
+    assert LossConfig(kind="reverse_kl").importance_cap_for(torch.float32, steps_per_generation=2) is None
+
+
+def test_rethinking_opd_recipe_validates_and_dry_runs_at_its_world_size(capsys):
+    from megatron_opd.cli import main
+
+    recipe = ROOT / "examples" / "rethinking_opd_r1_1.5b.yaml"
+    models = [f"student.path={ROOT / 'examples/model_configs/qwen2.5-1.5b'}",
+              f"teacher.path={ROOT / 'examples/model_configs/qwen2.5-1.5b'}"]
+    assert main(["train", "--config", str(recipe), "--dry-run", "--world-size", "8", *models]) == 0
+    out = capsys.readouterr().out
+    assert "phase 0: steps 1-50, loss.kind=cross_entropy" in out
+    assert "phase 1: steps 51-250, loss.kind=reverse_kl_advantage" in out
+    cold, opd = load_config(recipe, models).phases()
+    assert cold.config.rollout.lmbda == 0 and cold.config.rollout.offpolicy_source == "teacher"
+    loss, rollout = opd.config.loss, opd.config.rollout
+    assert (loss.kind, loss.support, loss.top_k, loss.topk_tail) == ("reverse_kl_advantage", "student_topk", 16, False)
+    assert (rollout.n, rollout.temperature, rollout.lmbda, opd.config.teacher.temperature) == (4, 1.0, 1.0, 1.0)
+    assert opd.config.optim.lr == 1e-6 and opd.config.optim.decay == "constant"
+    assert main(["train", "--config", str(recipe), "--dry-run", "--world-size", "7", *models]) == 2

@@ -128,3 +128,24 @@ def test_trainer_refuses_fields_that_do_not_fit_the_models_before_loading_them(h
     with pytest.raises(ValueError) as e:
         Trainer(load_config(None, overrides))
     assert message.format(tmp=tmp_path) in str(e.value)
+
+
+def test_trainer_checks_every_phase_against_the_models_before_loading_them(hf_dir, tmp_path, monkeypatch):
+    import torch.distributed as dist
+
+    from megatron_opd import parallel
+    from megatron_opd.config import load_config
+    from megatron_opd.train import loop
+    from megatron_opd.train.loop import Trainer
+
+    _forbid(monkeypatch, (parallel, "initialize_global_model_parallel"), (loop, "load_model"))
+    monkeypatch.setattr(parallel, "init_distributed", lambda **kw: None)
+    monkeypatch.setattr(dist, "get_world_size", lambda *a: 4)
+    train = write_jsonl(tmp_path / "train.jsonl", [{"prompt_ids": [4, 5, 6]}])
+    overrides = [f"student.path={hf_dir}", f"teacher.path={hf_dir}", f"data.train_path={train}",
+                 f"train.run_dir={tmp_path / 'run'}", "train.prompts_per_step=4", "train.steps=4",
+                 "train.phases=[{steps: 2, loss: {kind: cross_entropy}}, "
+                 "{steps: 2, loss: {kind: reverse_kl_advantage, support: student_topk, top_k: 301}}]"]
+    with pytest.raises(ValueError, match=r"train.phases\[1\]: loss.top_k=301 is larger than the student's "
+                                         r"vocabulary \(300\)"):
+        Trainer(load_config(None, overrides))

@@ -39,11 +39,18 @@ def dry_run(cfg: Config, world: int) -> tuple[str, bool]:
     elif "teacher" in archs:
         archs["teacher"].check_parallel(tp=cfg.teacher.tp, pp=cfg.teacher.pp, what="teacher")
     ok = True
-    if "student" in archs:
-        rows = estimate(cfg, archs["student"], archs.get("teacher"), world_size=world)
-        out.append(format_table(rows, gpu_memory_gb=cfg.train.gpu_memory_gb))
-        host, host_ok = host_table(cfg, archs["student"], archs.get("teacher"), world_size=world,
-                                   host_memory_gb=cfg.train.host_memory_gb)
-        out.append(host)
-        ok = fits(rows, gpu_memory_gb=cfg.train.gpu_memory_gb) and host_ok
+    phases = cfg.phases()
+    for ph in phases:
+        if len(phases) > 1:
+            c = ph.config
+            out.append(f"phase {ph.index}: steps {ph.start + 1}-{ph.end}, loss.kind={c.loss.kind}, "
+                       f"rollout.lmbda={c.rollout.lmbda}, rollout.n={c.rollout.n}, "
+                       f"rollout.steps_per_generation={c.rollout.steps_per_generation}, optim.lr={c.optim.lr}")
+        if "student" in archs:
+            rows = estimate(ph.config, archs["student"], archs.get("teacher"), world_size=world)
+            out.append(format_table(rows, gpu_memory_gb=cfg.train.gpu_memory_gb))
+            host, host_ok = host_table(ph.config, archs["student"], archs.get("teacher"), world_size=world,
+                                       host_memory_gb=cfg.train.host_memory_gb)
+            out.append(host)
+            ok = ok and fits(rows, gpu_memory_gb=cfg.train.gpu_memory_gb) and host_ok
     return "\n".join(out), ok

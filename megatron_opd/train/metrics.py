@@ -56,7 +56,7 @@ def step_metrics(outputs: list[dict], seqs: list, mp: ModelParallel) -> dict:
     out = {"loss": s["loss_sum"] / tokens, "divergence": s["divergence_sum"] / tokens,
            "response_length": s["completion_tokens"] / max(s["sequences"], 1),
            "masked_tool_fraction": s["tool_tokens"] / max(s["completion_tokens"], 1),
-           "loss_tokens": s["loss_tokens"], "_tokens": s["tokens"]}
+           "loss_tokens": s["loss_tokens"], "sequences": s["sequences"], "_tokens": s["tokens"]}
     if s["topk_overlap_sum"]:
         out["topk_overlap"] = s["topk_overlap_sum"] / tokens
         out["topk_mass_overlap"] = s["topk_mass_overlap_sum"] / tokens
