@@ -178,3 +178,8 @@ def test_rethinking_opd_recipe_validates_and_dry_runs_at_its_world_size(capsys):
     assert (rollout.n, rollout.temperature, rollout.lmbda, opd.config.teacher.temperature) == (4, 1.0, 1.0, 1.0)
     assert opd.config.optim.lr == 1e-6 and opd.config.optim.decay == "constant"
     assert main(["train", "--config", str(recipe), "--dry-run", "--world-size", "7", *models]) == 2
+    # the demo's toy-scale version (python -m megatron_opd.tasks.demo --with-rethinking)
+    demo = ROOT / "examples" / "demo_rethinking_opd.yaml"
+    warm = ROOT / "megatron_opd" / "tasks" / "warm_starts"
+    assert main(["train", "--config", str(demo), "--dry-run", "--world-size", "2", f"student.path={warm / 'student'}",
+                 f"teacher.path={warm / 'teacher'}", "data.train_path=x"]) == 0

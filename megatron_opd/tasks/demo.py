@@ -143,6 +143,18 @@ def summarize(info: dict, opd: list[dict], off: list[dict], *, wall: float) -> d
     return summary
 
 
+def add_run(summary: dict, name: str, metrics: list[dict]) -> None:
+    """Another run's final accuracy, gap closed and time in ``summary``, as OPD's are."""
+    pts = curve(metrics)
+    if not pts:
+        raise RuntimeError(f"the {name} run logged no eval/accuracy (eval.every must be > 0)")
+    summary[f"student_accuracy_after_{name}"] = pts[-1][1]
+    summary[f"{name}_seconds"] = sum(m.get("time/step_s", 0) for m in metrics)
+    gap = summary["teacher_accuracy"] - summary["student_accuracy_before"]
+    if gap > 0:
+        summary[f"gap_closed_{name}"] = (pts[-1][1] - summary["student_accuracy_before"]) / gap
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m megatron_opd.tasks.demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -150,6 +162,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="directory with teacher/, student/ and warm_starts.json (default: the shipped ones)")
     p.add_argument("--retrain-warm-starts", type=Path, metavar="DIR",
                    help="train new warm starts into DIR (machine-dependent, 5-15 min) and exit")
+    p.add_argument("--with-rethinking", action="store_true",
+                   help="also run examples/demo_rethinking_opd.yaml (cold start, then top-k reverse-KL "
+                        "advantages; arXiv 2604.13016) and add it to the curves and the summary")
     p.add_argument("overrides", nargs="*",
                    help="dotted overrides for both trainer runs (e.g. train.steps=20 eval.num_prompts=200)")
     return p.parse_args(argv)
@@ -172,14 +187,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         opd = run_trainer("opd", RECIPES / "demo_opd.yaml", common)
         off = run_trainer("offpolicy", RECIPES / "demo_offpolicy.yaml", common)
+        rethinking = run_trainer("rethinking", RECIPES / "demo_rethinking_opd.yaml", common) \
+            if args.with_rethinking else None
     except subprocess.CalledProcessError as e:
         print(f"\nTHE DEMO FAILED: a trainer run exited with code {e.returncode} (its error is above); "
               "no summary was written", file=sys.stderr)
         return 1
-    plot({"OPD (student samples, reverse KL)": curve(opd),
-          "off-policy (teacher samples, forward KL)": curve(off)},
-         info["teacher_accuracy_measured"], out / "curves.png")
+    curves = {"OPD (student samples, reverse KL)": curve(opd),
+              "off-policy (teacher samples, forward KL)": curve(off)}
+    if rethinking is not None:
+        curves["cold start, then top-4 RKL advantages (2604.13016)"] = curve(rethinking)
+    plot(curves, info["teacher_accuracy_measured"], out / "curves.png")
     summary = summarize(info, opd, off, wall=time.time() - start)
+    if rethinking is not None:
+        add_run(summary, "rethinking", rethinking)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary, indent=2))
     print(f"wrote {out / 'summary.json'} and {out / 'curves.png'}")
