@@ -24,7 +24,7 @@ from megatron_opd.teacher.served import ServedTeacher, TeacherClient
 from megatron_opd.teacher.signals import Need, Teacher
 from megatron_opd.train.checkpointing import VERIFY_MODES, Checkpointer
 from megatron_opd.train.environments import ENVIRONMENTS
-from megatron_opd.train.evaluation import METRICS
+from megatron_opd.train.evaluation import METRICS, Verifier
 from megatron_opd.train.memory import parameter_count
 from megatron_opd.train.metrics import MetricsLogger
 from megatron_opd.train.objective import (CROSS_ENTROPY, KINDS, POLICY_GRADIENT_KINDS, SAMPLED_REVERSE_KL, SUPPORTS,
@@ -201,6 +201,11 @@ class LossConfig:
     fused_linear: bool = False
     # Weight each sample's tokens by its metadata field (e.g. a reward); "" = uniform.
     weight_field: str = ""
+    # Verifier-weighted distillation: score each sample against its row's "answer" with an eval
+    # metric (exact_match | boxed_math; "" = off), reward r in {0, 1}, logged as rollout/reward_mean;
+    # the sample's weight is multiplied by 1 - r + r * correct_weight (0: skip solved samples).
+    verifier: str = ""
+    correct_weight: float = 1.0
     # Policy-gradient kinds (sampled_reverse_kl, reverse_kl_advantage): truncated importance weight
     # min(pi_trainer / pi_rollout, cap) on the engine's samples. "auto": on when the student is bf16
     # (trainer and engine round differently) or rollout.steps_per_generation > 1, else off.
@@ -214,6 +219,9 @@ class LossConfig:
         _require(self.importance_cap >= 1.0, f"{name}.importance_cap must be >= 1, got {self.importance_cap}")
         _require(self.support in SUPPORTS, f"{name}.support must be one of {SUPPORTS}, got {self.support!r}")
         _require(0.0 <= self.beta <= 1.0, f"{name}.beta must be in [0, 1], got {self.beta}")
+        _require(not self.verifier or self.verifier in METRICS,
+                 f"{name}.verifier must be empty or one of {tuple(METRICS)}, got {self.verifier!r}")
+        _require(self.correct_weight >= 0, f"{name}.correct_weight must be >= 0, got {self.correct_weight}")
         _require(self.temperature > 0, f"{name}.temperature must be > 0, got {self.temperature}")
         if self.support != "full":
             _require(self.top_k >= 1, f"{name}.top_k must be >= 1 with {name}.support={self.support!r}")
@@ -235,6 +243,12 @@ class LossConfig:
                               fused_linear=self.fused_linear, teacher_output_weight=teacher_output_weight,
                               teacher_temperature=teacher_temperature, rollout_temperature=rollout_temperature,
                               importance_cap=cap, topk_tail=self.topk_tail)
+
+    def verifier_for(self, tokenizer, *, stop_token_ids: list[int]) -> Verifier | None:
+        """The verifier that scores and reweights each sample (None without ``verifier``)."""
+        if not self.verifier:
+            return None
+        return Verifier(self.verifier, tokenizer, stop_token_ids=stop_token_ids, correct_weight=self.correct_weight)
 
     def importance_cap_for(self, student_dtype: torch.dtype, *, steps_per_generation: int = 1) -> float | None:
         """The truncated importance weight's cap for a student in ``student_dtype`` whose samples

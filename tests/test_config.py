@@ -144,6 +144,8 @@ def test_phases_override_their_sections_and_keep_the_rest():
      "checkpoint.every=3 must be a multiple of rollout.steps_per_generation=2"),
     (["rollout.steps_per_generation=0"], "rollout.steps_per_generation must be an integer >= 1"),
     (["loss.topk_tail=false"], "loss.topk_tail=false needs a top-k support"),
+    (["loss.verifier=f1"], "loss.verifier must be empty or one of"),
+    (["loss.correct_weight=-1"], "loss.correct_weight must be >= 0"),
 ])
 def test_every_phase_is_validated_before_anything_is_built(overrides, message):
     with pytest.raises(ValueError, match=message):

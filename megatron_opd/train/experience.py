@@ -103,8 +103,9 @@ class Rollouts:
 
     def __init__(self, rollout, prompts: StepPrompts, *, mp: ModelParallel, student_engine: RolloutEngine,
                  teacher_engine: RolloutEngine | None, environment, stop_token_ids: list[int],
-                 max_total_tokens: int, weight_field: str = ""):
+                 max_total_tokens: int, weight_field: str = "", verifier=None):
         self.rollout, self.prompts, self.mp = rollout, prompts, mp
+        self.verifier = verifier  # train.evaluation.Verifier: scores and reweights every sample
         self.student_engine, self.teacher_engine = student_engine, teacher_engine
         self.environment, self.stop_token_ids, self.max_total_tokens = environment, stop_token_ids, max_total_tokens
         self.weight_field = weight_field
@@ -137,6 +138,10 @@ class Rollouts:
                 s.on_policy = False
                 s.rollout_logprobs = None  # the teacher's, not the student's: no mismatch metric
             seqs += teacher_seqs
+        if self.verifier is not None:
+            records = {r.index: r for r in onp + off}
+            for s in seqs:
+                self.verifier(s, records[s.prompt_index])
         per_step: list[list[Sequence]] = [[] for _ in steps]
         for s in seqs:
             offset, s.prompt_index = divmod(s.prompt_index, num_records)

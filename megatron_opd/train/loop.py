@@ -144,7 +144,9 @@ class Trainer:
             self.rollouts.append(Rollouts(pr, prompts, mp=self.mp, student_engine=self.engine,
                                           teacher_engine=self.teacher_engine, environment=environment,
                                           stop_token_ids=self.stop_ids, max_total_tokens=max_total_tokens,
-                                          weight_field=ph.config.loss.weight_field))
+                                          weight_field=ph.config.loss.weight_field,
+                                          verifier=ph.config.loss.verifier_for(self.tokenizer,
+                                                                               stop_token_ids=self.stop_ids)))
 
     def _load_prompts(self) -> tuple[list, list]:
         d = self.cfg.data

@@ -19,7 +19,7 @@ from megatron_opd.utils import atomic_write_text, log0
 # What the objective's metrics of each micro-batch are summed as (see train/objective.py).
 LOSS_SUMS = ("loss_sum", "divergence_sum", "loss_tokens", "mismatch_sum", "mismatch_tokens", "topk_overlap_sum",
              "topk_mass_overlap_sum")
-SEQUENCE_SUMS = ("completion_tokens", "tool_tokens", "sequences", "tokens")
+SEQUENCE_SUMS = ("completion_tokens", "tool_tokens", "sequences", "tokens", "reward_sum", "rewarded")
 
 
 def all_reduce_named(sums: dict[str, float], maxima: dict[str, float], *, names: tuple[str, ...],
@@ -49,7 +49,9 @@ def step_metrics(outputs: list[dict], seqs: list, mp: ModelParallel) -> dict:
     if mp.tp_rank == 0 and mp.pp_rank == 0:  # one rank per replica counts the sequences
         completion = sum(s.completion_len for s in seqs)
         sums.update(completion_tokens=completion, sequences=len(seqs), tokens=sum(len(s.tokens) for s in seqs),
-                    tool_tokens=sum(s.completion_len - sum(s.completion_mask) for s in seqs))
+                    tool_tokens=sum(s.completion_len - sum(s.completion_mask) for s in seqs),
+                    reward_sum=sum(s.reward for s in seqs if s.reward is not None),
+                    rewarded=sum(s.reward is not None for s in seqs))
     s = all_reduce_named(sums, {"mismatch_max": mismatch_max}, names=LOSS_SUMS + SEQUENCE_SUMS,
                          max_names=("mismatch_max",))
     tokens = max(s["loss_tokens"], 1.0)
@@ -60,6 +62,8 @@ def step_metrics(outputs: list[dict], seqs: list, mp: ModelParallel) -> dict:
     if s["topk_overlap_sum"]:
         out["topk_overlap"] = s["topk_overlap_sum"] / tokens
         out["topk_mass_overlap"] = s["topk_mass_overlap_sum"] / tokens
+    if s["rewarded"]:
+        out["rollout/reward_mean"] = s["reward_sum"] / s["rewarded"]
     if s["mismatch_tokens"]:
         out["rollout/logprob_abs_diff_max"] = s["mismatch_max"]
         out["rollout/logprob_abs_diff_mean"] = s["mismatch_sum"] / s["mismatch_tokens"]
