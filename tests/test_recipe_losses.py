@@ -84,7 +84,7 @@ def _compare(problem, rank, world, group, reference, *, fused=False, **kw):
     if not fused:
         x = shard(s, rank, world).clone().requires_grad_()
         out = vocab_parallel_divergence(x, None if given else shard(t, rank, world), loss_mask=mask,
-                                        vocab_size=vocab, tp_group=group, chunk_size=20, **call)
+                                        vocab_size=vocab, tp_group=group, chunk_size=None, **call)
         (out * grad_out).sum().backward()
         return rel_err(out, ref, ref), rel_err(x.grad, shard(s_ref.grad, rank, world), s_ref.grad)
     return _compare_fused(problem, rank, world, group, reference, kw, call)
@@ -180,7 +180,7 @@ def _compare_advantage(problem, rank, world, group, kw, ref_kw):
     (ref * grad_out).sum().backward()
     x = shard(s, rank, world).clone().requires_grad_()
     out = vocab_parallel_divergence(x, shard(t, rank, world), loss_mask=mask, vocab_size=vocab, tp_group=group,
-                                    chunk_size=20, **kw)
+                                    chunk_size=None, **kw)
     (out * grad_out).sum().backward()
     return rel_err(out, ref, ref), rel_err(x.grad, shard(s_ref.grad, rank, world), s_ref.grad)
 
