@@ -18,9 +18,8 @@ from megatron_opd.rollout.consistency import check_mismatch
 from megatron_opd.rollout.engine import RolloutEngine
 from megatron_opd.rollout.sync import SyncStats, WeightSync
 from megatron_opd.teacher.signals import Need, Teacher, TeacherSignal
-from megatron_opd.train.data import Sequence
-from megatron_opd.train.data import (StepPrompts, check_tokenizers, eos_token_ids, load_prompts, load_tokenizer,
-                                     pack_micro_batches)
+from megatron_opd.train.data import (Sequence, StepPrompts, check_tokenizers, eos_token_ids, load_prompts,
+                                     load_tokenizer, pack_micro_batches)
 from megatron_opd.train.environments import make_environment
 from megatron_opd.train.evaluation import count_correct
 from megatron_opd.train.experience import Rollouts
