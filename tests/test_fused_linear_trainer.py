@@ -21,6 +21,11 @@ OBJECTIVES = [
     (dict(kind="forward_kl", support="teacher_topk", top_k=4), 1.0),
     (dict(kind="forward_kl", support="teacher_topk_input", top_k=4), 1.0),
     (dict(kind="sampled_reverse_kl", temperature=0.7), 1.0),
+    # the recipe objectives: top-k reverse-KL advantages without the tail (truncated importance
+    # weights on), and cross-entropy (no teacher signal)
+    (dict(kind="reverse_kl_advantage", support="student_topk", top_k=4, topk_tail=False,
+          truncated_importance="on"), 1.0),
+    (dict(kind="cross_entropy", temperature=0.9), 1.0),
 ]
 METRICS = ("loss_sum", "divergence_sum", "mismatch_sum", "topk_overlap_sum")
 
@@ -63,7 +68,7 @@ def _grads_and_metrics(student_dir: str, teacher_dir: str, tp: int, pp: int, tea
     from megatron_opd.config import LossConfig, OptimConfig
     from megatron_opd.parallel import ParallelLayout
     from megatron_opd.teacher.megatron import MegatronTeacher
-    from megatron_opd.teacher.signals import Need
+    from megatron_opd.teacher.signals import Need, TeacherSignal
     from megatron_opd.train.optim import forward_backward
 
     torch.set_num_threads(1)
@@ -77,12 +82,14 @@ def _grads_and_metrics(student_dir: str, teacher_dir: str, tp: int, pp: int, tea
         for fused in (False, True):
             loss = LossConfig(**fields, fused_linear=fused)
             key = (loss.teacher_need, teacher_temperature)
+            if loss.teacher_need == Need.NONE:
+                teachers[key] = (None, None)
             if key not in teachers:
                 teacher = MegatronTeacher(teacher_dir, ParallelLayout(tp, teacher_pp), need=loss.teacher_need,
                                           top_k=4, temperature=teacher_temperature, seed=1)
                 teachers[key] = (teacher, teacher.output_weight(mp) if loss.teacher_need == Need.HIDDEN else None)
             teacher, teacher_weight = teachers[key]
-            signals = teacher.signals(mbs, mp)
+            signals = teacher.signals(mbs, mp) if teacher is not None else [TeacherSignal() for _ in mbs]
             objective = loss.build(student, teacher_output_weight=teacher_weight,
                                    teacher_temperature=teacher_temperature, rollout_temperature=1.0)
 
