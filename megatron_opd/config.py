@@ -369,8 +369,9 @@ class TrainConfig:
     gpu_memory_gb: float = 80.0  # for the dry-run's memory check
     host_memory_gb: float = 512.0  # CPU RAM per node, for the dry-run's memory check
     # Phases of one run, in order: each {steps: N, rollout: {...}, loss: {...}, optim: {...}} runs
-    # N steps with those fields overriding the recipe's (their steps add up to train.steps); e.g. a
-    # cross-entropy cold start on teacher samples, then OPD. [] = one phase of train.steps.
+    # N steps with those fields overriding the recipe's (their steps add up to train.steps; the last
+    # phase's steps default to the rest); e.g. a cross-entropy cold start on teacher samples, then
+    # OPD. [] = one phase of train.steps.
     phases: list = field(default_factory=list)
 
     def validate(self, name: str = "train") -> None:
@@ -439,9 +440,11 @@ class Config:
             unknown = sorted(set(entry) - {"steps", *PHASE_SECTIONS})
             _require(not unknown, f"{where}: unknown key(s) {unknown}; a phase has steps and overrides of "
                                   f"{', '.join(PHASE_SECTIONS)}")
-            steps = entry.get("steps")
+            last = i == len(self.train.phases) - 1
+            steps = entry.get("steps", self.train.steps - start if last else None)
             _require(isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1,
-                     f"{where}.steps must be an integer >= 1, got {steps!r}")
+                     f"{where}.steps must be an integer >= 1 (the last phase's defaults to the rest of train.steps, "
+                     f"{self.train.steps - start}), got {steps!r}")
             data = copy.deepcopy(base)
             for section in PHASE_SECTIONS:
                 override = entry.get(section) or {}

@@ -128,12 +128,17 @@ def test_phases_override_their_sections_and_keep_the_rest():
     assert [second.generation_start(s) for s in range(2, 6)] == [2, 2, 4, 4]
     assert second.learning_rate(2) == 2e-6  # each phase's schedule starts at its first step
     assert len(Config().phases()) == 1 and Config().phases()[0].config is not None
+    # the last phase's steps default to the rest of train.steps (dotted train.steps overrides keep working)
+    rest = load_config(None, BASE + ["train.steps=9", "train.phases=[{steps: 2, loss: {kind: cross_entropy}}, {}]"])
+    assert [(ph.start, ph.end) for ph in rest.phases()] == [(0, 2), (2, 9)]
 
 
 @pytest.mark.parametrize("overrides,message", [
     (["train.steps=5", TWO_PHASES], "the phases' steps add up to 6, but train.steps is 5"),
     (["train.steps=2", "train.phases=[{steps: 2, data: {shuffle: false}}]"], r"train.phases\[0\]: unknown key"),
     (["train.steps=2", "train.phases=[{steps: 0}, {steps: 2}]"], r"train.phases\[0\].steps must be an integer >= 1"),
+    (["train.steps=2", "train.phases=[{steps: 2}, {}]"], r"train.phases\[1\].steps must be an integer >= 1 \(the last "
+                                                        r"phase's defaults to the rest of train.steps, 0\), got 0"),
     (["train.steps=2", "train.phases=[{steps: 2, loss: {kind: kl}}]"], r"train.phases\[0\]: loss.kind must be one of"),
     (["train.steps=2", "train.phases=[{steps: 2, loss: {knd: x}}]"], r"train.phases\[0\]: unknown config field 'loss.knd'"),
     (["train.steps=4", "train.phases=[{steps: 2}, {steps: 2, loss: {fused_linear: true}}]"],
