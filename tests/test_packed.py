@@ -48,9 +48,9 @@ def _micro_batches(seqs: list) -> tuple[list[dict], list[dict]]:
     return packed, alone
 
 
-def _rows(signal_or_tensor, batch: dict) -> list[torch.Tensor]:
+def _rows(tensor: torch.Tensor, batch: dict) -> list[torch.Tensor]:
     """A per-token tensor of a micro-batch split into its sequences (padding dropped)."""
-    return list(signal_or_tensor[: sum(batch["lengths"])].split(batch["lengths"]))
+    return list(tensor[: sum(batch["lengths"])].split(batch["lengths"]))
 
 
 def _max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:

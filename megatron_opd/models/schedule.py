@@ -81,8 +81,8 @@ def run_schedule(model: ShardedModel | list, micro_batches: list[dict], output_f
     Every rank of the model passes the same list of micro-batches (dicts with ``input_ids`` and
     ``position_ids``: ``[b, s]`` rows of one sequence each (causal, positions ``0..s-1``), or a
     THD pack ``[1, t]`` with ``packed_seq_params``; plus whatever ``output_fn`` reads). Returns
-    what ``output_fn`` produced per micro-batch on the last stage (training: the metrics dicts), ``[]`` elsewhere.
-    ``ddp_module`` is the DDP-wrapped module when training with megatron's DDP.
+    what ``output_fn`` produced per micro-batch on the last stage (training: the metrics dicts),
+    ``[]`` elsewhere. ``ddp_module`` is the DDP-wrapped module when training with megatron's DDP.
     """
     from megatron.core.pipeline_parallel import get_forward_backward_func
 

@@ -101,8 +101,7 @@ class MegatronTeacher:
                 out["topk_ids"], out["topk_logprobs"] = ids.cpu(), lps.cpu()
             if self.need == Need.TOKEN:
                 targets = mb["targets"][0, :mb["length"]].clamp(0, vocab - 1)
-                out["token_logprobs"] = token_logprobs(z, targets,
-                                                       vocab_size=vocab, tp_group=tmp.tp_group,
+                out["token_logprobs"] = token_logprobs(z, targets, vocab_size=vocab, tp_group=tmp.tp_group,
                                                        temperature=self.temperature).cpu()
             return out
 
