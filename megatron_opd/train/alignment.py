@@ -271,12 +271,12 @@ class TokenizerPair:
     than ``min_coverage`` of a completion raises :class:`AlignmentError`."""
 
     def __init__(self, student_tokenizer, teacher_tokenizer, *, special_tokens: dict[str, str] | None = None,
-                 min_coverage: float = 0.5):
+                 min_coverage: float = 0.5, min_coverage_name: str = "min_coverage"):
         if isinstance(min_coverage, bool) or not isinstance(min_coverage, (int, float)) or not 0 <= min_coverage <= 1:
             raise ValueError(f"min_coverage must be a number in [0, 1], got {min_coverage!r}")
         self.student = ByteVocab.of(student_tokenizer, name="student")
         self.teacher = ByteVocab.of(teacher_tokenizer, name="teacher")
-        self.min_coverage = float(min_coverage)
+        self.min_coverage, self.min_coverage_name = float(min_coverage), min_coverage_name
         self.special_map = self._special_map(special_tokens or {})
         self.shared_student_ids, self.shared_teacher_ids = shared_vocabulary(self.student, self.teacher,
                                                                              self.special_map)
@@ -485,7 +485,7 @@ class TokenizerPair:
             coverage = float(length[valid].sum()) / total
         if coverage < self.min_coverage:
             raise AlignmentError(f"{where}: the alignment covers {coverage:.3f} of the completion's text, below "
-                                 f"min_coverage={self.min_coverage} (special tokens without a teacher counterpart, "
+                                 f"{self.min_coverage_name}={self.min_coverage} (special tokens without a teacher counterpart, "
                                  "bytes that are not UTF-8, or text the teacher's tokenizer cannot spell)")
         return Alignment(prompt + [int(i) for i in t_ids], len(prompt), s_span.astype(np.int64),
                          t_span.astype(np.int64), one, coverage)
