@@ -150,6 +150,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="directory with teacher/, student/ and warm_starts.json (default: the shipped ones)")
     p.add_argument("--retrain-warm-starts", type=Path, metavar="DIR",
                    help="train new warm starts into DIR (machine-dependent, 5-15 min) and exit")
+    p.add_argument("--retrain-pair-teacher", type=Path, metavar="DIR",
+                   help="train the cross-tokenizer demo's teacher (digit pairs) into DIR/teacher_pairs, "
+                        "record it in DIR/warm_starts.json and exit")
     p.add_argument("overrides", nargs="*",
                    help="dotted overrides for both trainer runs (e.g. train.steps=20 eval.num_prompts=200)")
     return p.parse_args(argv)
@@ -159,6 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.retrain_warm_starts:
         print(json.dumps(warm_start.retrain(args.retrain_warm_starts), indent=2))
+        return 0
+    if args.retrain_pair_teacher:
+        print(json.dumps(warm_start.train_pair_teacher(args.retrain_pair_teacher), indent=2))
         return 0
     start = time.time()
     out = run_dir()
