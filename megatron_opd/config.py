@@ -430,9 +430,9 @@ class Config:
                      f"loss.support={TEACHER_TOPK_INPUT} or loss.kind={SAMPLED_REVERSE_KL}")
             _require(not self.rollout.uses_teacher_samples,
                      "rollout.offpolicy_source=teacher needs an in-process teacher (teacher.path)")
-            _require(loss.cross_tokenizer == "none",
-                     f"loss.cross_tokenizer={loss.cross_tokenizer} needs an in-process teacher (teacher.path): a "
-                     "served teacher scoring the teacher's tokens is not supported yet")
+            _require(loss.cross_tokenizer == "none" or teacher.path,
+                     f"loss.cross_tokenizer={loss.cross_tokenizer} with a served teacher needs teacher.path: the "
+                     "served model's directory (its tokenizer and config.json)")
         elif loss.teacher_need in (Need.LOGITS, Need.HIDDEN):
             _require(teacher.tp == self.student.tp,
                      f"loss.support={loss.support!r} needs the teacher's logits in the student's vocab sharding: "

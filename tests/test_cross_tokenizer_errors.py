@@ -68,7 +68,8 @@ def test_trainer_refuses_missing_or_wrong_tokenizers_before_loading(task, tmp_pa
     ([*SPAN, "loss.fused_linear=true"], "set loss.fused_linear=false"),
     ([*SPAN, "loss.special_tokens=[a]"], "loss.special_tokens: expected a mapping"),
     ([*SPAN, "loss.special_tokens={a: 1}"], "loss.special_tokens must map student special-token strings"),
-    ([*SPAN, "teacher.served_url=http://127.0.0.1:1", "loss.top_k=2"], "needs an in-process teacher"),
+    ([*SPAN, "teacher.served_url=http://127.0.0.1:1", "loss.top_k=2", "teacher.path="],
+     "with a served teacher needs teacher.path"),
     ([*SPAN, "rollout.lmbda=0.5", "rollout.offpolicy_source=teacher"], "the teacher's samples are in its own "
                                                                        "token ids"),
 ])

@@ -125,3 +125,46 @@ def test_cross_tokenizer_trainer_matches_reference(task_dir, tmp_path):
         assert m["skipped_steps"] == 0 and m["xtok/span_coverage"] > 0.9, m
         assert all(math.isfinite(m[k]) for k in ("loss", "divergence", "grad_norm")) and m["grad_norm"] > 0, m
         assert m["rollout/logprob_abs_diff_max"] <= 1e-4, m
+
+
+def _served_and_in_process(root: str, served_url: str, work: str) -> dict:
+    import json
+
+    from megatron_opd.train.loop import Trainer
+
+    root, work = Path(root), Path(work)
+    engine, out = None, {}
+    for name, teacher in (("served", [f"teacher.served_url={served_url}", "teacher.served_model=tiny-teacher"]),
+                          ("in_process", [])):
+        overrides = xtok_overrides(root, work / name, 2) + ["loss.top_k=1", *teacher]
+        trainer = Trainer(load_config(None, overrides), engine=engine)
+        engine = trainer.engine
+        trainer.train()
+        trainer.close()
+        rows = [json.loads(line) for line in (work / name / "metrics.jsonl").read_text().splitlines()]
+        out[name] = {r["step"]: (r["loss"], r["divergence"]) for r in rows}
+    return out
+
+
+def test_served_teacher_with_its_own_tokenizer_matches_the_in_process_one(task_dir, tmp_path):
+    """A `vllm serve` of the digit-pair teacher scores the teacher's tokens of every rollout: the
+    losses equal those of the same teacher in process (teacher.path holds its tokenizer)."""
+    import test_served_teacher
+    from test_served_teacher import Server
+
+    add_pair_teacher(task_dir)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(test_served_teacher, "MAX_MODEL_LEN", 32)  # the teacher's positions
+        server = Server(str(task_dir / "teacher_pairs"), tmp_path / "server.log")
+    try:
+        server.wait_ready(240)
+        out = run_distributed(_served_and_in_process, 2, str(task_dir), server.url, str(tmp_path / "runs"),
+                              timeout=900, env={"VLLM_CPU_OMP_THREADS_BIND": "nobind"})[0]
+    finally:
+        server.stop()
+    served, local = out["served"], out["in_process"]
+    assert sorted(served) == sorted(local) == [1, 2]
+    for step in (1, 2):
+        for a, b in zip(served[step], local[step]):
+            assert abs(a - b) <= 1e-4 * max(1.0, abs(b)), (served, local)
+    assert abs(local[1][1]) > 0.1  # a real signal

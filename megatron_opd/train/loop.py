@@ -100,8 +100,10 @@ class Trainer:
 
     def _build_teacher(self) -> Teacher:
         cfg = self.cfg
-        teacher = cfg.teacher.build(need=cfg.loss.teacher_need, top_k=cfg.loss.top_k,
-                                    vocab_size=self.arch.vocab_size, seed=cfg.train.seed)
+        # A served teacher checks the ids it is sent against this vocabulary: its own, with its own tokenizer.
+        vocab = self.arch.vocab_size if self.aligner is None else self.aligner.teacher.size
+        teacher = cfg.teacher.build(need=cfg.loss.teacher_need, top_k=cfg.loss.top_k, vocab_size=vocab,
+                                    seed=cfg.train.seed)
         if teacher.model is not None and cfg.loss.cross_tokenizer == "none":
             check_tokenizers(self.tokenizer, load_tokenizer(cfg.teacher.path), student_vocab=self.arch.vocab_size,
                              teacher_vocab=teacher.model.arch.vocab_size)

@@ -274,7 +274,8 @@ class Objective:
             lp = self.head.token_logprobs(x, tokens.targets, temperature=self.rollout_temperature)
             diff = (lp - batch["rollout_logprobs"][0]).abs() * onp
             metrics.update(mismatch_max=diff.max(), mismatch_sum=diff.sum(), mismatch_tokens=onp.sum())
-        if signal.logits is not None or signal.hidden is not None or signal.topk_ids is not None:
+        teacher_ids = signal.logits is not None or signal.hidden is not None or signal.topk_ids is not None
+        if teacher_ids and tokens.alignment is None:  # another tokenizer's ids are not the student's
             overlap, mass = self._topk_overlap(x, signal)
             metrics.update(topk_overlap_sum=(overlap * mask).sum(), topk_mass_overlap_sum=(mass * mask).sum())
         return metrics
