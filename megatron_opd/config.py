@@ -27,8 +27,10 @@ from megatron_opd.train.environments import ENVIRONMENTS
 from megatron_opd.train.evaluation import METRICS, Verifier
 from megatron_opd.train.memory import parameter_count
 from megatron_opd.train.metrics import MetricsLogger
-from megatron_opd.train.objective import (CROSS_ENTROPY, KINDS, POLICY_GRADIENT_KINDS, SAMPLED_REVERSE_KL, SUPPORTS,
-                                          TEACHER_TOPK_INPUT, Objective, make_objective, teacher_need)
+from megatron_opd.train.alignment import AlignmentError, TokenizerPair
+from megatron_opd.train.objective import (CROSS_ENTROPY, CROSS_TOKENIZER, KINDS, POLICY_GRADIENT_KINDS,
+                                          SAMPLED_REVERSE_KL, SUPPORTS, TEACHER_TOPK_INPUT, Objective, make_objective,
+                                          teacher_need)
 from megatron_opd.train.optim import Trainable, make_trainable
 from megatron_opd.utils import check_writable
 
@@ -211,9 +213,20 @@ class LossConfig:
     # (trainer and engine round differently) or rollout.steps_per_generation > 1, else off.
     truncated_importance: str = "auto"  # "auto" | "on" | "off"
     importance_cap: float = 2.0
+    # A teacher with its own tokenizer (docs/cross_tokenizer.md): "none" (the teacher uses the student's
+    # token ids, checked at start) or "span" (every rollout aligned to the teacher's tokenization; the
+    # span-level sampled reverse KL over the text both tokenizations cover; needs kind=sampled_reverse_kl).
+    cross_tokenizer: str = "none"
+    # cross_tokenizer: a completion whose aligned spans cover less than this fraction of its text stops
+    # the run with an error naming it (special tokens without a teacher counterpart, broken UTF-8...).
+    min_aligned_fraction: float = 0.5
+    # cross_tokenizer: student special-token strings -> the teacher's ({"<|im_end|>": "<end_of_turn>"});
+    # the others map to the teacher's token of the same content, then of the same role (BOS, EOS).
+    special_tokens: dict = field(default_factory=dict)
 
     def validate(self, name: str = "loss") -> None:
         _require(self.kind in KINDS, f"{name}.kind must be one of {KINDS}, got {self.kind!r}")
+        self._validate_cross_tokenizer(name)
         _require(self.truncated_importance in TRUNCATED_IMPORTANCE,
                  f"{name}.truncated_importance must be auto, on or off, got {self.truncated_importance!r}")
         _require(self.importance_cap >= 1.0, f"{name}.importance_cap must be >= 1, got {self.importance_cap}")
@@ -229,6 +242,45 @@ class LossConfig:
                  f"{name}.topk_tail=false needs a top-k support (loss.support=student_topk, teacher_topk or "
                  f"{TEACHER_TOPK_INPUT}), got support={self.support!r}")
 
+    def _validate_cross_tokenizer(self, name: str) -> None:
+        _require(self.cross_tokenizer in CROSS_TOKENIZER,
+                 f"{name}.cross_tokenizer must be one of {CROSS_TOKENIZER}, got {self.cross_tokenizer!r}")
+        _require(not isinstance(self.min_aligned_fraction, bool) and 0.0 <= self.min_aligned_fraction <= 1.0,
+                 f"{name}.min_aligned_fraction must be in [0, 1], got {self.min_aligned_fraction!r}")
+        _require(isinstance(self.special_tokens, dict) and all(
+            isinstance(k, str) and isinstance(v, str) for k, v in self.special_tokens.items()),
+            f"{name}.special_tokens must map student special-token strings to teacher ones, got "
+            f"{self.special_tokens!r}")
+        if self.cross_tokenizer == "none":
+            return
+        _require(self.kind == SAMPLED_REVERSE_KL,
+                 f"{name}.cross_tokenizer={self.cross_tokenizer} is the span-level sampled reverse KL: set "
+                 f"{name}.kind={SAMPLED_REVERSE_KL} (got {self.kind!r})")
+        _require(not self.fused_linear, f"{name}.cross_tokenizer={self.cross_tokenizer} takes the student's "
+                 f"logits: set {name}.fused_linear=false")
+
+    def tokenizer_pair(self, student_tokenizer, teacher_tokenizer, *, student_path: str, teacher_path: str,
+                       student_vocab: int, teacher_vocab: int) -> TokenizerPair | None:
+        """The two tokenizers for aligning rollouts to the teacher's tokenization (None without
+        ``cross_tokenizer``); AlignmentError naming the side and its path for a missing tokenizer
+        or one with ids the model has no row for."""
+        if self.cross_tokenizer == "none":
+            return None
+        for side, tok, path in (("student", student_tokenizer, student_path), ("teacher", teacher_tokenizer,
+                                                                               teacher_path)):
+            if tok is None:
+                raise AlignmentError(f"loss.cross_tokenizer={self.cross_tokenizer} needs the {side}'s tokenizer: "
+                                     f"none next to {side}.path={path} (tokenizer.json, tokenizer.model or "
+                                     "tokenizer_config.json)")
+        pair = TokenizerPair(student_tokenizer, teacher_tokenizer, special_tokens=self.special_tokens or None,
+                             min_coverage=self.min_aligned_fraction, min_coverage_name="loss.min_aligned_fraction")
+        for side, vocab, path in ((pair.student, student_vocab, student_path), (pair.teacher, teacher_vocab,
+                                                                                teacher_path)):
+            if side.size > vocab:
+                raise AlignmentError(f"{side.name}.path={path}: its tokenizer has {side.size} token ids, its model "
+                                     f"{vocab} rows: the tokenizer is not the model's")
+        return pair
+
     @property
     def teacher_need(self) -> Need:
         return teacher_need(kind=self.kind, support=self.support, fused_linear=self.fused_linear)
@@ -242,7 +294,7 @@ class LossConfig:
                               temperature=self.temperature, chunk_size=self.chunk_size or None,
                               fused_linear=self.fused_linear, teacher_output_weight=teacher_output_weight,
                               teacher_temperature=teacher_temperature, rollout_temperature=rollout_temperature,
-                              importance_cap=cap, topk_tail=self.topk_tail)
+                              importance_cap=cap, topk_tail=self.topk_tail, cross_tokenizer=self.cross_tokenizer)
 
     def verifier_for(self, tokenizer, *, stop_token_ids: list[int]) -> Verifier | None:
         """The verifier that scores and reweights each sample (None without ``verifier``)."""
@@ -381,7 +433,8 @@ class TrainConfig:
 
 PHASE_SECTIONS = ("rollout", "loss", "optim")
 # What a phase may not change: the engines, the teacher's transfer and the optimizer are built once.
-PHASE_FIXED = {"rollout": ("kv_cache_gb", "max_turns", "environment", "bucket_mb"), "loss": ("fused_linear",),
+PHASE_FIXED = {"rollout": ("kv_cache_gb", "max_turns", "environment", "bucket_mb"),
+               "loss": ("fused_linear", "cross_tokenizer", "min_aligned_fraction", "special_tokens"),
                "optim": ("weight_decay", "adam_beta1", "adam_beta2", "adam_eps", "clip_grad",
                          "use_distributed_optimizer")}
 
@@ -514,11 +567,19 @@ class Config:
                      f"loss.support={TEACHER_TOPK_INPUT} or loss.kind={SAMPLED_REVERSE_KL}")
             _require(not self.rollout.uses_teacher_samples,
                      "rollout.offpolicy_source=teacher needs an in-process teacher (teacher.path)")
+            _require(loss.cross_tokenizer == "none" or teacher.path,
+                     f"loss.cross_tokenizer={loss.cross_tokenizer} with a served teacher needs teacher.path: the "
+                     "served model's directory (its tokenizer and config.json)")
         elif loss.teacher_need in (Need.LOGITS, Need.HIDDEN):
             _require(teacher.tp == self.student.tp,
                      f"loss.support={loss.support!r} needs the teacher's logits in the student's vocab sharding: "
                      f"teacher.tp ({teacher.tp}) must equal student.tp ({self.student.tp}); "
                      f"use loss.support={TEACHER_TOPK_INPUT} for a differently split teacher")
+
+        if loss.cross_tokenizer != "none":
+            _require(not self.rollout.uses_teacher_samples,
+                     f"loss.cross_tokenizer={loss.cross_tokenizer} with rollout.offpolicy_source=teacher: the "
+                     "teacher's samples are in its own token ids, which the student cannot train on")
 
     def _check_layouts(self, world_size: int) -> None:
         """Each model's tp * pp divides the world; every student replica gets a prompt."""
@@ -628,6 +689,12 @@ def _coerce(value, annotation, where: str):
             raise ValueError(f"{where}: expected a number, got {value!r}") from None
     if annotation is str:
         return "" if value is None else str(value)
+    if annotation is dict or origin is dict:
+        if isinstance(value, str):
+            value = yaml.safe_load(value) if value.strip() else {}
+        if not isinstance(value, dict):
+            raise ValueError(f"{where}: expected a mapping, got {value!r}")
+        return value
     if annotation is list or origin is list:
         if isinstance(value, str):
             value = yaml.safe_load(value) if value.strip() else []

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import torch
 
-from megatron_opd.models.packing import pack_lengths, packed_inputs
+from megatron_opd.models.packing import pack_lengths, packed_inputs, row_padding
+from megatron_opd.train.alignment import Alignment, pack_alignments
 from megatron_opd.utils import read_jsonl
 
 
@@ -19,6 +20,9 @@ class PromptRecord:
     prompt_ids: list[int]
     completion_ids: list[int] | None = None
     metadata: dict = field(default_factory=dict)
+    # The prompt as the row gave it (a teacher with its own tokenizer renders or encodes it itself).
+    messages: list[dict] | None = None
+    prompt_text: str | None = None
 
 
 def _read_rows(path: Path) -> list[tuple[int, dict]]:
@@ -88,7 +92,9 @@ def load_prompts(path: str | Path, tokenizer, *, vocab_size: int, max_prompt_tok
             completion = tokenizer(row["completion"], add_special_tokens=False)["input_ids"]
             if tokenizer.eos_token_id is not None:
                 completion = completion + [tokenizer.eos_token_id]
-        records.append(PromptRecord(len(records), list(prompt), completion, meta))
+        records.append(PromptRecord(len(records), list(prompt), completion, meta,
+                                    messages=row.get("messages") if "prompt_ids" not in row else None,
+                                    prompt_text=row.get("prompt") if "prompt_ids" not in row else None))
     if not records:
         raise ValueError(f"{path}: no rows")
     return records
@@ -188,6 +194,9 @@ class Sequence:
     on_policy: bool = True
     weight: float = 1.0
     finish_reason: str = ""
+    # A teacher with its own tokenizer: the teacher's tokenization of the same text and the spans
+    # (train/alignment.py); None when both share token ids.
+    alignment: Alignment | None = None
     reward: float | None = None  # the verifier's score (loss.verifier), None when not scored
 
     @property
@@ -201,10 +210,12 @@ def pack_sequences(seqs: list[Sequence], *, budget: int) -> list[list[int]]:
     return pack_lengths([len(s.tokens) for s in seqs], budget=budget)
 
 
-def micro_batch(seqs: list[Sequence], indices: list[int], *, device,
-                sliding_window: int | None = None) -> dict:
-    """One packed row ``[1, L]``: tokens, next-token targets, loss mask (completion tokens only,
-    never across sequence boundaries), rollout log-probs, per-token weights."""
+def micro_batch(seqs: list[Sequence], indices: list[int], *, device, multiple_of: int = 1) -> dict:
+    """One packed THD row ``[1, L]``: tokens, next-token targets, loss mask (completion tokens only,
+    never across sequence boundaries), rollout log-probs, per-token weights, ``position_ids`` and
+    megatron's ``packed_seq_params``. ``L`` is brought to a multiple of ``multiple_of`` (see
+    :func:`~megatron_opd.models.packing.token_multiple`) by ``padding`` tokens at the end: a
+    sequence of their own, with zero loss mask and weight."""
     tokens, targets, mask, rollout, weights, onpol, lengths = [], [], [], [], [], [], []
     for i in indices:
         s = seqs[i]
@@ -219,6 +230,9 @@ def micro_batch(seqs: list[Sequence], indices: list[int], *, device,
         rollout.extend([0.0] * (s.prompt_len - 1) + list(lp) + [0.0])
         weights.extend([s.weight] * n)
         onpol.extend([float(s.on_policy and s.rollout_logprobs is not None)] * n)
+    padding = row_padding(len(tokens), multiple_of)
+    for column in (tokens, targets, mask, rollout, weights, onpol):
+        column.extend([0] * padding)
     batch = {
         "input_ids": torch.tensor([tokens], device=device),
         "targets": torch.tensor([targets], device=device),
@@ -227,15 +241,36 @@ def micro_batch(seqs: list[Sequence], indices: list[int], *, device,
         "weights": torch.tensor([weights], dtype=torch.float32, device=device),
         "on_policy": torch.tensor([onpol], dtype=torch.float32, device=device),
         "lengths": lengths,
+        "padding": padding,
         "seq_indices": list(indices),
     }
-    batch.update(packed_inputs(lengths, device=device, sliding_window=sliding_window))
+    batch.update(packed_inputs(lengths, device=device, padding=padding))
+    aligned = [seqs[i].alignment for i in indices]
+    if any(a is not None for a in aligned):
+        if not all(a is not None for a in aligned):
+            raise ValueError("a micro-batch mixes sequences with and without a teacher alignment")
+        batch.update(teacher_tokens_of(aligned, device=device),
+                     alignment=pack_alignments(aligned, [seqs[i].prompt_len for i in indices], lengths,
+                                               padding=padding, device=device))
     return batch
 
 
-def pack_micro_batches(seqs: list[Sequence], *, budget: int, device,
-                       sliding_window: int | None = None) -> list[dict]:
-    """``seqs`` packed into micro-batches of at most ``budget`` tokens (see :func:`pack_sequences`),
-    each carrying its ``index`` in the step (teacher signals are looked up by it)."""
-    return [dict(micro_batch(seqs, idx, device=device, sliding_window=sliding_window), index=m)
+def teacher_tokens_of(alignments: list[Alignment], *, device) -> dict:
+    """The same sequences in the teacher's tokenization, packed in the same order: its row's
+    ``input_ids``, ``targets`` and ``lengths`` (``batch["teacher_tokens"]``, what the teacher scores;
+    the teacher pads it to its own token multiple)."""
+    tokens, targets = [], []
+    for a in alignments:
+        tokens.extend(a.teacher_ids)
+        targets.extend(a.teacher_ids[1:] + [0])
+    return {"teacher_tokens": {"input_ids": torch.tensor([tokens], device=device),
+                               "targets": torch.tensor([targets], device=device),
+                               "lengths": [len(a.teacher_ids) for a in alignments], "padding": 0}}
+
+
+def pack_micro_batches(seqs: list[Sequence], *, budget: int, device, multiple_of: int = 1) -> list[dict]:
+    """``seqs`` packed into micro-batches of at most ``budget`` tokens (see :func:`pack_sequences`;
+    plus under ``multiple_of`` tokens of padding), each carrying its ``index`` in the step
+    (teacher signals are looked up by it)."""
+    return [dict(micro_batch(seqs, idx, device=device, multiple_of=multiple_of), index=m)
             for m, idx in enumerate(pack_sequences(seqs, budget=budget))]

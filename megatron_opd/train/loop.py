@@ -14,10 +14,12 @@ import torch.distributed as dist
 from megatron_opd import parallel
 from megatron_opd.checkpoint.load import load_model, model_arch
 from megatron_opd.config import Config, Phase
+from megatron_opd.models.packing import token_multiple
 from megatron_opd.rollout.consistency import check_mismatch
 from megatron_opd.rollout.engine import RolloutEngine
 from megatron_opd.rollout.sync import SyncStats, WeightSync
 from megatron_opd.teacher.signals import Need, Teacher, TeacherSignal
+from megatron_opd.train.alignment import TokenizerPair
 from megatron_opd.train.data import (Sequence, StepPrompts, check_tokenizers, eos_token_ids, load_prompts,
                                      load_tokenizer, pack_micro_batches)
 from megatron_opd.train.environments import make_environment
@@ -62,7 +64,10 @@ class Trainer:
         cfg.validate(world_size=dist.get_world_size())
         # Everything a user can get wrong, before any model is built or loaded.
         cfg.check_inputs()
-        cfg.check_models(model_arch(cfg.student.path), model_arch(cfg.teacher.path) if cfg.teacher.path else None)
+        teacher_arch = model_arch(cfg.teacher.path) if cfg.teacher.path else None
+        student_arch = model_arch(cfg.student.path)
+        cfg.check_models(student_arch, teacher_arch)
+        self.aligner = self._tokenizer_pair(student_arch, teacher_arch)
         self.run_dir = Path(cfg.train.run_dir)
         self.phases = cfg.phases()
         self.mp = parallel.initialize_global_model_parallel(cfg.student.layout, what="student")
@@ -111,11 +116,23 @@ class Trainer:
         scoring = [loss for loss in losses if loss.teacher_need != Need.NONE] or [losses[0]]
         need = scoring[0].teacher_need if scoring[0].teacher_need != Need.NONE else Need.TOKEN
         top_k = next((loss.top_k for loss in scoring if loss.teacher_need == Need.TOPK), scoring[0].top_k)
-        teacher = cfg.teacher.build(need=need, top_k=top_k, vocab_size=self.arch.vocab_size, seed=cfg.train.seed)
-        if teacher.model is not None:
+        # A served teacher checks the ids it is sent against this vocabulary: its own, with its own tokenizer.
+        vocab = self.arch.vocab_size if self.aligner is None else self.aligner.teacher.size
+        teacher = cfg.teacher.build(need=need, top_k=top_k, vocab_size=vocab, seed=cfg.train.seed)
+        if teacher.model is not None and cfg.loss.cross_tokenizer == "none":
             check_tokenizers(self.tokenizer, load_tokenizer(cfg.teacher.path), student_vocab=self.arch.vocab_size,
                              teacher_vocab=teacher.model.arch.vocab_size)
         return teacher
+
+    def _tokenizer_pair(self, student_arch, teacher_arch) -> TokenizerPair | None:
+        """A teacher with its own tokenizer: both tokenizers, to align every rollout to the teacher's
+        (checked before any weight is loaded)."""
+        cfg = self.cfg
+        if cfg.loss.cross_tokenizer == "none":
+            return None
+        return cfg.loss.tokenizer_pair(load_tokenizer(cfg.student.path), load_tokenizer(cfg.teacher.path),
+                                       student_path=cfg.student.path, teacher_path=cfg.teacher.path,
+                                       student_vocab=student_arch.vocab_size, teacher_vocab=teacher_arch.vocab_size)
 
     def _start_rollouts(self, engine: RolloutEngine | None) -> None:
         """The prompts, the engines (after the trainer's groups exist, on every rank at the same
@@ -143,7 +160,7 @@ class Trainer:
             self.rollouts.append(Rollouts(pr, prompts, mp=self.mp, student_engine=self.engine,
                                           teacher_engine=self.teacher_engine, environment=environment,
                                           stop_token_ids=self.stop_ids, max_total_tokens=max_total_tokens,
-                                          weight_field=ph.config.loss.weight_field,
+                                          weight_field=ph.config.loss.weight_field, aligner=self.aligner,
                                           verifier=ph.config.loss.verifier_for(self.tokenizer,
                                                                                stop_token_ids=self.stop_ids)))
 
@@ -182,7 +199,8 @@ class Trainer:
         need = phase.config.loss.teacher_need
         with timer("teacher"):
             micro_batches = pack_micro_batches(seqs, budget=self.cfg.data.micro_batch_tokens,
-                                               device=parallel.device(), sliding_window=self.arch.sliding_window)
+                                               device=parallel.device(),
+                                               multiple_of=token_multiple(self.student.config))
             if need == Need.NONE:  # cross-entropy: the completion is the target
                 signals = [TeacherSignal() for _ in micro_batches]
             else:
