@@ -35,7 +35,7 @@ def _train_cross_tokenizer(root: str, run_dir: str) -> dict:
 
     trainer = Trainer(load_config(None, xtok_overrides(Path(root), Path(run_dir), STEPS)))
     # Step 0 by its phases, to keep its sequences for the reference.
-    seqs = trainer.rollouts.for_step(0)
+    seqs = trainer.rollouts[0].for_step(0)  # the rollouts of phase 0 (the only one)
     mbs = pack_micro_batches(seqs, budget=trainer.cfg.data.micro_batch_tokens, device=parallel.device())
     signals = trainer.teacher.signals(mbs, trainer.mp)
     update = trainer.update_student(0, mbs, signals)
