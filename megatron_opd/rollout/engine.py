@@ -20,12 +20,14 @@ import json
 import logging
 import os
 import tempfile
+import uuid
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
 import torch
+import torch.distributed as dist
 
 from megatron_opd import parallel
 from megatron_opd.models.config import ArchConfig
@@ -45,6 +47,27 @@ RELOAD_LOGGER = "vllm.model_executor.model_loader.reload.layerwise"
 # Python warnings vLLM's CPU build triggers on import (deprecated torch names it probes).
 VLLM_IMPORT_WARNINGS = (r".*torch\.distributed\.reduce_op.* is deprecated",)
 VLLM_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def _job_unique_cpu_shm_names() -> None:
+    """vLLM's CPU shared-memory communicator (engine TP > 1) names its ``/dev/shm`` segments after
+    the process group's init method, which is ``env://`` under ``external_launcher``: every job on
+    a host then asks for the same names, so a second job, or any job after one that crashed and
+    left its segments behind, fails with "create shm in SHMManager failed. errno: 17" (EEXIST).
+    Prefix the names with a token drawn by rank 0 for this job (collective over the world)."""
+    from vllm.distributed.device_communicators.cpu_communicator import _CPUSHMDistributed
+
+    if getattr(_CPUSHMDistributed.make_group_name, "job_token", None) is not None:
+        return
+    token = [uuid.uuid4().hex[:12] if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(token, src=0)
+
+    def job_group_name(communicator) -> str:  # vLLM's name, with the token for the ident
+        ranks = "-".join(str(r) for r in communicator.ranks)
+        return f"mopd{token[0]}-{communicator.unique_name}-[{ranks}]-cpushm"
+
+    job_group_name.job_token = token[0]
+    _CPUSHMDistributed.make_group_name = staticmethod(job_group_name)
 
 
 def _configure_vllm() -> None:
@@ -162,8 +185,12 @@ class RolloutEngine:
     def __init__(self, arch: ArchConfig, *, dtype: torch.dtype = torch.float32,
                  kv_cache_bytes: int = 1 << 30, max_model_len: int | None = None, seed: int = 0,
                  model_dir: str | Path | None = None, max_num_seqs: int = 256,
-                 weights_bytes: int | None = None):
+                 weights_bytes: int | None = None, tp: int = 1):
         """``model_dir`` (optional) starts from real weights on disk instead of dummy ones.
+
+        ``tp`` is the engine's tensor-parallel size: the world is tiled into engine groups of
+        ``tp`` consecutive ranks, each group one engine holding one shard per rank (vLLM's layout
+        under ``external_launcher``); every rank of a group must make the same calls.
 
         On a GPU the engine is sized from what the trainer's models leave: ``weights_bytes`` (its
         copy of the model) plus the KV cache plus a workspace, as vLLM's memory fraction, and it
@@ -177,6 +204,7 @@ class RolloutEngine:
         logging.getLogger(RELOAD_LOGGER).addFilter(self._reload_failures)
 
         self.arch = arch
+        self.tp = tp
         self.version = 0  # advances after every complete weight update
         self._tmp = None
         if model_dir is None:
@@ -191,8 +219,10 @@ class RolloutEngine:
             gpu = dict(gpu_memory_utilization=gpu_memory_fraction(engine_bytes=need, free_bytes=free,
                                                                   total_bytes=total),
                        enable_sleep_mode=True)
+        if tp > 1 and not parallel.cuda_available():
+            _job_unique_cpu_shm_names()
         self.llm = LLM(
-            **gpu,
+            **gpu, tensor_parallel_size=tp,
             model=str(model_dir), dtype=VLLM_DTYPES[dtype], enforce_eager=True,
             distributed_executor_backend="external_launcher",
             skip_tokenizer_init=True, seed=seed,
