@@ -203,8 +203,13 @@ class RolloutEngine:
         self._reload_failures = _ReloadFailures()
         logging.getLogger(RELOAD_LOGGER).addFilter(self._reload_failures)
 
+        if dist.get_world_size() % tp:
+            raise ValueError(f"rollout.tp={tp} does not divide the world size {dist.get_world_size()}")
         self.arch = arch
         self.tp = tp
+        # Engine groups of `tp` consecutive ranks (vLLM's order: TP innermost).
+        self.group, self.num_groups = dist.get_rank() // tp, dist.get_world_size() // tp
+        self.is_group_leader = dist.get_rank() % tp == 0
         self.version = 0  # advances after every complete weight update
         self._tmp = None
         if model_dir is None:

@@ -196,14 +196,16 @@ class Trainer:
     # --- evaluation, checkpoints, the run --------------------------------------------------------
 
     def evaluate(self) -> dict:
-        """Greedy task accuracy on the held-out prompts, spread over every rank's engine."""
+        """Greedy task accuracy on the held-out prompts, spread over the engine groups."""
         e = self.cfg.eval
         if not self.eval_records:
             return {}
-        mine = self.eval_records[dist.get_rank()::dist.get_world_size()]
+        mine = self.eval_records[self.engine.group::self.engine.num_groups]
         correct = count_correct(self.engine, mine, self.tokenizer, metric=e.metric,
                                 max_new_tokens=e.max_new_tokens, stop_token_ids=self.stop_ids)
-        counts = torch.tensor([float(correct), float(len(mine))], dtype=torch.float64, device=parallel.device())
+        counted = self.engine.is_group_leader  # the ranks of an engine group share its answers
+        counts = torch.tensor([float(correct * counted), float(len(mine) * counted)], dtype=torch.float64,
+                              device=parallel.device())
         dist.all_reduce(counts)
         return {"eval/accuracy": counts[0].item() / max(counts[1].item(), 1.0)}
 
