@@ -240,15 +240,24 @@ class RolloutEngine:
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
         """Load HF-named tensors (streamed; consumed once) into the engine; returns the new
         version. Tied models must include ``lm_head.weight`` (vLLM's head is a separate copy).
+        At ``tp`` > 1 every rank passes its engine rank's share of each tensor (the bridge's
+        :meth:`~megatron_opd.rollout.sync.WeightSync.iter_engine_shares`), which vLLM's loaders
+        then place without slicing (:func:`_load_shards`).
 
         Raises :class:`IncompleteWeightUpdate` (the version does not advance) when a layer of
         the engine received none of its tensors."""
         self._reload_failures.layers.clear()
+        if self.tp > 1:
+            self.llm.collective_rpc(_load_shards, args=(True,))
         # Whatever level vLLM's logging runs at (its start-up re-applies its configuration, which
         # resets this logger), the check needs the reload's warnings.
         reload_logger = logging.getLogger(RELOAD_LOGGER)
         reload_logger.setLevel(min(reload_logger.getEffectiveLevel(), logging.WARNING))
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(named_tensors)})
+        try:
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(named_tensors)})
+        finally:
+            if self.tp > 1:
+                self.llm.collective_rpc(_load_shards, args=(False,))
         if not self.llm.reset_prefix_cache():
             raise RuntimeError("vLLM refused to reset its prefix cache after a weight update "
                                "(requests still running?): cached prefixes would keep the old weights")
@@ -322,6 +331,53 @@ def _scored(seq: list[int], prompt_logprobs, top_k: int) -> ScoredSequence:
             result.topk_ids.append([t for _, t, _ in best[:top_k]])
             result.topk_logprobs.append([v for _, _, v in best[:top_k]])
     return result
+
+
+def _share_rows_loader(param, loaded_weight) -> None:
+    """A vocabulary-parallel weight loader for a rank's own rows (vLLM's asserts the full
+    vocabulary and slices it): they go first, the padding rows are zero."""
+    param.data[: loaded_weight.shape[0]].copy_(loaded_weight)
+    param.data[loaded_weight.shape[0]:].fill_(0)
+
+
+def _load_shards(worker, on: bool) -> None:
+    """Run on each engine rank (``collective_rpc``): make the next weight reload take every
+    tensor as this rank's share (``on``), or full HF tensors again.
+
+    vLLM's linear layers skip their TP slicing for a parameter marked ``is_sharded_weight`` (and
+    still place q/k/v and gate/up in their fused parameters); vocabulary-parallel layers have no
+    such mark, so their loader is swapped; vLLM's own parameter classes (its ``weight_loader_v2``
+    route) slice at their ``tp_rank``, which reads 0 while shares load. A reload rebuilds each layer's parameters from the
+    metadata recorded when the model was built (vLLM's layerwise reload), so the marks go there.
+    """
+    from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
+    from vllm.model_executor.parameter import BasevLLMParameter
+    from vllm.model_executor.model_loader.reload.layerwise import LAYERWISE_INFO, _get_original_loader
+
+    for layer in worker.model_runner.get_model().modules():
+        info = LAYERWISE_INFO.get(layer)
+        if info is None:
+            continue
+        # A layer's bias is never rebuilt (vLLM keeps the live one): it is marked where it is.
+        tensors = dict(info.restore_metadata[0])
+        if isinstance(getattr(layer, "bias", None), torch.nn.Parameter):
+            tensors["bias"] = layer.bias
+        for name, meta in tensors.items():
+            if isinstance(layer, VocabParallelEmbedding) and name == "weight":
+                if on:
+                    meta.vllm_weight_loader = _get_original_loader(meta)
+                    meta.weight_loader = _share_rows_loader
+                elif hasattr(meta, "vllm_weight_loader"):
+                    meta.weight_loader = meta.vllm_weight_loader
+                continue
+            if getattr(meta, "output_dim", None) is not None or getattr(meta, "input_dim", None) is not None:
+                meta.is_sharded_weight = on
+            if isinstance(meta, BasevLLMParameter):  # its loaders slice at `tp_rank`, whatever the mark
+                if on:
+                    meta.vllm_tp_rank = meta.tp_rank
+                    meta.tp_rank = 0
+                elif hasattr(meta, "vllm_tp_rank"):
+                    meta.tp_rank = meta.vllm_tp_rank
 
 
 def shutdown_vllm_distributed() -> None:

@@ -114,12 +114,12 @@ class Trainer:
         self.engine = engine or r.start_engine(self.arch, dtype=cfg.student.params_dtype,
                                                max_model_len=max_total_tokens, seed=cfg.train.seed)
         self._own_engine = engine is None
-        self.sync = WeightSync(self.student, bucket_bytes=r.bucket_bytes)
+        self.sync = WeightSync(self.student, bucket_bytes=r.bucket_bytes, engine_tp=r.tp)
         self.teacher_engine = None
         if r.uses_teacher_samples:  # the teacher is in process (Config.validate)
             self.teacher_engine = r.start_engine(self.teacher.model.arch, dtype=cfg.teacher.params_dtype,
                                                  max_model_len=max_total_tokens, seed=cfg.train.seed + 1)
-            WeightSync(self.teacher.model, bucket_bytes=r.bucket_bytes).sync(self.teacher_engine)
+            WeightSync(self.teacher.model, bucket_bytes=r.bucket_bytes, engine_tp=r.tp).sync(self.teacher_engine)
         prompts = StepPrompts(records, per_step=cfg.train.prompts_per_step, seed=cfg.train.seed,
                               shuffle=cfg.data.shuffle, lmbda=r.lmbda)
         self.rollouts = Rollouts(r, prompts, mp=self.mp, student_engine=self.engine,
