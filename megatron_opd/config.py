@@ -18,6 +18,7 @@ from megatron_opd.models.builder import ShardedModel
 from megatron_opd.models.config import ArchConfig, params_dtype
 from megatron_opd.parallel import ParallelLayout, cuda_available
 from megatron_opd.rollout.engine import RolloutEngine, SamplingConfig
+from megatron_opd.rollout.plan import check_engine_tp
 from megatron_opd.teacher.megatron import MegatronTeacher
 from megatron_opd.teacher.served import ServedTeacher, TeacherClient
 from megatron_opd.teacher.signals import Need, Teacher
@@ -410,6 +411,9 @@ class Config:
         student.check_parallel(tp=self.student.tp, pp=self.student.pp, what="student")
         if teacher is not None:
             teacher.check_parallel(tp=self.teacher.tp, pp=self.teacher.pp, what="teacher")
+        check_engine_tp(student, self.rollout.tp)
+        if teacher is not None and self.rollout.uses_teacher_samples:
+            check_engine_tp(teacher, self.rollout.tp, what="rollout.tp (the teacher's engine)")
         vocab = student.vocab_size
         _require(self.loss.top_k <= vocab, f"loss.top_k={self.loss.top_k} is larger than the student's vocabulary ({vocab})")
         for i in self.rollout.stop_token_ids:
