@@ -31,6 +31,8 @@ import torch.distributed as dist
 
 from megatron_opd import parallel
 from megatron_opd.models.config import ArchConfig
+from megatron_opd.models.family import VOCAB
+from megatron_opd.rollout.plan import engine_slice
 
 VLLM_ENV = {
     "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # engine core in this process
@@ -68,6 +70,16 @@ def _job_unique_cpu_shm_names() -> None:
 
     job_group_name.job_token = token[0]
     _CPUSHMDistributed.make_group_name = staticmethod(job_group_name)
+
+
+def _unlink_job_cpu_shm() -> None:
+    """Remove this job's ``/dev/shm`` segments (vLLM leaves them behind; mapped ones live on)."""
+    from vllm.distributed.device_communicators.cpu_communicator import _CPUSHMDistributed
+
+    token = getattr(_CPUSHMDistributed.make_group_name, "job_token", None)
+    if token is not None:
+        for path in Path("/dev/shm").glob(f"mopd{token}-*"):
+            path.unlink(missing_ok=True)
 
 
 def _configure_vllm() -> None:
@@ -210,6 +222,11 @@ class RolloutEngine:
         # Engine groups of `tp` consecutive ranks (vLLM's order: TP innermost).
         self.group, self.num_groups = dist.get_rank() // tp, dist.get_world_size() // tp
         self.is_group_leader = dist.get_rank() % tp == 0
+        # An engine rank whose vocabulary rows are all padding (a vocabulary smaller than
+        # 64 x (tp - 1)) loads nothing into its vocabulary layers, and vLLM reports them.
+        vocab = engine_slice(arch, VOCAB, 0, (arch.vocab_size, arch.hidden_size), engine_tp=tp,
+                             engine_rank=dist.get_rank() % tp)
+        self._vocab_padding_only = set() if vocab.size else {"VocabParallelEmbedding", "ParallelLMHead"}
         self.version = 0  # advances after every complete weight update
         self._tmp = None
         if model_dir is None:
@@ -261,7 +278,7 @@ class RolloutEngine:
         if not self.llm.reset_prefix_cache():
             raise RuntimeError("vLLM refused to reset its prefix cache after a weight update "
                                "(requests still running?): cached prefixes would keep the old weights")
-        if self._reload_failures.layers:
+        if set(self._reload_failures.layers) - self._vocab_padding_only:
             raise IncompleteWeightUpdate(
                 f"weight update v{self.version + 1} left {len(self._reload_failures.layers)} engine "
                 f"layer(s) with their old weights: {sorted(set(self._reload_failures.layers))}")
@@ -317,6 +334,8 @@ class RolloutEngine:
 
     def close(self) -> None:
         logging.getLogger(RELOAD_LOGGER).removeFilter(self._reload_failures)
+        if self.tp > 1 and not parallel.cuda_available():
+            _unlink_job_cpu_shm()
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None

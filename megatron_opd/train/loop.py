@@ -114,6 +114,8 @@ class Trainer:
         self.engine = engine or r.start_engine(self.arch, dtype=cfg.student.params_dtype,
                                                max_model_len=max_total_tokens, seed=cfg.train.seed)
         self._own_engine = engine is None
+        if self.engine.tp != r.tp:
+            raise ValueError(f"rollout.tp={r.tp}, but the engine passed in runs at tensor-parallel size {self.engine.tp}")
         self.sync = WeightSync(self.student, bucket_bytes=r.bucket_bytes, engine_tp=r.tp)
         self.teacher_engine = None
         if r.uses_teacher_samples:  # the teacher is in process (Config.validate)
