@@ -162,3 +162,11 @@ def test_engine_tp_the_engine_cannot_split_is_refused():
         check_engine_tp(arch, 3)
     with pytest.raises(ValueError, match=r"rollout.tp=8: the engine cannot split num_attention_heads=4"):
         check_engine_tp(arch, 8)
+
+
+def test_vocab_rows_are_local_when_both_paddings_split_alike():
+    from megatron_opd.rollout.plan import vocab_rows_local
+
+    for vocab, tp, local in [(32000, 2, True), (152064, 2, True), (151936, 2, False), (512, 2, True), (300, 2, False), (14, 2, True)]:
+        arch = arch_for("llama", vocab_size=vocab)
+        assert vocab_rows_local(arch, tp=tp, padded_vocab=padded_vocab_size(vocab, tp)) == local, vocab

@@ -225,3 +225,15 @@ def local_engine_shares(plan: SyncPlan, *, engine_tp: int) -> bool:
     engine groups are then the trainer's TP groups, rank for rank). The vocabulary is padded
     differently by megatron and vLLM, so its rows cross ranks."""
     return plan.pp == 1 and plan.tp == engine_tp
+
+
+def vocab_rows_local(arch: ArchConfig, *, tp: int, padded_vocab: int) -> bool:
+    """Whether, at engine TP = trainer TP = ``tp``, every rank's engine vocabulary rows lie in its
+    own megatron shard (``padded_vocab`` / ``tp`` rows): true when the two paddings split the
+    vocabulary alike (e.g. 152064 or 32000 at TP 2), so the vocabulary needs no gather either."""
+    per = padded_vocab // tp
+    for rank in range(tp):
+        sl = engine_slice(arch, VOCAB, 0, (arch.vocab_size, arch.hidden_size), engine_tp=tp, engine_rank=rank)
+        if sl.size and not rank * per <= sl.start <= sl.start + sl.size <= (rank + 1) * per:
+            return False
+    return True

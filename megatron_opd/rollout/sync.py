@@ -23,7 +23,7 @@ from megatron_opd.models.builder import ShardedModel
 from megatron_opd.models.layout import hf_from_shards
 from megatron_opd.models.family import VOCAB
 from megatron_opd.rollout.plan import (SyncPlan, check_engine_tp, engine_slices, local_engine_shares,
-                                       plan_sync)
+                                       plan_sync, vocab_rows_local)
 
 
 @dataclass
@@ -68,6 +68,8 @@ class WeightSync:
         self.dtype = model.config.params_dtype
         self._slices = engine_slices(self.plan, model.arch, engine_tp=engine_tp, engine_rank=self.engine_rank)
         self.local = engine_tp > 1 and local_engine_shares(self.plan, engine_tp=engine_tp)
+        self.vocab_local = self.local and vocab_rows_local(model.arch, tp=engine_tp,
+                                                           padded_vocab=model.padded_vocab_size)
 
     def iter_hf_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield every HF tensor (bucket by bucket) on every rank of the replica, as views of the
@@ -155,7 +157,11 @@ class WeightSync:
             out = 0
             for i, item_shapes in zip(bucket.items, shapes):
                 it, param = self.plan.items[i], self._params[i].detach()
-                if it.layout == VOCAB:
+                if it.layout == VOCAB and self.vocab_local:  # this rank's rows, from its own shard
+                    sl = self._slices[i][0]
+                    own = param.narrow(0, sl.start - mp.tp_rank * param.shape[0], sl.size) if sl.size else param[:0]
+                    tensors = {n: own for n in it.hf_names}
+                elif it.layout == VOCAB:
                     gathered = [torch.empty_like(param) for _ in range(mp.layout.tp)]
                     dist.all_gather(gathered, param.contiguous(), group=mp.tp_group)
                     tensors = hf_from_shards(it.row, it.hf_names, gathered, self.model.arch)
@@ -165,7 +171,7 @@ class WeightSync:
                 for name, sl, shape in zip(it.hf_names + it.aliases, self._slices[i], item_shapes):
                     n = math.prod(shape)
                     part = tensors[it.hf_names[0] if name in it.aliases else name]
-                    if it.layout == VOCAB:
+                    if it.layout == VOCAB and not self.vocab_local:
                         part = sl.take(part)
                     flat[out:out + n].view(shape).copy_(part)
                     out += n
