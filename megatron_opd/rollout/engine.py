@@ -215,17 +215,20 @@ class RolloutEngine:
         self._reload_failures = _ReloadFailures()
         logging.getLogger(RELOAD_LOGGER).addFilter(self._reload_failures)
 
-        if dist.get_world_size() % tp:
-            raise ValueError(f"rollout.tp={tp} does not divide the world size {dist.get_world_size()}")
+        # vLLM joins torch.distributed's world (or makes one from torchrun's environment).
+        world, rank = ((dist.get_world_size(), dist.get_rank()) if dist.is_initialized()
+                       else (int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))))
+        if world % tp:
+            raise ValueError(f"rollout.tp={tp} does not divide the world size {world}")
         self.arch = arch
         self.tp = tp
         # Engine groups of `tp` consecutive ranks (vLLM's order: TP innermost).
-        self.group, self.num_groups = dist.get_rank() // tp, dist.get_world_size() // tp
-        self.is_group_leader = dist.get_rank() % tp == 0
+        self.group, self.num_groups = rank // tp, world // tp
+        self.is_group_leader = rank % tp == 0
         # An engine rank whose vocabulary rows are all padding (a vocabulary smaller than
         # 64 x (tp - 1)) loads nothing into its vocabulary layers, and vLLM reports them.
         vocab = engine_slice(arch, VOCAB, 0, (arch.vocab_size, arch.hidden_size), engine_tp=tp,
-                             engine_rank=dist.get_rank() % tp)
+                             engine_rank=rank % tp)
         self._vocab_padding_only = set() if vocab.size else {"VocabParallelEmbedding", "ParallelLMHead"}
         self.version = 0  # advances after every complete weight update
         self._tmp = None
