@@ -7,6 +7,9 @@ stages of the pipeline. Every rank of a model replica ends up with every HF tens
 one bucket at a time, and hands them to its engine. Each bucket's buffers are dropped before the next:
 the extra memory of a sync is a few times the largest bucket (2x at TP1, 3.5-6.2x at TP2; see
 docs/weight_sync.md and tests/test_sync_memory.py), never a copy of the model.
+
+With engines of their own tensor parallelism (``engine_tp`` > 1), each rank hands its engine only
+its engine rank's share of every tensor (:meth:`WeightSync.iter_engine_shares`).
 """
 
 from __future__ import annotations
