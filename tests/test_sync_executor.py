@@ -41,7 +41,7 @@ def _shares(model_dir: str, layouts: list) -> dict:
 
 def _checks(model_dir: str, vocab512_dir: str) -> dict:
     return {"streamed": _streamed(model_dir, [(2, 1), (1, 2)]), "metrics": _reduced_metrics(),
-            "shares": _shares(model_dir, [(2, 1), (1, 2)]), "shares512": _shares(vocab512_dir, [(2, 1)])}
+            "shares": _shares(model_dir, [(2, 1), (1, 2), (1, 1)]), "shares512": _shares(vocab512_dir, [(2, 1)])}
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +60,8 @@ def per_rank(tiny_models, vocab512_dir) -> list[dict]:
 
 @pytest.mark.parametrize("which", ["shares", "shares512"])
 def test_each_rank_gets_exactly_its_engine_share(per_rank, tiny_models, vocab512_dir, which):
-    """Trainer (2,1) (each rank regroups its own shard) and (1,2) (slices of the streamed bucket)
-    -> a TP2 engine: rank r gets exactly vLLM's rank-r slice of every checkpoint tensor."""
+    """Trainer (2,1) (each rank regroups its own shard), (1,1) (each rank slices its whole
+    tensors) and (1,2) (slices of the streamed bucket) -> a TP2 engine: rank r gets exactly vLLM's rank-r slice of every checkpoint tensor."""
     from megatron_opd.models import ArchConfig, padded_vocab_size
     from megatron_opd.rollout.plan import engine_slices, plan_sync
 
@@ -73,7 +73,7 @@ def test_each_rank_gets_exactly_its_engine_share(per_rank, tiny_models, vocab512
         slices = {n: sl for it, sls in zip(plan.items, engine_slices(plan, arch, engine_tp=2, engine_rank=rank))
                   for n, sl in zip(it.hf_names + it.aliases, sls)}
         for layout, (tensors, local, vocab_local) in per_layout.items():
-            assert local == (layout == (2, 1)) and vocab_local == (local and which == "shares512"), layout
+            assert local == (layout[1] == 1) and vocab_local == (layout == (2, 1) and which == "shares512"), layout
             assert tensors.keys() == slices.keys(), (rank, layout)
             for name, sl in slices.items():
                 full = reference[name if name in reference else "model.embed_tokens.weight"]

@@ -138,7 +138,8 @@ def test_local_regroup_of_own_shard_is_the_engine_share(model_type, tied):
     padded = padded_vocab_size(arch.vocab_size, tp)
     plan = plan_sync(arch, tp=tp, pp=1, padded_vocab=padded, bucket_bytes=64 << 10)
     assert local_engine_shares(plan, engine_tp=tp)
-    assert not local_engine_shares(plan_sync(arch, tp=1, pp=1, padded_vocab=padded, bucket_bytes=1 << 20), engine_tp=2)
+    assert local_engine_shares(plan_sync(arch, tp=1, pp=1, padded_vocab=padded, bucket_bytes=1 << 20), engine_tp=2)
+    assert not local_engine_shares(plan_sync(arch, tp=2, pp=1, padded_vocab=padded, bucket_bytes=1 << 20), engine_tp=4)
     assert not local_engine_shares(plan_sync(arch, tp=2, pp=2, padded_vocab=padded, bucket_bytes=1 << 20), engine_tp=2)
     g = torch.Generator().manual_seed(2)
     for rank in range(tp):

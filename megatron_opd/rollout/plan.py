@@ -220,11 +220,12 @@ def engine_share_numel(plan: SyncPlan, arch: ArchConfig, *, engine_tp: int, engi
 
 
 def local_engine_shares(plan: SyncPlan, *, engine_tp: int) -> bool:
-    """Whether every rank's engine share of the non-vocabulary tensors is in its own trainer
-    shard, so that they need no collective: one pipeline stage, and engine TP = trainer TP (the
-    engine groups are then the trainer's TP groups, rank for rank). The vocabulary is padded
-    differently by megatron and vLLM, so its rows cross ranks."""
-    return plan.pp == 1 and plan.tp == engine_tp
+    """Whether every rank's engine share of the non-vocabulary tensors is in what it holds of the
+    model, so that they need no collective: one pipeline stage, and engine TP = trainer TP (the
+    engine groups are then the trainer's TP groups, rank for rank) or trainer TP 1 (every rank
+    holds whole tensors). At engine TP = trainer TP the vocabulary, padded differently by megatron
+    and vLLM, may cross ranks (:func:`vocab_rows_local`)."""
+    return plan.pp == 1 and plan.tp in (1, engine_tp)
 
 
 def vocab_rows_local(arch: ArchConfig, *, tp: int, padded_vocab: int) -> bool:

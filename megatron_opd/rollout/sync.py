@@ -71,8 +71,8 @@ class WeightSync:
         self.dtype = model.config.params_dtype
         self._slices = engine_slices(self.plan, model.arch, engine_tp=engine_tp, engine_rank=self.engine_rank)
         self.local = engine_tp > 1 and local_engine_shares(self.plan, engine_tp=engine_tp)
-        self.vocab_local = self.local and vocab_rows_local(model.arch, tp=engine_tp,
-                                                           padded_vocab=model.padded_vocab_size)
+        self.vocab_local = self.local and self.plan.tp == engine_tp and vocab_rows_local(
+            model.arch, tp=engine_tp, padded_vocab=model.padded_vocab_size)
 
     def iter_hf_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield every HF tensor (bucket by bucket) on every rank of the replica, as views of the
@@ -135,8 +135,9 @@ class WeightSync:
         bucket by bucket, as views valid until the next bucket. Collective like
         :meth:`iter_hf_tensors`.
 
-        Engine TP = trainer TP on one stage: each rank regroups its own shard (no collective; the
-        vocabulary, padded differently by megatron and vLLM, is gathered per tensor). Otherwise
+        One stage at engine TP = trainer TP, or trainer TP 1: each rank regroups its own shard (or
+        its whole tensors) into its shares, with no collective (a vocabulary that megatron and
+        vLLM pad differently is gathered per tensor at engine TP = trainer TP). Otherwise
         the trainer's TP group gathers and the pipeline broadcasts the bucket's HF tensors, and
         each rank keeps its slice of them."""
         if self.engine_tp == 1:
@@ -151,6 +152,7 @@ class WeightSync:
 
     def _iter_local_shares(self) -> Iterator[tuple[str, torch.Tensor]]:
         mp = self.model.mp
+        whole = mp.layout.tp == 1  # every rank holds whole tensors and keeps its slices of them
         device = next(iter(self.model.module.parameters())).device
         for bucket in self.plan.buckets:
             shapes = [[sl.shape(s) for sl, s in zip(self._slices[i], self.plan.items[i].hf_shapes
@@ -164,7 +166,7 @@ class WeightSync:
                     sl = self._slices[i][0]
                     own = param.narrow(0, sl.start - mp.tp_rank * param.shape[0], sl.size) if sl.size else param[:0]
                     tensors = {n: own for n in it.hf_names}
-                elif it.layout == VOCAB:
+                elif it.layout == VOCAB and not whole:
                     gathered = [torch.empty_like(param) for _ in range(mp.layout.tp)]
                     dist.all_gather(gathered, param.contiguous(), group=mp.tp_group)
                     tensors = hf_from_shards(it.row, it.hf_names, gathered, self.model.arch)
@@ -174,7 +176,7 @@ class WeightSync:
                 for name, sl, shape in zip(it.hf_names + it.aliases, self._slices[i], item_shapes):
                     n = math.prod(shape)
                     part = tensors[it.hf_names[0] if name in it.aliases else name]
-                    if it.layout == VOCAB and not self.vocab_local:
+                    if whole or (it.layout == VOCAB and not self.vocab_local):
                         part = sl.take(part)
                     flat[out:out + n].view(shape).copy_(part)
                     out += n
