@@ -18,6 +18,7 @@ from megatron_opd.models.builder import ShardedModel
 from megatron_opd.models.config import ArchConfig, params_dtype
 from megatron_opd.parallel import ParallelLayout, cuda_available
 from megatron_opd.rollout.engine import RolloutEngine, SamplingConfig
+from megatron_opd.rollout.plan import check_engine_tp
 from megatron_opd.teacher.megatron import MegatronTeacher
 from megatron_opd.teacher.served import ServedTeacher, TeacherClient
 from megatron_opd.teacher.signals import Need, Teacher
@@ -128,8 +129,11 @@ class RolloutConfig:
     # Fraction of prompts trained on-policy (student samples); the rest use `offpolicy_source`.
     lmbda: float = 1.0
     offpolicy_source: str = "dataset"  # "dataset" completions or "teacher" samples
-    kv_cache_gb: float = 1.0
+    kv_cache_gb: float = 1.0  # per GPU (per engine rank)
     bucket_mb: float = 256.0
+    # The engines' tensor-parallel size, independent of the student's TP/PP: the world is tiled
+    # into engine groups of `tp` consecutive ranks, each one vLLM engine with one shard per rank.
+    tp: int = 1
     # Fail the run when trainer-vs-rollout log-prob mismatch exceeds this (null: never; "auto": the
     # threshold for the student's dtype, MISMATCH_THRESHOLDS).
     mismatch_threshold: float | str | None = "auto"
@@ -141,6 +145,7 @@ class RolloutConfig:
         _require(self.offpolicy_source in OFFPOLICY_SOURCES,
                  f"{name}.offpolicy_source must be 'dataset' or 'teacher', got {self.offpolicy_source!r}")
         _require(self.n >= 1, f"{name}.n must be >= 1, got {self.n}")
+        _require(isinstance(self.tp, int) and self.tp >= 1, f"{name}.tp must be an integer >= 1, got {self.tp!r}")
         _require(self.temperature > 0, f"{name}.temperature must be > 0, got {self.temperature}")
         _require(0 < self.top_p <= 1, f"{name}.top_p must be in (0, 1], got {self.top_p}")
         _require(self.top_p == 1 or self.mismatch_threshold is None,
@@ -177,9 +182,13 @@ class RolloutConfig:
     def start_engine(self, arch: ArchConfig, *, dtype: torch.dtype, max_model_len: int, seed: int) -> RolloutEngine:
         """A rollout engine for ``arch`` in ``dtype`` (its model's) with this section's KV cache
         (collective: every rank starts one at the same point)."""
-        weights = parameter_count(arch, tp=1, pp=1, stage=0) * dtype.itemsize
+        weights = self.engine_weight_bytes(arch, dtype=dtype)
         return RolloutEngine(arch, dtype=dtype, kv_cache_bytes=int(self.kv_cache_gb * (1 << 30)),
-                             max_model_len=max_model_len, seed=seed, weights_bytes=weights)
+                             max_model_len=max_model_len, seed=seed, weights_bytes=weights, tp=self.tp)
+
+    def engine_weight_bytes(self, arch: ArchConfig, *, dtype: torch.dtype) -> int:
+        """One engine rank's share of the weights (its 1/tp of every split tensor)."""
+        return parameter_count(arch, tp=self.tp, pp=1, stage=0) * dtype.itemsize
 
 
 @dataclass
@@ -449,6 +458,9 @@ class Config:
         dp = self.student.layout.data_parallel_size(world_size, what="student")
         if not self.teacher.served_url:
             self.teacher.layout.data_parallel_size(world_size, what="teacher")
+        _require(world_size % self.rollout.tp == 0,
+                 f"rollout.tp={self.rollout.tp} does not divide the world size {world_size}: the world is "
+                 "tiled into engine groups of rollout.tp consecutive ranks")
         _require(self.train.prompts_per_step >= dp,
                  f"train.prompts_per_step={self.train.prompts_per_step} is smaller than the student's "
                  f"data-parallel size {dp}")
@@ -459,6 +471,9 @@ class Config:
         student.check_parallel(tp=self.student.tp, pp=self.student.pp, what="student")
         if teacher is not None:
             teacher.check_parallel(tp=self.teacher.tp, pp=self.teacher.pp, what="teacher")
+        check_engine_tp(student, self.rollout.tp)
+        if teacher is not None and self.rollout.uses_teacher_samples:
+            check_engine_tp(teacher, self.rollout.tp, what="rollout.tp (the teacher's engine)")
         vocab = student.vocab_size
         _require(self.loss.top_k <= vocab, f"loss.top_k={self.loss.top_k} is larger than the student's vocabulary ({vocab})")
         for i in self.rollout.stop_token_ids:

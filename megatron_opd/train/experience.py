@@ -1,6 +1,6 @@
 """A step's training sequences for one data-parallel replica: its share of the step's prompts,
-on-policy rollouts from the student's engines (spread over the replica's ranks, multi-turn with an
-environment), off-policy completions from the dataset or from the teacher's engine."""
+on-policy rollouts from the student's engines (the world's prompts spread over the engine groups,
+multi-turn with an environment), off-policy completions from the dataset or from the teacher's engine."""
 
 from __future__ import annotations
 
@@ -60,19 +60,24 @@ def _sample_turns(engine: RolloutEngine, records: list[PromptRecord], sampling: 
     return seqs
 
 
-def distributed_rollouts(engine: RolloutEngine, records: list[PromptRecord], sampling: SamplingConfig,
-                         mp: ModelParallel, *, environment=None, max_turns: int = 1,
+def distributed_rollouts(engine: RolloutEngine, records: list[PromptRecord], sampling: SamplingConfig, *,
+                         owners: list[int], mine: int, environment=None, max_turns: int = 1,
                          max_total_tokens: int) -> list[Sequence]:
-    """Sample for ``records`` using every engine of the replica (each rank of the model's
-    tensor x pipeline group holds one), then share the results within the replica."""
-    group = mp.mp_group
-    size = dist.get_world_size(group)
-    me = dist.get_rank(group)
-    mine = _sample_turns(engine, records[me::size], sampling, environment=environment,
-                         max_turns=max_turns, max_total_tokens=max_total_tokens)
-    gathered = [None] * size
-    dist.all_gather_object(gathered, mine, group=group)
-    out = [s for part in gathered for s in part]
+    """Sample for the whole world's ``records`` (``owners[i]``: the data-parallel replica that
+    trains on record i) spread over the engine groups (each group of ``engine.tp`` ranks runs one
+    engine and samples every ``num_groups``-th record), then hand every replica its own (``mine``).
+
+    Every request's seed derives from its prompt's index, so what a prompt gets does not depend on
+    which engine drew it."""
+    owner = {r.index: d for r, d in zip(records, owners)}
+    if len(owner) != len(records):
+        raise AssertionError("a step's prompts must have distinct indices")
+    drawn = _sample_turns(engine, records[engine.group::engine.num_groups], sampling, environment=environment,
+                          max_turns=max_turns, max_total_tokens=max_total_tokens)
+    gathered = [None] * dist.get_world_size()
+    # The ranks of an engine group hold the same samples: one of them sends them.
+    dist.all_gather_object(gathered, drawn if engine.is_group_leader else [])
+    out = [s for part in gathered for s in part if owner[s.prompt_index] == mine]
     return sorted(out, key=lambda s: (s.prompt_index, s.sample_index))
 
 
@@ -133,16 +138,19 @@ class Rollouts:
         self.weight_field, self.aligner = weight_field, aligner
 
     def for_step(self, step: int) -> list[Sequence]:
-        records, on_policy = self.prompts.for_replica(step, dp_rank=self.mp.dp_rank, dp_size=self.mp.dp_size)
+        """This replica's sequences; collective over the world (engine groups may span replicas)."""
         sampling = self.rollout.sampling(seed=self.prompts.seed, step=step, stop_token_ids=self.stop_token_ids)
-        onp = [r for r, flag in zip(records, on_policy) if flag]
-        off = [r for r, flag in zip(records, on_policy) if not flag]
-        seqs = self._sample(self.student_engine, onp, sampling) if onp else []
+        everyone = [self.prompts.for_replica(step, dp_rank=d, dp_size=self.mp.dp_size) for d in range(self.mp.dp_size)]
+        onp = [(r, d) for d, (records, flags) in enumerate(everyone) for r, flag in zip(records, flags) if flag]
+        off = [(r, d) for d, (records, flags) in enumerate(everyone) for r, flag in zip(records, flags) if not flag]
+        mine = self.mp.dp_rank
+        seqs = self._sample(self.student_engine, onp, sampling)
         for s in seqs:
-            s.weight = _weight(next(r for r in onp if r.index == s.prompt_index), self.weight_field)
-        if off and self.rollout.offpolicy_source == "dataset":
-            seqs += offpolicy_from_dataset(off, weight_field=self.weight_field)
-        elif off:
+            s.weight = _weight(next(r for r, _ in onp if r.index == s.prompt_index), self.weight_field)
+        my_off = [r for r, d in off if d == mine]
+        if my_off and self.rollout.offpolicy_source == "dataset":
+            seqs += offpolicy_from_dataset(my_off, weight_field=self.weight_field)
+        elif off and self.rollout.offpolicy_source == "teacher":
             teacher_seqs = self._sample(self.teacher_engine, off, sampling)
             for s in teacher_seqs:
                 s.on_policy = False
@@ -152,6 +160,10 @@ class Rollouts:
             align_to_teacher(self.aligner, seqs, records, step=step)
         return seqs
 
-    def _sample(self, engine: RolloutEngine, records: list[PromptRecord], sampling: SamplingConfig) -> list[Sequence]:
-        return distributed_rollouts(engine, records, sampling, self.mp, environment=self.environment,
+    def _sample(self, engine: RolloutEngine, tagged: list[tuple[PromptRecord, int]],
+                sampling: SamplingConfig) -> list[Sequence]:
+        if not tagged:
+            return []
+        return distributed_rollouts(engine, [r for r, _ in tagged], sampling, owners=[d for _, d in tagged],
+                                    mine=self.mp.dp_rank, environment=self.environment,
                                     max_turns=self.rollout.max_turns, max_total_tokens=self.max_total_tokens)

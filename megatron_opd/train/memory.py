@@ -80,8 +80,8 @@ def estimate(cfg, student: ArchConfig, teacher: ArchConfig | None, *, world_size
         logits = tokens * student.hidden_size * 4 + temporaries
     else:  # the logits shard, its gradient, the loss's chunk temporaries
         logits = tokens * v_local * (bpe + 4) + temporaries
-    # the colocated engine (TP 1 per rank) holds the whole student
-    engine = parameter_count(student, tp=1, pp=1, stage=0) * bpe + cfg.rollout.kv_cache_gb * GiB
+    # the colocated engine holds 1/rollout.tp of the student per GPU
+    engine = parameter_count(student, tp=cfg.rollout.tp, pp=1, stage=0) * bpe + cfg.rollout.kv_cache_gb * GiB
     rows = [MemoryRow("student (+ colocated rollout engine)", p * bpe / GiB, p * 4 / GiB,
                       p * optimizer_bytes_per_parameter(s.dtype) / optim_shard / GiB, acts / GiB,
                       logits / GiB, engine / GiB)]
@@ -121,7 +121,8 @@ FIT_HINTS = {
     "activations": "fewer tokens per micro-batch (data.micro_batch_tokens) or more model parallelism "
                    "(student.tp, student.pp)",
     "logits": "loss.fused_linear=true, a smaller data.micro_batch_tokens, or a larger student.tp",
-    "engine": "a smaller rollout.kv_cache_gb",
+    "engine": "a larger rollout.tp (each GPU then holds 1/rollout.tp of the engine's weights) or a smaller "
+              "rollout.kv_cache_gb",
     "optimizer": "optim.use_distributed_optimizer=true, or a larger student.tp / student.pp",
 }
 
