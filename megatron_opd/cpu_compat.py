@@ -39,6 +39,9 @@ _FACTORIES = ("tensor", "zeros", "ones", "empty", "full", "arange", "zeros_like"
               "empty_like", "full_like", "randn", "rand", "randint", "triu", "tril", "as_tensor")
 
 _applied = False
+# Where megatron's CUDA allocations go: the CPU, or (within :func:`route_cuda_to`, the dry run's
+# rehearsal) a stand-in device.
+_ROUTE: list = ["cpu"]
 
 
 def _cpu_device(device):
@@ -46,8 +49,25 @@ def _cpu_device(device):
         return None
     if isinstance(device, int) or (isinstance(device, str) and device.startswith("cuda")) or (
             isinstance(device, torch.device) and device.type == "cuda"):
-        return "cpu"
+        return _ROUTE[-1]
     return device
+
+
+@contextlib.contextmanager
+def route_cuda_to(device: torch.device):
+    """Within: what the shims send to the CPU (megatron's ``device="cuda"`` allocations,
+    ``torch.cuda.current_device()``, ``Tensor.cuda()``) goes to ``device`` instead. The dry run's
+    rehearsal runs the step on fake tensors of a stand-in accelerator this way. Needs :func:`apply`."""
+    if not _applied:
+        raise RuntimeError("cpu_compat.route_cuda_to needs the CPU shims (cpu_compat.apply())")
+    _ROUTE.append(device)
+    cuda = torch.Tensor.cuda
+    torch.Tensor.cuda = lambda self, *a, **k: self.to(device)
+    try:
+        yield
+    finally:
+        torch.Tensor.cuda = cuda
+        _ROUTE.pop()
 
 
 class _CpuTorch(types.ModuleType):
@@ -224,7 +244,7 @@ def apply() -> None:
         return
     quiet_known_warnings()
 
-    torch.cuda.current_device = lambda: "cpu"
+    torch.cuda.current_device = lambda: _ROUTE[-1]
     torch.cuda.synchronize = lambda *a, **k: None
     torch.cuda.empty_cache = lambda *a, **k: None
     torch.cuda.manual_seed = lambda seed: None  # the CPU generator is seeded by our own seeding
