@@ -14,7 +14,7 @@ def main(args) -> int:
     cfg = load_config(args.config, args.overrides)
     if args.dry_run:
         world = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
-        text, ok = dry_run(cfg, world)
+        text, ok = dry_run(cfg, world, rehearse=getattr(args, "rehearse", True))
         print(text)
         if not ok:
             log0("dry run: the plan does not fit (see the memory lines above)")

@@ -3,9 +3,9 @@
 A planning estimate, not a measurement: parameter and optimizer bytes are exact for the layout and
 the models' dtypes (``student.dtype``, ``teacher.dtype``: fp32, or bf16 with fp32 main parameters
 in the optimizer; gradients are reduced in fp32 either way);
-activations follow Korthikanti et al. (2022) for a transformer layer with flash attention and
-sequence parallelism (about 34 bytes x tokens x hidden / TP per layer, for the micro-batches a
-1F1B pipeline keeps in flight); logits count the student's shard, its gradient and the chunked
+activations follow Korthikanti et al. (2022) for a transformer layer (about 34 bytes x tokens x
+hidden / TP per layer, for the micro-batches a 1F1B pipeline keeps in flight), plus the attention
+scores of a packed row under its dense mask (``MASKED_ATTENTION_KEPT``); logits count the student's shard, its gradient and the chunked
 loss's temporaries (the teacher's shard waits on the CPU between phases).
 """
 
@@ -17,6 +17,18 @@ from megatron_opd.models.config import ArchConfig, padded_vocab_size, params_dty
 from megatron_opd.teacher.signals import Need
 
 GiB = 1 << 30
+# The trainer packs several sequences into one row of data.micro_batch_tokens under a dense
+# block-causal mask, and SDPA's fused kernels take no mask with grouped-query attention: attention
+# runs torch's math kernel, which keeps fp32 scores [heads/TP, L, L] of every layer for the backward
+# and about twice that while one layer runs (bytes per score element, as measured by the dry run's
+# rehearsal on torch's own kernels: the fp32 softmax plus the mask's share).
+MASKED_ATTENTION_KEPT = 4.75
+MASKED_ATTENTION_PEAK = 9.5
+
+
+def masked_attention_bytes(arch: ArchConfig, *, tp: int, row_tokens: int, per_element: float) -> float:
+    """Score bytes of one layer's attention over a packed row of ``row_tokens`` tokens."""
+    return per_element * arch.num_attention_heads / tp * row_tokens ** 2
 
 
 def parameter_count(arch: ArchConfig, *, tp: int, pp: int, stage: int) -> int:
@@ -71,7 +83,10 @@ def estimate(cfg, student: ArchConfig, teacher: ArchConfig | None, *, world_size
     optim_shard = dp if cfg.optim.use_distributed_optimizer else 1
     in_flight = s.pp  # 1F1B keeps up to pp micro-batches of activations on the first stage
     # 34 bytes per token and hidden unit is Korthikanti's count for 2-byte activations.
-    acts = 34 * bpe / 2 * tokens * student.hidden_size / s.tp * (student.num_layers // s.pp) * in_flight
+    layers = student.num_layers // s.pp
+    acts = 34 * bpe / 2 * tokens * student.hidden_size / s.tp * layers * in_flight
+    scores = masked_attention_bytes(student, tp=s.tp, row_tokens=tokens, per_element=MASKED_ATTENTION_KEPT)
+    acts += scores * layers * in_flight + scores * (MASKED_ATTENTION_PEAK / MASKED_ATTENTION_KEPT - 1)
     v_local = padded_vocab_size(student.vocab_size, s.tp) // s.tp
     chunk = cfg.loss.chunk_size or max(1, (1 << 24) // v_local)
     temporaries = 6 * min(chunk, tokens) * v_local * 4
@@ -90,6 +105,7 @@ def estimate(cfg, student: ArchConfig, teacher: ArchConfig | None, *, world_size
         tw = max(range(t.pp), key=lambda st: parameter_count(teacher, tp=t.tp, pp=t.pp, stage=st))
         tp_params = parameter_count(teacher, tp=t.tp, pp=t.pp, stage=tw)
         t_acts = 2 * tokens * teacher.hidden_size * bpe / t.tp * 4  # forward only: a few live layers
+        t_acts += masked_attention_bytes(teacher, tp=t.tp, row_tokens=tokens, per_element=MASKED_ATTENTION_PEAK)
         t_logits = 0.0 if cfg.loss.fused_linear else tokens * (padded_vocab_size(teacher.vocab_size, t.tp) // t.tp) * bpe
         rows.append(MemoryRow("teacher (frozen, forward only)", tp_params * bpe / GiB, 0.0, 0.0,
                               t_acts / GiB, t_logits / GiB, 0.0))
