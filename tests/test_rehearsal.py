@@ -77,14 +77,16 @@ def test_a_tp2_pp2_layout_of_8_fake_ranks_rehearses_every_role(tiny):
 
 def test_memory_of_the_qwen_recipe_shapes_matches_the_estimate(tmp_path):
     """The Qwen2.5 1.5B-from-7B recipe's shapes (152k vocabulary, TP2, bf16, fused-linear loss) with
-    two layers per model and 2048-token micro-batches: every part within 20 % of the estimate."""
+    two layers per model and 2048-token micro-batches packing two sequences under a mask: every part
+    within 20 % of the estimate."""
     configs = ROOT / "examples" / "model_configs"
     models = []
     for name in ("qwen2.5-1.5b", "qwen2.5-7b"):
         data = json.loads((configs / name / "config.json").read_text())
         models.append(_config_dir(tmp_path / name, dict(data, num_hidden_layers=2)))
     cfg = load_config(str(ROOT / "examples" / "qwen2.5_1.5b_from_7b_math.yaml"),
-                      [f"student.path={models[0]}", f"teacher.path={models[1]}", "data.micro_batch_tokens=2048"])
+                      [f"student.path={models[0]}", f"teacher.path={models[1]}", "data.micro_batch_tokens=2048",
+                       "rollout.max_new_tokens=512"])
     cfg.validate(world_size=8)
     s_arch, t_arch = ArchConfig.from_hf_dir(models[0]), ArchConfig.from_hf_dir(models[1])
     report = rehearse_rank(cfg, s_arch, t_arch, rank=0, world_size=8)

@@ -3,10 +3,11 @@
 A planning estimate, not a measurement: parameter and optimizer bytes are exact for the layout and
 the models' dtypes (``student.dtype``, ``teacher.dtype``: fp32, or bf16 with fp32 main parameters
 in the optimizer; gradients are reduced in fp32 either way);
-activations follow Korthikanti et al. (2022) for a transformer layer (about 34 bytes x tokens x
-hidden / TP per layer, for the micro-batches a 1F1B pipeline keeps in flight), plus the attention
-scores of a packed row under its dense mask (``MASKED_ATTENTION_KEPT``); logits count the student's shard, its gradient and the chunked
-loss's temporaries (the teacher's shard waits on the CPU between phases).
+activations count what a decoder layer keeps for its backward (:func:`layer_activation_bytes`, for
+the micro-batches a 1F1B pipeline keeps in flight), plus the attention scores of a packed row under
+its dense mask (``MASKED_ATTENTION_KEPT``); logits count the student's shard, its gradient and the
+chunked loss's temporaries (the teacher's shard waits on the CPU between phases). The constants
+were fitted to the dry run's rehearsal of the real step on fake tensors (``train/rehearsal.py``).
 """
 
 from __future__ import annotations
@@ -18,12 +19,24 @@ from megatron_opd.teacher.signals import Need
 
 GiB = 1 << 30
 # The trainer packs several sequences into one row of data.micro_batch_tokens under a dense
-# block-causal mask, and SDPA's fused kernels take no mask with grouped-query attention: attention
-# runs torch's math kernel, which keeps fp32 scores [heads/TP, L, L] of every layer for the backward
+# block-causal mask (a sequence longer than that gets a causal row of its own: flash attention), and
+# SDPA's fused kernels take no mask with grouped-query attention: attention runs torch's math kernel, which keeps fp32 scores [heads/TP, L, L] of every layer for the backward
 # and about twice that while one layer runs (bytes per score element, as measured by the dry run's
 # rehearsal on torch's own kernels: the fp32 softmax plus the mask's share).
 MASKED_ATTENTION_KEPT = 4.75
 MASKED_ATTENTION_PEAK = 9.5
+
+
+def layer_activation_bytes(arch: ArchConfig, *, tp: int, bpe: int) -> float:
+    """Bytes a decoder layer keeps per token for its backward (megatron's local spec, no sequence
+    parallelism): h-wide tensors that every TP rank holds whole (the inputs of both norms and of the
+    QKV and FC1 linears, the torch norms' fp32 intermediates: 11 values of the parameter dtype per
+    hidden unit, as the dry run's rehearsal measured on Qwen2.5-1.5B at TP2 and Llama-3.1-8B at
+    TP8), plus the TP shards of q/k/v, the attention's output and the MLP's gate/up and activation.
+    Attention scores come on top (:func:`masked_attention_bytes`)."""
+    h, f = arch.hidden_size, arch.ffn_hidden_size
+    q, kv = arch.num_attention_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim
+    return bpe * (11 * h + (2 * q + 2 * kv) / tp + 3 * f / tp)
 
 
 def masked_attention_bytes(arch: ArchConfig, *, tp: int, row_tokens: int, per_element: float) -> float:
@@ -84,16 +97,22 @@ def estimate(cfg, student: ArchConfig, teacher: ArchConfig | None, *, world_size
     in_flight = s.pp  # 1F1B keeps up to pp micro-batches of activations on the first stage
     # 34 bytes per token and hidden unit is Korthikanti's count for 2-byte activations.
     layers = student.num_layers // s.pp
-    acts = 34 * bpe / 2 * tokens * student.hidden_size / s.tp * layers * in_flight
-    scores = masked_attention_bytes(student, tp=s.tp, row_tokens=tokens, per_element=MASKED_ATTENTION_KEPT)
-    acts += scores * layers * in_flight + scores * (MASKED_ATTENTION_PEAK / MASKED_ATTENTION_KEPT - 1)
+    longest = cfg.data.max_prompt_tokens + cfg.rollout.max_turns * cfg.rollout.max_new_tokens
+    masked = longest < tokens  # rows pack several sequences; else one each, causal (flash attention)
+    tokens = max(tokens, longest)
+    acts = layer_activation_bytes(student, tp=s.tp, bpe=bpe) * tokens * layers * in_flight
+    if masked:
+        scores = masked_attention_bytes(student, tp=s.tp, row_tokens=tokens, per_element=MASKED_ATTENTION_KEPT)
+        acts += scores * layers * in_flight + scores * (MASKED_ATTENTION_PEAK / MASKED_ATTENTION_KEPT - 1)
     v_local = padded_vocab_size(student.vocab_size, s.tp) // s.tp
     chunk = cfg.loss.chunk_size or max(1, (1 << 24) // v_local)
-    temporaries = 6 * min(chunk, tokens) * v_local * 4
     if cfg.loss.fused_linear:  # logits exist one chunk at a time; the hidden-state gradient instead
+        # fp32 chunk buffers (logits, their gradient, the loss's) and the fp32 weight gradient it
+        # accumulates: 2.2 chunks and 1.6 weight shards, as measured by the dry run's rehearsal
+        temporaries = 2.2 * min(chunk, tokens) * v_local * 4 + 1.6 * v_local * student.hidden_size * 4
         logits = tokens * student.hidden_size * 4 + temporaries
     else:  # the logits shard, its gradient, the loss's chunk temporaries
-        logits = tokens * v_local * (bpe + 4) + temporaries
+        logits = tokens * v_local * (bpe + 4) + 6 * min(chunk, tokens) * v_local * 4
     # the colocated engine (TP 1 per rank) holds the whole student
     engine = parameter_count(student, tp=1, pp=1, stage=0) * bpe + cfg.rollout.kv_cache_gb * GiB
     rows = [MemoryRow("student (+ colocated rollout engine)", p * bpe / GiB, p * 4 / GiB,
@@ -104,8 +123,10 @@ def estimate(cfg, student: ArchConfig, teacher: ArchConfig | None, *, world_size
         bpe = bytes_per_parameter(t.dtype)
         tw = max(range(t.pp), key=lambda st: parameter_count(teacher, tp=t.tp, pp=t.pp, stage=st))
         tp_params = parameter_count(teacher, tp=t.tp, pp=t.pp, stage=tw)
-        t_acts = 2 * tokens * teacher.hidden_size * bpe / t.tp * 4  # forward only: a few live layers
-        t_acts += masked_attention_bytes(teacher, tp=t.tp, row_tokens=tokens, per_element=MASKED_ATTENTION_PEAK)
+        # forward only: one layer's live h-wide tensors and the norms' fp32 intermediates (measured)
+        t_acts = 10 * bpe * teacher.hidden_size * tokens
+        if masked:
+            t_acts += masked_attention_bytes(teacher, tp=t.tp, row_tokens=tokens, per_element=MASKED_ATTENTION_PEAK)
         t_logits = 0.0 if cfg.loss.fused_linear else tokens * (padded_vocab_size(teacher.vocab_size, t.tp) // t.tp) * bpe
         rows.append(MemoryRow("teacher (frozen, forward only)", tp_params * bpe / GiB, 0.0, 0.0,
                               t_acts / GiB, t_logits / GiB, 0.0))

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils._pytree import tree_leaves
@@ -169,16 +170,19 @@ class DeviceMemory(TorchDispatchMode):
 
 
 class HostReads(TorchFunctionMode):
-    """What bypasses the dispatcher: ``.tolist()`` of a fake tensor gives the stand-in values;
+    """What bypasses the dispatcher, and attention: ``.tolist()`` of a fake tensor gives the stand-in values;
     ``torch.tensor(data, device=...)`` is made on the host, then moved (a fake tensor on the
     device, as any other); ``torch.tensor`` of a list of fake scalars (megatron's grad-norm
-    fallback without apex) stacks them on the device."""
+    fallback without apex) stacks them on the device; attention runs the kernel CUDA would
+    (:func:`_sdpa_as_on_cuda`)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if getattr(func, "__name__", "") == "tolist" and args and _is_fake(args[0]):
             with _disable_current_modes():
                 return torch.full(args[0].shape, _one(args[0].dtype)).tolist()
+        if func is F.scaled_dot_product_attention and args and _is_fake(args[0]) and args[0].device.type == "meta":
+            return _sdpa_as_on_cuda(*args, **kwargs)
         if func in (torch.tensor, torch.as_tensor) and args:
             if any(_is_fake(t) for t in tree_leaves(args[0])):
                 out = _stack(args[0])
@@ -187,6 +191,19 @@ class HostReads(TorchFunctionMode):
             if device is not None and torch.device(device).type != "cpu":
                 return func(*args, **{k: v for k, v in kwargs.items() if k != "device"}).to(device)
         return func(*args, **kwargs)
+
+
+def _sdpa_as_on_cuda(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    """SDPA on the ``meta`` stand-in with the kernel CUDA picks, for its memory: flash attention
+    (O(L): the output and its log-sum-exp) for a causal bf16/fp16 row without a mask; otherwise the
+    math kernel (fp32 scores [heads, L, L]), which is what CUDA runs for a mask with grouped-query
+    attention. (Masked attention without GQA gets CUDA's memory-efficient kernel, which this
+    over-counts.) On meta every kernel decomposes into the math one."""
+    if attn_mask is None and q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] <= 256:
+        return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, dropout_p, is_causal, False,
+                                                                  scale=scale)[0]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                                          scale=scale, enable_gqa=enable_gqa)
 
 
 def _stack(data):
@@ -265,10 +282,14 @@ class RoleReport:
 
 def synthetic_sequences(cfg, vocab_size: int, *, num_micro_batches: int) -> list[Sequence]:
     """On-policy sequences of the recipe's longest shape (prompt limit plus every turn's new
-    tokens) that fill ``num_micro_batches`` rows of ``data.micro_batch_tokens`` exactly."""
+    tokens) that fill ``num_micro_batches`` rows of ``data.micro_batch_tokens`` exactly (or, when
+    one sequence is longer, rows of one sequence each)."""
     r, budget = cfg.rollout, cfg.data.micro_batch_tokens
-    longest = max(2, min(budget, cfg.data.max_prompt_tokens + r.max_turns * r.max_new_tokens))
-    per_row = [longest] * (budget // longest) + ([budget % longest] if budget % longest > 1 else [])
+    longest = max(2, cfg.data.max_prompt_tokens + r.max_turns * r.max_new_tokens)
+    if longest >= budget:  # a sequence longer than a micro-batch gets a row of its own
+        per_row = [longest]
+    else:
+        per_row = [longest] * (budget // longest) + ([budget % longest] if budget % longest > 1 else [])
     lengths = per_row * num_micro_batches  # first-fit decreasing packs them into full rows
     seqs = []
     for i, n in enumerate(lengths):
