@@ -57,6 +57,9 @@ def test_a_tp2_pp2_layout_of_8_fake_ranks_rehearses_every_role(tiny):
     s_arch, t_arch = ArchConfig.from_hf_dir(student), ArchConfig.from_hf_dir(teacher)
     ranks = rehearsal_ranks(cfg, 8)
     assert ranks == [0, 4]  # student stages 0 and 1; the teacher's stages coincide
+    # first, a middle and the last student stage; a teacher stage no student rank holds
+    assert rehearsal_ranks(_cfg(student, teacher, "student.pp=4", "teacher.pp=1"), 16) == [0, 4, 12]
+    assert rehearsal_ranks(_cfg(student, teacher, "student.pp=1", "teacher.pp=2"), 8) == [0, 4]
     reports = [rehearse_rank(cfg, s_arch, t_arch, rank=r, world_size=8) for r in ranks]
     assert [(r.student_stage, r.teacher_stage) for r in reports] == [(0, 0), (1, 1)]
     rows = estimate(cfg, s_arch, t_arch, world_size=8)

@@ -69,7 +69,7 @@ def _compare(what: str, measured: float | None, estimated: float | None) -> str:
     if measured is not None and estimated is not None and max(measured, estimated) > 0.01:
         off = abs(measured - estimated) / max(estimated, 1e-9)
         flag = f"  {off:+.0%}".replace("+", "") + (" OFF" if off > TOLERANCE else "")
-    return f"  {what:36s} {m:>10s} {e:>10s}{flag}"
+    return f"  {what:48s} {m:>10s} {e:>10s}{flag}"
 
 
 def rehearsal_table(reports: list[RoleReport], rows: list[MemoryRow], *, gpu_memory_gb: float) -> tuple[str, bool]:
@@ -83,7 +83,7 @@ def rehearsal_table(reports: list[RoleReport], rows: list[MemoryRow], *, gpu_mem
         m = r.measured
         stage = f"student stage {r.student_stage}" + (f", teacher stage {r.teacher_stage}" if r.teacher_stage is not None else "")
         lines.append(f"rank {r.rank} ({stage}), {r.seconds:.0f} s{'; ' + '; '.join(r.notes) if r.notes else ''}")
-        lines.append(f"  {'per GPU, GiB':36s} {'measured':>10s} {'estimated':>10s}")
+        lines.append(f"  {'per GPU, GiB':48s} {'measured':>10s} {'estimated':>10s}")
         lines.append(_compare("student parameters", m.get("student parameters"), student.parameters))
         lines.append(_compare("student gradients", m.get("student gradients"), student.gradients))
         lines.append(_compare("student optimizer", m.get("student optimizer"), student.optimizer))

@@ -5,8 +5,8 @@ stand-in accelerator, with torch's ``fake`` process group at the recipe's world 
 What runs is what :class:`~megatron_opd.train.loop.Trainer` runs after the rollouts: packing,
 the teacher's forward and the delivery of its signals, the student's forward and backward through
 megatron's pipeline schedule with the objective, the non-finite guard and megatron's optimizer
-step, the weight sync's gather and regroup, and the step's metrics. Three things stand in for
-what fake tensors cannot give:
+step, the weight sync's gather and regroup, and the step's metrics. What stands in for what fake
+tensors cannot give (docs/gpu.md lists each with what it leaves out):
 
 - the stand-in accelerator is the ``meta`` device on a CPU-only torch (a CPU build cannot view a
   fake ``cuda`` tensor), the GPU itself where torch has CUDA; megatron's CUDA allocations are routed
@@ -16,8 +16,10 @@ what fake tensors cannot give:
   false: checks for bad input pass, and a branch taken only on some data (the trainer-vs-rollout
   log-prob metric of on-policy tokens) is not rehearsed;
 - object collectives carry host data no fake group has: every rank sends what this rank sends,
-  megatron's gloo groups are fake groups too, and the teacher's exchange of micro-batch token ids has every student replica hold this
-  replica's micro-batches.
+  and the teacher's exchange of micro-batch token ids has every student replica hold this
+  replica's micro-batches; megatron's gloo groups are fake groups, its coalesced collectives are
+  issued one by one, and its pipeline sends activations of one fixed shape;
+- attention runs the kernel CUDA would pick, for its memory (:func:`_sdpa_as_on_cuda`).
 
 Every collective and point-to-point op refuses a tensor off the compute device, as NCCL does
 ("No backend type associated with device type cpu"), and so does a model meeting one: the error
@@ -50,7 +52,7 @@ from megatron_opd.teacher import megatron as megatron_teacher
 from megatron_opd.teacher.megatron import MegatronTeacher
 from megatron_opd.teacher.signals import Need
 from megatron_opd.train.data import Sequence, pack_micro_batches
-from megatron_opd.train.memory import GiB, MemoryRow
+from megatron_opd.train.memory import GiB
 from megatron_opd.train.metrics import step_metrics
 from megatron_opd.train.optim import NonFiniteGuard, forward_backward, make_trainable
 
