@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_opd.models.packing import pack_lengths, packed_inputs
+from megatron_opd.models.packing import pack_lengths, packed_inputs, row_padding
 from megatron_opd.utils import read_jsonl
 
 
@@ -200,10 +200,12 @@ def pack_sequences(seqs: list[Sequence], *, budget: int) -> list[list[int]]:
     return pack_lengths([len(s.tokens) for s in seqs], budget=budget)
 
 
-def micro_batch(seqs: list[Sequence], indices: list[int], *, device,
-                sliding_window: int | None = None) -> dict:
-    """One packed row ``[1, L]``: tokens, next-token targets, loss mask (completion tokens only,
-    never across sequence boundaries), rollout log-probs, per-token weights."""
+def micro_batch(seqs: list[Sequence], indices: list[int], *, device, multiple_of: int = 1) -> dict:
+    """One packed THD row ``[1, L]``: tokens, next-token targets, loss mask (completion tokens only,
+    never across sequence boundaries), rollout log-probs, per-token weights, ``position_ids`` and
+    megatron's ``packed_seq_params``. ``L`` is brought to a multiple of ``multiple_of`` (see
+    :func:`~megatron_opd.models.packing.token_multiple`) by ``padding`` tokens at the end: a
+    sequence of their own, with zero loss mask and weight."""
     tokens, targets, mask, rollout, weights, onpol, lengths = [], [], [], [], [], [], []
     for i in indices:
         s = seqs[i]
@@ -218,6 +220,9 @@ def micro_batch(seqs: list[Sequence], indices: list[int], *, device,
         rollout.extend([0.0] * (s.prompt_len - 1) + list(lp) + [0.0])
         weights.extend([s.weight] * n)
         onpol.extend([float(s.on_policy and s.rollout_logprobs is not None)] * n)
+    padding = row_padding(len(tokens), multiple_of)
+    for column in (tokens, targets, mask, rollout, weights, onpol):
+        column.extend([0] * padding)
     batch = {
         "input_ids": torch.tensor([tokens], device=device),
         "targets": torch.tensor([targets], device=device),
@@ -226,15 +231,16 @@ def micro_batch(seqs: list[Sequence], indices: list[int], *, device,
         "weights": torch.tensor([weights], dtype=torch.float32, device=device),
         "on_policy": torch.tensor([onpol], dtype=torch.float32, device=device),
         "lengths": lengths,
+        "padding": padding,
         "seq_indices": list(indices),
     }
-    batch.update(packed_inputs(lengths, device=device, sliding_window=sliding_window))
+    batch.update(packed_inputs(lengths, device=device, padding=padding))
     return batch
 
 
-def pack_micro_batches(seqs: list[Sequence], *, budget: int, device,
-                       sliding_window: int | None = None) -> list[dict]:
-    """``seqs`` packed into micro-batches of at most ``budget`` tokens (see :func:`pack_sequences`),
-    each carrying its ``index`` in the step (teacher signals are looked up by it)."""
-    return [dict(micro_batch(seqs, idx, device=device, sliding_window=sliding_window), index=m)
+def pack_micro_batches(seqs: list[Sequence], *, budget: int, device, multiple_of: int = 1) -> list[dict]:
+    """``seqs`` packed into micro-batches of at most ``budget`` tokens (see :func:`pack_sequences`;
+    plus under ``multiple_of`` tokens of padding), each carrying its ``index`` in the step
+    (teacher signals are looked up by it)."""
+    return [dict(micro_batch(seqs, idx, device=device, multiple_of=multiple_of), index=m)
             for m, idx in enumerate(pack_sequences(seqs, budget=budget))]

@@ -4,10 +4,13 @@ A planning estimate, not a measurement: parameter and optimizer bytes are exact 
 the models' dtypes (``student.dtype``, ``teacher.dtype``: fp32, or bf16 with fp32 main parameters
 in the optimizer; gradients are reduced in fp32 either way);
 activations count what a decoder layer keeps for its backward (:func:`layer_activation_bytes`, for
-the micro-batches a 1F1B pipeline keeps in flight), plus the attention scores of a packed row under
-its dense mask (``MASKED_ATTENTION_KEPT``); logits count the student's shard, its gradient and the
-chunked loss's temporaries (the teacher's shard waits on the CPU between phases). The constants
-were fitted to the dry run's rehearsal of the real step on fake tensors (``train/rehearsal.py``).
+the micro-batches a 1F1B pipeline keeps in flight): linear in the tokens of a packed micro-batch,
+which is a THD pack with no [L, L] mask (attention per sequence); attention scores come on top only
+where a sequence's attention runs torch's math kernel (:func:`attention_score_bytes`), and then per
+sequence, bounded by the longest sequence, never by the pack. Logits count the student's shard, its
+gradient and the chunked loss's temporaries (the teacher's shard waits on the CPU between phases).
+The constants were fitted to the dry run's rehearsal of the real step on fake tensors
+(``train/rehearsal.py``).
 """
 
 from __future__ import annotations
@@ -18,13 +21,14 @@ from megatron_opd.models.config import ArchConfig, padded_vocab_size, params_dty
 from megatron_opd.teacher.signals import Need
 
 GiB = 1 << 30
-# The trainer packs several sequences into one row of data.micro_batch_tokens under a dense
-# block-causal mask (a sequence longer than that gets a causal row of its own: flash attention), and
-# SDPA's fused kernels take no mask with grouped-query attention: attention runs torch's math kernel, which keeps fp32 scores [heads/TP, L, L] of every layer for the backward
-# and about twice that while one layer runs (bytes per score element, as measured by the dry run's
-# rehearsal on torch's own kernels: the fp32 softmax plus the mask's share).
-MASKED_ATTENTION_KEPT = 4.75
-MASKED_ATTENTION_PEAK = 9.5
+# Attention runs once per sequence of a THD pack (models/varlen.py). A causal bf16/fp16 sequence
+# runs flash attention on CUDA (O(L): output and log-sum-exp); a sequence longer than a sliding
+# window (which takes a mask) or an fp32 model runs torch's math kernel, which keeps fp32 scores
+# [heads/TP, s, s] of every sequence and layer for the backward, and about twice one sequence's
+# while it runs (bytes per score element, as the dry run's rehearsal measured on torch's kernels:
+# the fp32 softmax plus the mask's share).
+MATH_ATTENTION_KEPT = 4.75
+MATH_ATTENTION_PEAK = 9.5
 
 
 def layer_activation_bytes(arch: ArchConfig, *, tp: int, bpe: int) -> float:
@@ -33,15 +37,31 @@ def layer_activation_bytes(arch: ArchConfig, *, tp: int, bpe: int) -> float:
     QKV and FC1 linears, the torch norms' fp32 intermediates: 11 values of the parameter dtype per
     hidden unit, as the dry run's rehearsal measured on Qwen2.5-1.5B at TP2 and Llama-3.1-8B at
     TP8), plus the TP shards of q/k/v, the attention's output and the MLP's gate/up and activation.
-    Attention scores come on top (:func:`masked_attention_bytes`)."""
+    Attention scores come on top where the math kernel runs (:func:`attention_score_bytes`)."""
     h, f = arch.hidden_size, arch.ffn_hidden_size
     q, kv = arch.num_attention_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim
     return bpe * (11 * h + (2 * q + 2 * kv) / tp + 3 * f / tp)
 
 
-def masked_attention_bytes(arch: ArchConfig, *, tp: int, row_tokens: int, per_element: float) -> float:
-    """Score bytes of one layer's attention over a packed row of ``row_tokens`` tokens."""
-    return per_element * arch.num_attention_heads / tp * row_tokens ** 2
+def runs_math_attention(arch: ArchConfig, dtype_name: str, longest: int) -> bool:
+    """Whether a sequence of up to ``longest`` tokens runs attention with torch's math kernel (fp32
+    scores) rather than flash attention: a mask (the sliding window is shorter than the sequence),
+    a dtype flash attention does not take, or a head too wide for it."""
+    windowed = arch.sliding_window is not None and longest > arch.sliding_window
+    return windowed or bytes_per_parameter(dtype_name) != 2 or arch.head_dim > 256
+
+
+def attention_score_bytes(arch: ArchConfig, *, tp: int, lengths: list[int], per_element: float) -> float:
+    """Score bytes of one layer's math-kernel attention over sequences of ``lengths`` tokens."""
+    return per_element * arch.num_attention_heads / tp * sum(n * n for n in lengths)
+
+
+def worst_pack(tokens: int, longest: int) -> list[int]:
+    """Sequence lengths of the micro-batch with the most attention work: sequences of the longest
+    shape filling ``tokens`` (``data.micro_batch_tokens``), or one longer sequence alone."""
+    if longest >= tokens:
+        return [longest]
+    return [longest] * (tokens // longest) + ([tokens % longest] if tokens % longest else [])
 
 
 def parameter_count(arch: ArchConfig, *, tp: int, pp: int, stage: int) -> int:
@@ -95,15 +115,15 @@ def estimate(cfg, student: ArchConfig, teacher: ArchConfig | None, *, world_size
     p = parameter_count(student, tp=s.tp, pp=s.pp, stage=worst)
     optim_shard = dp if cfg.optim.use_distributed_optimizer else 1
     in_flight = s.pp  # 1F1B keeps up to pp micro-batches of activations on the first stage
-    # 34 bytes per token and hidden unit is Korthikanti's count for 2-byte activations.
     layers = student.num_layers // s.pp
     longest = cfg.data.max_prompt_tokens + cfg.rollout.max_turns * cfg.rollout.max_new_tokens
-    masked = longest < tokens  # rows pack several sequences; else one each, causal (flash attention)
-    tokens = max(tokens, longest)
+    lengths = worst_pack(tokens, longest)
+    tokens = sum(lengths)  # a sequence longer than a micro-batch gets a pack of its own
     acts = layer_activation_bytes(student, tp=s.tp, bpe=bpe) * tokens * layers * in_flight
-    if masked:
-        scores = masked_attention_bytes(student, tp=s.tp, row_tokens=tokens, per_element=MASKED_ATTENTION_KEPT)
-        acts += scores * layers * in_flight + scores * (MASKED_ATTENTION_PEAK / MASKED_ATTENTION_KEPT - 1)
+    if runs_math_attention(student, s.dtype, longest):
+        kept = attention_score_bytes(student, tp=s.tp, lengths=lengths, per_element=MATH_ATTENTION_KEPT)
+        running = attention_score_bytes(student, tp=s.tp, lengths=lengths[:1], per_element=MATH_ATTENTION_PEAK)
+        acts += kept * layers * in_flight + running - running * MATH_ATTENTION_KEPT / MATH_ATTENTION_PEAK
     v_local = padded_vocab_size(student.vocab_size, s.tp) // s.tp
     chunk = cfg.loss.chunk_size or max(1, (1 << 24) // v_local)
     if cfg.loss.fused_linear:  # logits exist one chunk at a time; the hidden-state gradient instead
@@ -125,8 +145,8 @@ def estimate(cfg, student: ArchConfig, teacher: ArchConfig | None, *, world_size
         tp_params = parameter_count(teacher, tp=t.tp, pp=t.pp, stage=tw)
         # forward only: one layer's live h-wide tensors and the norms' fp32 intermediates (measured)
         t_acts = 10 * bpe * teacher.hidden_size * tokens
-        if masked:
-            t_acts += masked_attention_bytes(teacher, tp=t.tp, row_tokens=tokens, per_element=MASKED_ATTENTION_PEAK)
+        if runs_math_attention(teacher, t.dtype, longest):  # forward only: one sequence's scores at a time
+            t_acts += attention_score_bytes(teacher, tp=t.tp, lengths=lengths[:1], per_element=MATH_ATTENTION_PEAK)
         t_logits = 0.0 if cfg.loss.fused_linear else tokens * (padded_vocab_size(teacher.vocab_size, t.tp) // t.tp) * bpe
         rows.append(MemoryRow("teacher (frozen, forward only)", tp_params * bpe / GiB, 0.0, 0.0,
                               t_acts / GiB, t_logits / GiB, 0.0))

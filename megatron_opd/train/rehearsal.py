@@ -47,6 +47,7 @@ from torch.utils._pytree import tree_leaves
 from megatron_opd import cpu_compat, parallel
 from megatron_opd.models.builder import build_model
 from megatron_opd.models.config import ArchConfig
+from megatron_opd.models.packing import token_multiple
 from megatron_opd.rollout.sync import WeightSync
 from megatron_opd.teacher import megatron as megatron_teacher
 from megatron_opd.teacher.megatron import MegatronTeacher
@@ -393,7 +394,7 @@ def _run_step(cfg, student_arch, mp, trainable, teacher, objective, memory: Devi
     num_micro_batches = max(1, mp.layout.pp)  # 1F1B keeps up to pp micro-batches in flight
     seqs = synthetic_sequences(cfg, student_arch.vocab_size, num_micro_batches=num_micro_batches)
     micro_batches = pack_micro_batches(seqs, budget=cfg.data.micro_batch_tokens, device=parallel.device(),
-                                       sliding_window=student_arch.sliding_window)
+                                       multiple_of=token_multiple(trainable.model.config))
     m["micro-batches"] = memory.live - live
     with memory.window():
         live = memory.live
