@@ -80,7 +80,7 @@ def test_a_tp2_pp2_layout_of_8_fake_ranks_rehearses_every_role(tiny):
 
 def test_memory_of_the_qwen_recipe_shapes_matches_the_estimate(tmp_path):
     """The Qwen2.5 1.5B-from-7B recipe's shapes (152k vocabulary, TP2, bf16, fused-linear loss) with
-    two layers per model and 2048-token micro-batches packing two sequences under a mask: every part
+    two layers per model and 2048-token THD packs of two sequences: every part
     within 20 % of the estimate."""
     configs = ROOT / "examples" / "model_configs"
     models = []
@@ -153,3 +153,39 @@ def test_a_host_tensor_in_a_collective_of_the_step_is_named(tiny, monkeypatch, c
         message = str(e.value)
     assert site + ":" in message and "got a cpu tensor" in message, message
     assert "the compute device" in message
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_attention_is_rehearsed_per_sequence(dtype):
+    """A THD pack on fake tensors: the host reads the pack's real cu_seqlens back (as megatron's
+    RoPE and our attention do), attention runs once per sequence, and what it keeps for the
+    backward is the per-sequence scores the estimate counts where the math kernel runs (fp32), or
+    none where flash attention runs (bf16) - never a [pack, pack] score matrix."""
+    from megatron_opd import parallel
+    from megatron_opd.models.packing import packed_seq_params
+    from megatron_opd.models.varlen import varlen_attention
+    from megatron_opd.train.memory import MATH_ATTENTION_KEPT, attention_score_bytes
+    from megatron_opd.train.rehearsal import fake_world
+
+    lengths, heads, groups, dim = [300, 200, 100], 4, 2, 16
+    arch = types.SimpleNamespace(num_attention_heads=heads)
+    per_sequence = attention_score_bytes(arch, tp=1, lengths=lengths, per_element=MATH_ATTENTION_KEPT)
+    per_pack = attention_score_bytes(arch, tp=1, lengths=[sum(lengths)], per_element=MATH_ATTENTION_KEPT)
+    with fake_world(rank=0, world_size=1) as memory:
+        device = parallel.device()
+        cu = packed_seq_params(lengths, device=device).cu_seqlens_q
+        assert cu.device == device and cu.tolist() == [0, 300, 500, 600]
+        assert ((cu[1:] - cu[:-1]) // 1).tolist() == lengths and int(cu[-1]) == 600
+        t = sum(lengths)
+        q = torch.zeros(t, heads, dim, dtype=dtype, device=device, requires_grad=True)
+        k, v = (torch.zeros(t, groups, dim, dtype=dtype, device=device, requires_grad=True) for _ in range(2))
+        live = memory.live
+        out = varlen_attention(q, k, v, cu.tolist(), scale=dim ** -0.5)
+        kept = memory.live - live
+        assert out.shape == (t, heads, dim)
+        out.sum().backward()
+        assert q.grad.shape == q.shape and k.grad.shape == k.shape
+    if dtype == torch.float32:
+        assert _close(kept, per_sequence, 0.2) and kept < per_pack / 2, (kept, per_sequence, per_pack)
+    else:
+        assert kept < per_sequence / 10, (kept, per_sequence)

@@ -33,14 +33,15 @@ MATH_ATTENTION_PEAK = 9.5
 
 def layer_activation_bytes(arch: ArchConfig, *, tp: int, bpe: int) -> float:
     """Bytes a decoder layer keeps per token for its backward (megatron's local spec, no sequence
-    parallelism): h-wide tensors that every TP rank holds whole (the inputs of both norms and of the
-    QKV and FC1 linears, the torch norms' fp32 intermediates: 11 values of the parameter dtype per
-    hidden unit, as the dry run's rehearsal measured on Qwen2.5-1.5B at TP2 and Llama-3.1-8B at
-    TP8), plus the TP shards of q/k/v, the attention's output and the MLP's gate/up and activation.
+    parallelism, THD packs): h-wide tensors that every TP rank holds whole (the inputs of both
+    norms and of the QKV and FC1 linears, the torch norms' fp32 intermediates), the TP shards of
+    q/k/v and the attention's output, and the MLP's f-wide shards (FC1's gate/up, the activation,
+    their product). The h- and f-wide counts (10.5 and 5.3 values of the parameter dtype) are fitted
+    to the dry run's rehearsal of Qwen2.5-1.5B at TP2 and Llama-3.1-8B at TP8 on 16384-token packs.
     Attention scores come on top where the math kernel runs (:func:`attention_score_bytes`)."""
     h, f = arch.hidden_size, arch.ffn_hidden_size
     q, kv = arch.num_attention_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim
-    return bpe * (11 * h + (2 * q + 2 * kv) / tp + 3 * f / tp)
+    return bpe * (10.5 * h + (2 * q + 2 * kv) / tp + 5.3 * f / tp)
 
 
 def runs_math_attention(arch: ArchConfig, dtype_name: str, longest: int) -> bool:
@@ -143,8 +144,10 @@ def estimate(cfg, student: ArchConfig, teacher: ArchConfig | None, *, world_size
         bpe = bytes_per_parameter(t.dtype)
         tw = max(range(t.pp), key=lambda st: parameter_count(teacher, tp=t.tp, pp=t.pp, stage=st))
         tp_params = parameter_count(teacher, tp=t.tp, pp=t.pp, stage=tw)
-        # forward only: one layer's live h-wide tensors and the norms' fp32 intermediates (measured)
-        t_acts = 10 * bpe * teacher.hidden_size * tokens
+        # forward only: one layer's live h-wide tensors, the norms' fp32 intermediates and the MLP's
+        # f-wide shards (8.6 and 3.25 values per token: fitted to the rehearsal of Qwen2.5-7B at TP2
+        # and Llama-3.1-70B at TP8)
+        t_acts = bpe * tokens * (8.6 * teacher.hidden_size + 3.25 * teacher.ffn_hidden_size / t.tp)
         if runs_math_attention(teacher, t.dtype, longest):  # forward only: one sequence's scores at a time
             t_acts += attention_score_bytes(teacher, tp=t.tp, lengths=lengths[:1], per_element=MATH_ATTENTION_PEAK)
         t_logits = 0.0 if cfg.loss.fused_linear else tokens * (padded_vocab_size(teacher.vocab_size, t.tp) // t.tp) * bpe

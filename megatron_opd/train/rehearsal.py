@@ -42,7 +42,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
-from torch.utils._pytree import tree_leaves
+from torch.utils._pytree import tree_leaves, tree_map
+from torch.utils.weak import WeakTensorKeyDictionary
 
 from megatron_opd import cpu_compat, parallel
 from megatron_opd.models.builder import build_model
@@ -59,6 +60,9 @@ from megatron_opd.train.optim import NonFiniteGuard, forward_backward, make_trai
 
 COLLECTIVE_NAMESPACES = ("c10d", "_c10d_functional", "c10d_functional")
 _TORCH_DIR = os.path.dirname(torch.__file__)
+# Integer device tensors up to this size keep their host values (a packed row's cu_seqlens and
+# positions): megatron reads them back to split a THD pack per sequence.
+KNOWN_VALUES_LIMIT = 1 << 16
 
 
 class DeviceError(RuntimeError):
@@ -119,6 +123,7 @@ class DeviceMemory(TorchDispatchMode):
         self.live = 0
         self.peak = 0
         self._seen: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self.values = WeakTensorKeyDictionary()  # fake tensor -> its host value (see _follow_values)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -132,15 +137,42 @@ class DeviceMemory(TorchDispatchMode):
             if func.name() in _UNCOALESCED:
                 return _UNCOALESCED[func.name()](*args, **kwargs)
         if func is torch.ops.aten._local_scalar_dense.default and _is_fake(args[0]):
-            return _one(args[0].dtype)  # .item(), bool(), float(), .tolist() of a fake tensor
+            # .item(), bool(), float(), .tolist() of a fake tensor
+            if args[0] not in self.values:
+                return _one(args[0].dtype)
+            with _disable_current_modes():
+                return self.values[args[0]].item()
         if not self._on_device(args, kwargs):  # host work on host data: real tensors, real values
             with _disable_current_modes():
                 return func(*args, **kwargs)
         out = func(*args, **kwargs)
+        self._follow_values(func, args, kwargs, out)
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor) and t.device.type == self.device.type:
                 self._count(t.untyped_storage())
         return out
+
+    def _follow_values(self, func, args, kwargs, out) -> None:
+        """Keep the values of small integer device tensors made from host data (a packed row's
+        ``cu_seqlens``, which megatron's RoPE and our attention read back with ``.tolist()``): the
+        op reruns on the inputs' host values. An in-place op forgets the values it changes."""
+        fakes = [t for t in tree_leaves((args, kwargs)) if _is_fake(t)]
+        if func._schema.is_mutable:
+            for t in fakes:
+                self.values.pop(t, None)
+            return
+        outs = [t for t in tree_leaves(out) if _is_fake(t)]
+        if not outs or any(t.dtype.is_floating_point or t.numel() > KNOWN_VALUES_LIMIT for t in outs) \
+                or not all(t in self.values for t in fakes):
+            return
+        host = tree_map(lambda t: self.values[t] if _is_fake(t) else t, (args, kwargs))
+        if "device" in host[1]:
+            host[1]["device"] = torch.device("cpu")
+        with _disable_current_modes():
+            values = func(*host[0], **host[1])
+        for t, v in zip(tree_leaves(out), tree_leaves(values)):
+            if _is_fake(t) and isinstance(v, torch.Tensor):
+                self.values[t] = v
 
     def _on_device(self, args, kwargs) -> bool:
         """Whether an op is the step's (fake tensors): it takes one, or makes one on the device."""
@@ -173,16 +205,23 @@ class DeviceMemory(TorchDispatchMode):
 
 
 class HostReads(TorchFunctionMode):
-    """What bypasses the dispatcher, and attention: ``.tolist()`` of a fake tensor gives the stand-in values;
+    """What bypasses the dispatcher, and attention: ``.tolist()`` of a fake tensor gives its
+    host values where :class:`DeviceMemory` keeps them, else the stand-in values;
     ``torch.tensor(data, device=...)`` is made on the host, then moved (a fake tensor on the
     device, as any other); ``torch.tensor`` of a list of fake scalars (megatron's grad-norm
     fallback without apex) stacks them on the device; attention runs the kernel CUDA would
     (:func:`_sdpa_as_on_cuda`)."""
 
+    def __init__(self, memory: DeviceMemory):
+        super().__init__()
+        self.memory = memory
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if getattr(func, "__name__", "") == "tolist" and args and _is_fake(args[0]):
             with _disable_current_modes():
+                if args[0] in self.memory.values:
+                    return self.memory.values[args[0]].tolist()
                 return torch.full(args[0].shape, _one(args[0].dtype)).tolist()
         if func is F.scaled_dot_product_attention and args and _is_fake(args[0]) and args[0].device.type == "meta":
             return _sdpa_as_on_cuda(*args, **kwargs)
@@ -263,7 +302,7 @@ def fake_world(*, rank: int, world_size: int):
     for (owner, name), value in stand_ins.items():
         setattr(owner, name, value)
     try:
-        with parallel.stand_in_device(device), routed, FakeTensorMode(allow_non_fake_inputs=True), memory, HostReads():
+        with parallel.stand_in_device(device), routed, FakeTensorMode(allow_non_fake_inputs=True), memory, HostReads(memory):
             yield memory
     finally:
         for (owner, name), value in originals.items():
