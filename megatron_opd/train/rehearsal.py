@@ -11,10 +11,13 @@ tensors cannot give (docs/gpu.md lists each with what it leaves out):
 - the stand-in accelerator is the ``meta`` device on a CPU-only torch (a CPU build cannot view a
   fake ``cuda`` tensor), the GPU itself where torch has CUDA; megatron's CUDA allocations are routed
   to it (:func:`megatron_opd.cpu_compat.route_cuda_to`);
-- a value read on the host from a fake tensor (``.item()``, ``.tolist()``, ``float()``) is 1 (a
-  finite flag, a unit gradient norm), and a truth value (``bool()``, ``if (ids < 0).any()``) is
-  false: checks for bad input pass, and a branch taken only on some data (the trainer-vs-rollout
-  log-prob metric of on-policy tokens) is not rehearsed;
+- integer device tensors made from host data (token ids, a THD pack's ``cu_seqlens``) keep their
+  host values, their ops rerun on the host (:meth:`DeviceMemory._follow_values`), so what megatron
+  reads back (``.tolist()`` of the sequence lengths) is real and attention runs per sequence;
+- any other value read on the host from a fake tensor (``.item()``, ``.tolist()``, ``float()``)
+  is 1 (a finite flag, a unit gradient norm), and a truth value (``bool()``) is false: a branch
+  taken only on some data (the trainer-vs-rollout log-prob metric of on-policy tokens) is not
+  rehearsed;
 - object collectives carry host data no fake group has: every rank sends what this rank sends,
   and the teacher's exchange of micro-batch token ids has every student replica hold this
   replica's micro-batches; megatron's gloo groups are fake groups, its coalesced collectives are
@@ -114,7 +117,7 @@ _UNCOALESCED = {
 class DeviceMemory(TorchDispatchMode):
     """Counts the live bytes of tensors on the compute device (and their peak), and refuses a
     collective or point-to-point op given a tensor anywhere else. Host work on host data (a packed
-    row's positions and mask, made from lists) runs for real: only what touches the device is fake,
+    row's lengths, made from lists) runs for real: only what touches the device is fake,
     and a real host tensor meeting a fake device one is a device mismatch."""
 
     def __init__(self, device: torch.device):
@@ -237,10 +240,11 @@ class HostReads(TorchFunctionMode):
 
 def _sdpa_as_on_cuda(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
     """SDPA on the ``meta`` stand-in with the kernel CUDA picks, for its memory: flash attention
-    (O(L): the output and its log-sum-exp) for a causal bf16/fp16 row without a mask; otherwise the
-    math kernel (fp32 scores [heads, L, L]), which is what CUDA runs for a mask with grouped-query
-    attention. (Masked attention without GQA gets CUDA's memory-efficient kernel, which this
-    over-counts.) On meta every kernel decomposes into the math one."""
+    (O(L): the output and its log-sum-exp) for a causal bf16/fp16 sequence without a mask (a THD
+    pack's attention runs once per sequence); otherwise the math kernel (fp32 scores [heads, L, L]),
+    which is what CUDA runs for a mask (a sliding window) with grouped-query attention. (Masked or
+    fp32 attention without GQA gets CUDA's memory-efficient kernel, which this over-counts.) On
+    meta every kernel decomposes into the math one."""
     if attn_mask is None and q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] <= 256:
         return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, dropout_p, is_causal, False,
                                                                   scale=scale)[0]
