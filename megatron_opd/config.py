@@ -101,7 +101,7 @@ class TeacherConfig(ModelConfig):
                                    timeout=self.served_timeout_s, max_concurrency=self.served_concurrency,
                                    vocab_size=vocab_size)
             return ServedTeacher(client, need=need)
-        return MegatronTeacher(self.path, self.layout, need=need, top_k=top_k, temperature=self.temperature,
+        return MegatronTeacher.load(self.path, self.layout, need=need, top_k=top_k, temperature=self.temperature,
                                seed=seed, params_dtype=self.params_dtype)
 
 
