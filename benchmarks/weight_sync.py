@@ -22,6 +22,7 @@ gloo's threads too) read through torch.profiler memory events; the largest rank 
 
   python benchmarks/weight_sync.py                 # the table in docs/weight_sync.md
   python benchmarks/weight_sync.py --tp 1 --repeats 1 --layers 4    # a quick look
+  python benchmarks/weight_sync.py --engine-tp 1 2   # trainer TP 1, 2 -> engine TP 1, 2 (2 ranks)
 """
 
 from __future__ import annotations
@@ -150,6 +151,72 @@ def measure(model_dir: str, work_dir: str, tp: int, *, bucket_bytes: int, memory
     return out
 
 
+def measure_engine_tp(model_dir: str, engine_tp: int, trainer_tps: list[int], *, bucket_bytes: int,
+                      repeats: int) -> dict:
+    """On 2 ranks, one engine of TP ``engine_tp`` per engine group (dummy weights), for each
+    trainer TP: the bridge's share alone (``iter_engine_shares`` exhausted), the sync into the
+    engine, the bytes each rank hands its engine against the full-copy scheme, the copy floor of
+    those bytes, and the peak extra memory of the shares."""
+    from megatron_opd import parallel
+    from megatron_opd.checkpoint.load import load_model
+    from megatron_opd.rollout.engine import RolloutEngine
+    from megatron_opd.rollout.sync import WeightSync
+
+    import vllm  # noqa: F401 - imported before any timing
+
+    engine, out = None, {}
+    for tp in trainer_tps:
+        mp = parallel.initialize_global_model_parallel(parallel.ParallelLayout(tp, 1))
+        model = load_model(model_dir, mp)
+        if engine is None:
+            engine = RolloutEngine(model.arch, max_model_len=256, kv_cache_bytes=64 * MIB, tp=engine_tp)
+        sync = WeightSync(model, bucket_bytes=bucket_bytes, engine_tp=engine_tp)
+
+        def shares():
+            for _ in sync.iter_engine_shares():
+                pass
+
+        sources = [t.clone() for _, t in sync.iter_engine_shares()]
+        targets = [torch.empty_like(t) for t in sources]
+
+        def copy_all():
+            for dst, src in zip(targets, sources):
+                dst.copy_(src)
+
+        stats = []
+        methods = {"share": shares, "sync": lambda: stats.append(sync.sync(engine)), "copy": copy_all}
+        times = {name: [] for name in methods}
+        for _ in range(repeats):
+            for name, fn in methods.items():
+                times[name].append(_timed(fn))
+        del sources, targets
+        dist.barrier()
+        peak = torch.tensor([peak_extra_bytes(shares), stats[-1].bytes], dtype=torch.float64)
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+        out[tp] = {name: min(t) for name, t in times.items()}
+        out[tp].update(peak_extra=peak[0].item(), bytes=peak[1].item(), local=sync.local,
+                       full_copy=sum(b.hf_numel for b in sync.plan.buckets) * 4)
+    engine.close()
+    return out
+
+
+def report_engine_tp(results: dict[int, dict], bucket_bytes: int) -> str:
+    lines = [f"2 ranks; bridge bucket {bucket_bytes // MIB} MiB; times in seconds (slowest rank, best round); "
+             "bytes: the most any rank hands its engine", ""]
+    head = ["trainer TP", "engine TP", "path", "share", "sync", "MiB/rank", "full copy MiB", "share GB/s",
+            "copy GB/s", "copy/share", "peak extra MiB"]
+    widths = [10, 9, 8, 6, 6, 9, 13, 10, 9, 10, 14]
+    lines.append(_row(head, widths))
+    for engine_tp, per_tp in sorted(results.items()):
+        for tp, r in sorted(per_tp.items()):
+            path = "all" if engine_tp == 1 else ("local" if r["local"] else "slice")
+            lines.append(_row([tp, engine_tp, path, f"{r['share']:.2f}", f"{r['sync']:.2f}",
+                               f"{r['bytes'] / MIB:.0f}", f"{r['full_copy'] / MIB:.0f}",
+                               f"{r['bytes'] / r['share'] / 1e9:.2f}", f"{r['bytes'] / r['copy'] / 1e9:.2f}",
+                               f"{r['share'] / r['copy']:.1f}x", f"{r['peak_extra'] / MIB:.0f}"], widths))
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------- driver
 
 def _row(cells, widths):
@@ -195,9 +262,19 @@ def main() -> None:
     parser.add_argument("--bucket-mib", type=int, default=256, help="the bridge's bucket (its default)")
     parser.add_argument("--memory-bucket-mib", type=int, nargs="+", default=[16, 256])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--engine-tp", type=int, nargs="+", default=None,
+                        help="instead: the engine-TP table, trainer TP 1 and 2 into engines of these TPs")
     args = parser.parse_args()
 
     env = {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "HF_HUB_OFFLINE": "1", "VLLM_LOGGING_LEVEL": "ERROR"}
+    if args.engine_tp:
+        with tempfile.TemporaryDirectory(prefix="weight_sync_bench_") as tmp:
+            model_dir = make_model(Path(tmp) / "model", layers=args.layers)
+            results = {e: run_distributed(measure_engine_tp, 2, str(model_dir), e, [1, 2],
+                                          bucket_bytes=args.bucket_mib * MIB, repeats=args.repeats,
+                                          timeout=1800, env=env)[0] for e in args.engine_tp}
+        print(report_engine_tp(results, args.bucket_mib * MIB))
+        return
     results = {}
     with tempfile.TemporaryDirectory(prefix="weight_sync_bench_") as tmp:
         model_dir = make_model(Path(tmp) / "model", layers=args.layers)

@@ -67,6 +67,9 @@ def _train_parser(sub) -> None:
                    help="validate, print the resolved config and layouts, and exit")
     p.add_argument("--world-size", type=int, default=None,
                    help="with --dry-run: the number of GPUs to plan for (default: this launch)")
+    p.add_argument("--no-rehearsal", dest="rehearse", action="store_false",
+                   help="with --dry-run: skip the rehearsal of the step on fake tensors (the analytic "
+                        "memory estimate only)")
 
 
 def build_parser() -> argparse.ArgumentParser:

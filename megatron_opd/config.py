@@ -19,6 +19,7 @@ from megatron_opd.models.builder import ShardedModel
 from megatron_opd.models.config import ArchConfig, params_dtype
 from megatron_opd.parallel import ParallelLayout, cuda_available
 from megatron_opd.rollout.engine import RolloutEngine, SamplingConfig
+from megatron_opd.rollout.plan import check_engine_tp
 from megatron_opd.teacher.megatron import MegatronTeacher
 from megatron_opd.teacher.served import ServedTeacher, TeacherClient
 from megatron_opd.teacher.signals import Need, Teacher
@@ -102,7 +103,7 @@ class TeacherConfig(ModelConfig):
                                    timeout=self.served_timeout_s, max_concurrency=self.served_concurrency,
                                    vocab_size=vocab_size)
             return ServedTeacher(client, need=need)
-        return MegatronTeacher(self.path, self.layout, need=need, top_k=top_k, temperature=self.temperature,
+        return MegatronTeacher.load(self.path, self.layout, need=need, top_k=top_k, temperature=self.temperature,
                                seed=seed, params_dtype=self.params_dtype)
 
 
@@ -130,8 +131,11 @@ class RolloutConfig:
     # Fraction of prompts trained on-policy (student samples); the rest use `offpolicy_source`.
     lmbda: float = 1.0
     offpolicy_source: str = "dataset"  # "dataset" completions or "teacher" samples
-    kv_cache_gb: float = 1.0
+    kv_cache_gb: float = 1.0  # per GPU (per engine rank)
     bucket_mb: float = 256.0
+    # The engines' tensor-parallel size, independent of the student's TP/PP: the world is tiled
+    # into engine groups of `tp` consecutive ranks, each one vLLM engine with one shard per rank.
+    tp: int = 1
     # Fail the run when trainer-vs-rollout log-prob mismatch exceeds this (null: never; "auto": the
     # threshold for the student's dtype, MISMATCH_THRESHOLDS).
     mismatch_threshold: float | str | None = "auto"
@@ -146,6 +150,7 @@ class RolloutConfig:
         _require(self.offpolicy_source in OFFPOLICY_SOURCES,
                  f"{name}.offpolicy_source must be 'dataset' or 'teacher', got {self.offpolicy_source!r}")
         _require(self.n >= 1, f"{name}.n must be >= 1, got {self.n}")
+        _require(isinstance(self.tp, int) and self.tp >= 1, f"{name}.tp must be an integer >= 1, got {self.tp!r}")
         _require(self.temperature > 0, f"{name}.temperature must be > 0, got {self.temperature}")
         _require(0 < self.top_p <= 1, f"{name}.top_p must be in (0, 1], got {self.top_p}")
         _require(self.top_p == 1 or self.mismatch_threshold is None,
@@ -184,9 +189,13 @@ class RolloutConfig:
     def start_engine(self, arch: ArchConfig, *, dtype: torch.dtype, max_model_len: int, seed: int) -> RolloutEngine:
         """A rollout engine for ``arch`` in ``dtype`` (its model's) with this section's KV cache
         (collective: every rank starts one at the same point)."""
-        weights = parameter_count(arch, tp=1, pp=1, stage=0) * dtype.itemsize
+        weights = self.engine_weight_bytes(arch, dtype=dtype)
         return RolloutEngine(arch, dtype=dtype, kv_cache_bytes=int(self.kv_cache_gb * (1 << 30)),
-                             max_model_len=max_model_len, seed=seed, weights_bytes=weights)
+                             max_model_len=max_model_len, seed=seed, weights_bytes=weights, tp=self.tp)
+
+    def engine_weight_bytes(self, arch: ArchConfig, *, dtype: torch.dtype) -> int:
+        """One engine rank's share of the weights (its 1/tp of every split tensor)."""
+        return parameter_count(arch, tp=self.tp, pp=1, stage=0) * dtype.itemsize
 
 
 @dataclass
@@ -433,7 +442,7 @@ class TrainConfig:
 
 PHASE_SECTIONS = ("rollout", "loss", "optim")
 # What a phase may not change: the engines, the teacher's transfer and the optimizer are built once.
-PHASE_FIXED = {"rollout": ("kv_cache_gb", "max_turns", "environment", "bucket_mb"),
+PHASE_FIXED = {"rollout": ("kv_cache_gb", "max_turns", "environment", "bucket_mb", "tp"),
                "loss": ("fused_linear", "cross_tokenizer", "min_aligned_fraction", "special_tokens"),
                "optim": ("weight_decay", "adam_beta1", "adam_beta2", "adam_eps", "clip_grad",
                          "use_distributed_optimizer")}
@@ -586,6 +595,9 @@ class Config:
         dp = self.student.layout.data_parallel_size(world_size, what="student")
         if not self.teacher.served_url:
             self.teacher.layout.data_parallel_size(world_size, what="teacher")
+        _require(world_size % self.rollout.tp == 0,
+                 f"rollout.tp={self.rollout.tp} does not divide the world size {world_size}: the world is "
+                 "tiled into engine groups of rollout.tp consecutive ranks")
         _require(self.train.prompts_per_step >= dp,
                  f"train.prompts_per_step={self.train.prompts_per_step} is smaller than the student's "
                  f"data-parallel size {dp}")
@@ -596,6 +608,9 @@ class Config:
         student.check_parallel(tp=self.student.tp, pp=self.student.pp, what="student")
         if teacher is not None:
             teacher.check_parallel(tp=self.teacher.tp, pp=self.teacher.pp, what="teacher")
+        check_engine_tp(student, self.rollout.tp)
+        if teacher is not None and self.rollout.uses_teacher_samples:
+            check_engine_tp(teacher, self.rollout.tp, what="rollout.tp (the teacher's engine)")
         vocab = student.vocab_size
         for ph in self.phases():
             where = f"train.phases[{ph.index}]: " if self.train.phases else ""

@@ -39,6 +39,9 @@ _FACTORIES = ("tensor", "zeros", "ones", "empty", "full", "arange", "zeros_like"
               "empty_like", "full_like", "randn", "rand", "randint", "triu", "tril", "as_tensor")
 
 _applied = False
+# Where megatron's CUDA allocations go: the CPU, or (within :func:`route_cuda_to`, the dry run's
+# rehearsal) a stand-in device.
+_ROUTE: list = ["cpu"]
 
 
 def _cpu_device(device):
@@ -46,8 +49,31 @@ def _cpu_device(device):
         return None
     if isinstance(device, int) or (isinstance(device, str) and device.startswith("cuda")) or (
             isinstance(device, torch.device) and device.type == "cuda"):
-        return "cpu"
+        return _ROUTE[-1]
     return device
+
+
+@contextlib.contextmanager
+def route_cuda_to(device: torch.device):
+    """Within: what the shims send to the CPU (megatron's ``device="cuda"`` allocations,
+    ``torch.cuda.current_device()``, ``Tensor.cuda()``) goes to ``device`` instead. The dry run's
+    rehearsal runs the step on fake tensors of a stand-in accelerator this way. Needs :func:`apply`."""
+    if not _applied:
+        raise RuntimeError("cpu_compat.route_cuda_to needs the CPU shims (cpu_compat.apply())")
+    _ROUTE.append(device)
+    cuda, own_type = torch.Tensor.cuda, torch.Tensor.__dict__.get("type")
+    torch.Tensor.cuda = lambda self, *a, **k: self.to(device)
+    # megatron's optimizers accept parameters by CUDA type name: the stand-in's tensors answer so
+    torch.Tensor.type = _cuda_type_names(torch.Tensor.type, kinds=(device.type,))
+    try:
+        yield
+    finally:
+        torch.Tensor.cuda = cuda
+        if own_type is None:
+            del torch.Tensor.type
+        else:
+            torch.Tensor.type = own_type
+        _ROUTE.pop()
 
 
 class _CpuTorch(types.ModuleType):
@@ -153,6 +179,22 @@ def _set_cpu_rng_state(new_state, device=-1, graph_safe=False):
 FLOAT16_TYPE_CHECK = "param.type() in ['torch.cuda.HalfTensor', 'torch.cuda.BFloat16Tensor']"
 
 
+def _cuda_type_names(real, *, kinds: tuple[str, ...] | None):
+    """``Tensor.type`` answering, for a tensor on a device of ``kinds`` (None: any), the CUDA name
+    of its dtype: torch.BFloat16Tensor (CPU), torch.meta.BFloat16Tensor -> torch.cuda.BFloat16Tensor."""
+
+    def cuda_type_name(tensor, *type_args, **type_kwargs):
+        name = real(tensor, *type_args, **type_kwargs)
+        kind = tensor.device.type
+        if type_args or type_kwargs or kind == "cuda" or name.startswith("torch.cuda.") \
+                or (kinds is not None and kind not in kinds):
+            return name
+        prefix = f"torch.{kind}." if name.startswith(f"torch.{kind}.") else "torch."
+        return "torch.cuda." + name[len(prefix):]
+
+    return cuda_type_name
+
+
 def _with_cuda_type_names(init):
     """Wrap ``Float16OptimizerWithFloat16Params.__init__`` (megatron's bf16 optimizer: fp32 main
     copies of bf16 parameters), which accepts parameters by their CUDA type names only: while it
@@ -162,18 +204,7 @@ def _with_cuda_type_names(init):
     @functools.wraps(init)
     def wrapped(self, *args, **kwargs):
         own = torch.Tensor.__dict__.get("type")
-        real = torch.Tensor.type
-
-        def cuda_type_name(tensor, *type_args, **type_kwargs):
-            name = real(tensor, *type_args, **type_kwargs)
-            kind = tensor.device.type
-            if type_args or type_kwargs or kind == "cuda":
-                return name
-            # torch.BFloat16Tensor (CPU), torch.meta.BFloat16Tensor (meta) -> torch.cuda.BFloat16Tensor
-            prefix = f"torch.{kind}." if name.startswith(f"torch.{kind}.") else "torch."
-            return "torch.cuda." + name[len(prefix):]
-
-        torch.Tensor.type = cuda_type_name
+        torch.Tensor.type = _cuda_type_names(torch.Tensor.type, kinds=None)
         try:
             init(self, *args, **kwargs)
         finally:
@@ -224,7 +255,7 @@ def apply() -> None:
         return
     quiet_known_warnings()
 
-    torch.cuda.current_device = lambda: "cpu"
+    torch.cuda.current_device = lambda: _ROUTE[-1]
     torch.cuda.synchronize = lambda *a, **k: None
     torch.cuda.empty_cache = lambda *a, **k: None
     torch.cuda.manual_seed = lambda seed: None  # the CPU generator is seeded by our own seeding

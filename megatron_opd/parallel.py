@@ -3,6 +3,7 @@ which ranks of the job are still alive when one fails."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import ipaddress
 import json
@@ -24,11 +25,29 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+# The dry run's rehearsal computes on fake tensors of a stand-in device (see stand_in_device).
+_STAND_IN: list[torch.device] = []
+
+
 def device() -> torch.device:
-    """The device this process computes on: its local GPU under CUDA, else the CPU."""
+    """The device this process computes on: its local GPU under CUDA, else the CPU (within
+    :func:`stand_in_device`, the stand-in)."""
+    if _STAND_IN:
+        return _STAND_IN[-1]
     if cuda_available():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def stand_in_device(stand_in: torch.device):
+    """Within: :func:`device` answers ``stand_in``. The dry run's rehearsal runs the real step on
+    fake tensors of the ``meta`` device standing in for the GPU (``train/rehearsal.py``)."""
+    _STAND_IN.append(torch.device(stand_in))
+    try:
+        yield
+    finally:
+        _STAND_IN.pop()
 
 
 def backend() -> str:
@@ -213,6 +232,7 @@ def shutdown_distributed() -> None:
         _MEMBERS = None
     while _BEFORE_SHUTDOWN:
         _BEFORE_SHUTDOWN.pop()()
+    _SINGLETONS.clear()  # groups of the world about to go
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():

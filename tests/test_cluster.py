@@ -363,19 +363,38 @@ def test_dry_run_of_a_64_gpu_recipe_prints_layout_and_memory(capsys):
               f"teacher.path={ROOT / 'examples/model_configs/llama-3.1-70b'}"]
 
     def dry_run(world: int, *overrides: str) -> int:
-        return main(["train", "--config", str(recipe), "--dry-run", "--world-size", str(world), *models, *overrides])
+        return main(["train", "--config", str(recipe), "--dry-run", "--world-size", str(world), "--no-rehearsal",
+                     *models, *overrides])
 
     assert dry_run(64) == 0
     out = capsys.readouterr().out
     assert "student: tp=8 pp=1 dp=8" in out and "teacher: tp=8 pp=2 dp=4" in out
     for column in ("parameters", "gradients", "optimizer", "activations", "logits", "total"):
         assert column in out
-    assert "fits in 80 GiB" in out and "micro-batches of data.micro_batch_tokens=16384" in out
+    assert "fits in 80 GiB" in out and "micro-batches of data.micro_batch_tokens=5120" in out
     assert "teacher signals kept on the host" in out
     assert dry_run(64, "rollout.kv_cache_gb=200", "loss.fused_linear=false", "train.host_memory_gb=256") == 1
     big = capsys.readouterr().out
-    assert "DOES NOT FIT in 80 GiB" in big and "to fit: a smaller rollout.kv_cache_gb" in big
+    assert "DOES NOT FIT in 80 GiB" in big and "to fit: a larger rollout.tp" in big and "rollout.kv_cache_gb" in big
     assert "DOES NOT FIT in 256 GiB (train.host_memory_gb)" in big
     assert "to fit: loss.fused_linear=true" in big
     assert dry_run(60) == 2
     assert "does not divide the world size 60" in capsys.readouterr().err
+    assert dry_run(64, "rollout.tp=3") == 2
+    assert "rollout.tp=3 does not divide the world size 64" in capsys.readouterr().err
+
+
+def test_engine_memory_per_gpu_follows_rollout_tp():
+    """Each GPU holds 1/rollout.tp of the engine's weights (its shard), plus its KV cache."""
+    from megatron_opd.config import config_from_dict
+    from megatron_opd.models import ArchConfig
+    from megatron_opd.train.memory import GiB, estimate, parameter_count
+
+    student = ArchConfig.from_hf_config(json.loads((ROOT / "examples/model_configs/llama-3.1-8b/config.json").read_text()))
+    engines = {}
+    for tp in (1, 2, 8):
+        cfg = config_from_dict({"student": {"tp": 8, "dtype": "bf16"}, "rollout": {"tp": tp, "kv_cache_gb": 4}})
+        engines[tp] = estimate(cfg, student, None, world_size=8)[0].engine
+    assert engines[1] == (parameter_count(student, tp=1, pp=1, stage=0) * 2 + 4 * GiB) / GiB
+    assert engines[8] == (parameter_count(student, tp=8, pp=1, stage=0) * 2 + 4 * GiB) / GiB
+    assert engines[1] - 4 > 14 and (engines[1] - 4) / (engines[8] - 4) > 7.9 and engines[2] < engines[1]

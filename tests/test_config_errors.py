@@ -96,3 +96,14 @@ def test_mismatch_threshold_follows_the_student_dtype_unless_given():
         torch.float32) is None
     with pytest.raises(ValueError, match=r"rollout.mismatch_threshold must be a number, auto or null, got 'often'"):
         load_config(None, base + ["rollout.mismatch_threshold=often"]).validate()
+
+
+def test_rollout_tp_the_engine_cannot_split_names_the_field(tmp_path):
+    from megatron_opd.config import config_from_dict
+
+    arch = ArchConfig.from_hf_dir(_write(tmp_path))  # 4 query heads, 2 KV heads
+    config_from_dict({"rollout": {"tp": 4}}).check_models(arch)  # K/V heads replicated by vLLM
+    with pytest.raises(ValueError, match=r"rollout.tp=8: the engine cannot split num_attention_heads=4"):
+        config_from_dict({"rollout": {"tp": 8}}).check_models(arch)
+    with pytest.raises(ValueError, match=r"rollout.tp must be an integer >= 1, got 0"):
+        config_from_dict({"rollout": {"tp": 0}}).rollout.validate()

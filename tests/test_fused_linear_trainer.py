@@ -85,8 +85,8 @@ def _grads_and_metrics(student_dir: str, teacher_dir: str, tp: int, pp: int, tea
             if loss.teacher_need == Need.NONE:
                 teachers[key] = (None, None)
             if key not in teachers:
-                teacher = MegatronTeacher(teacher_dir, ParallelLayout(tp, teacher_pp), need=loss.teacher_need,
-                                          top_k=4, temperature=teacher_temperature, seed=1)
+                teacher = MegatronTeacher.load(teacher_dir, ParallelLayout(tp, teacher_pp), need=loss.teacher_need,
+                                               top_k=4, temperature=teacher_temperature, seed=1)
                 teachers[key] = (teacher, teacher.output_weight(mp) if loss.teacher_need == Need.HIDDEN else None)
             teacher, teacher_weight = teachers[key]
             signals = teacher.signals(mbs, mp) if teacher is not None else [TeacherSignal() for _ in mbs]

@@ -119,7 +119,7 @@ def packed_vs_unpacked(models: dict, layouts: list) -> dict:
         layout = parallel.ParallelLayout(tp, pp)
         mp = parallel.initialize_global_model_parallel(layout)
         for name, model_dir in models.items():
-            teacher = MegatronTeacher(model_dir, layout, need=Need.LOGITS, top_k=TOP_K, temperature=1.3)
+            teacher = MegatronTeacher.load(model_dir, layout, need=Need.LOGITS, top_k=TOP_K, temperature=1.3)
             r, signals = _teacher_diffs(teacher, packed, alone, mp)
             model = load_model(model_dir, mp)
             model.config.calculate_per_token_loss = True  # as the trainer's optimizer sets it

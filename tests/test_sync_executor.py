@@ -25,14 +25,59 @@ def _streamed(model_dir: str, layouts: list) -> dict:
     return out
 
 
-def _checks(model_dir: str) -> dict:
-    return {"streamed": _streamed(model_dir, [(2, 1), (1, 2)]), "metrics": _reduced_metrics()}
+def _shares(model_dir: str, layouts: list) -> dict:
+    """What each rank hands a TP2 engine (engine rank = rank), per trainer layout."""
+    from megatron_opd import parallel
+    from megatron_opd.checkpoint.load import load_model
+    from megatron_opd.rollout.sync import WeightSync
+
+    out = {}
+    for tp, pp in layouts:
+        mp = parallel.initialize_global_model_parallel(parallel.ParallelLayout(tp, pp))
+        sync = WeightSync(load_model(model_dir, mp), bucket_bytes=20_000, engine_tp=2)
+        out[(tp, pp)] = ({n: t.clone() for n, t in sync.iter_engine_shares()}, sync.local, sync.vocab_local)
+    return out
+
+
+def _checks(model_dir: str, vocab512_dir: str) -> dict:
+    return {"streamed": _streamed(model_dir, [(2, 1), (1, 2)]), "metrics": _reduced_metrics(),
+            "shares": _shares(model_dir, [(2, 1), (1, 2), (1, 1)]), "shares512": _shares(vocab512_dir, [(2, 1)])}
 
 
 @pytest.fixture(scope="module")
-def per_rank(tiny_models) -> list[dict]:
-    """Both checks in one world of 2 ranks."""
-    return run_distributed(_checks, 2, tiny_models["qwen2_tied"], timeout=300)
+def vocab512_dir(tmp_path_factory) -> str:
+    """A vocabulary that megatron (TP2: multiples of 256) and vLLM (64) split alike."""
+    from megatron_opd.testing.tiny import make_hf_model
+
+    return str(make_hf_model(tmp_path_factory.mktemp("v512") / "llama", "llama", vocab_size=512))
+
+
+@pytest.fixture(scope="module")
+def per_rank(tiny_models, vocab512_dir) -> list[dict]:
+    """Every check in one world of 2 ranks."""
+    return run_distributed(_checks, 2, tiny_models["qwen2_tied"], vocab512_dir, timeout=300)
+
+
+@pytest.mark.parametrize("which", ["shares", "shares512"])
+def test_each_rank_gets_exactly_its_engine_share(per_rank, tiny_models, vocab512_dir, which):
+    """Trainer (2,1) (each rank regroups its own shard), (1,1) (each rank slices its whole
+    tensors) and (1,2) (slices of the streamed bucket) -> a TP2 engine: rank r gets exactly vLLM's rank-r slice of every checkpoint tensor."""
+    from megatron_opd.models import ArchConfig, padded_vocab_size
+    from megatron_opd.rollout.plan import engine_slices, plan_sync
+
+    model_dir = tiny_models["qwen2_tied"] if which == "shares" else vocab512_dir
+    reference = load_file(str(Path(model_dir) / "model.safetensors"))
+    arch = ArchConfig.from_hf_dir(model_dir)
+    plan = plan_sync(arch, tp=1, pp=1, padded_vocab=padded_vocab_size(arch.vocab_size, 1), bucket_bytes=1 << 20)
+    for rank, per_layout in enumerate(r[which] for r in per_rank):
+        slices = {n: sl for it, sls in zip(plan.items, engine_slices(plan, arch, engine_tp=2, engine_rank=rank))
+                  for n, sl in zip(it.hf_names + it.aliases, sls)}
+        for layout, (tensors, local, vocab_local) in per_layout.items():
+            assert local == (layout[1] == 1) and vocab_local == (layout == (2, 1) and which == "shares512"), layout
+            assert tensors.keys() == slices.keys(), (rank, layout)
+            for name, sl in slices.items():
+                full = reference[name if name in reference else "model.embed_tokens.weight"]
+                assert torch.equal(tensors[name], sl.take(full)), (rank, layout, name)
 
 
 def test_every_rank_gets_exactly_the_checkpoint(per_rank, tiny_models):

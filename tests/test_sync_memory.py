@@ -49,6 +49,17 @@ def _sync_peaks(model_dir: str, bucket_sizes: list[int]) -> dict:
             "largest_item": max(it.hf_numel() for it in sync.plan.items) * element,
             "model": sum(b.hf_numel for b in sync.plan.buckets) * element,
         }
+    # TP2 engines fed from TP2 trainer ranks: each rank regroups its own shard (no all-gather but
+    # the vocabulary's) into a bucket of its engine rank's shares.
+    sync = WeightSync(model, bucket_bytes=SMALL_BUCKET, engine_tp=2)
+    received = 0
+
+    def shares():
+        nonlocal received
+        for _, t in sync.iter_engine_shares():
+            received += t.numel() * t.element_size()
+
+    out["engine_tp2"] = {"peak": peak_extra_bytes(shares), "received": received, "local": sync.local}
     return out
 
 
@@ -70,6 +81,10 @@ def test_bucket_size_bounds_peak_sync_memory(tmp_path):
         assert large["peak"] >= large["model"], (rank, large)
         # ... and a small bucket needs a fraction of it.
         assert small["peak"] < large["peak"] / 4, (rank, small, large)
+        engine = peaks["engine_tp2"]
+        assert engine["local"] and engine["received"] < 0.6 * small["model"], engine
+        assert engine["peak"] <= bound and engine["peak"] < small["peak"], (rank, engine, small)
+        print(f"rank {rank}: engine TP2 shares {engine['received']} B, peak extra {engine['peak']} B")
         print(f"rank {rank}: model {small['model']} B; peak extra {small['peak']} B with "
               f"{SMALL_BUCKET} B buckets (largest {small['largest_bucket']} B), {large['peak']} B "
               "with one bucket")

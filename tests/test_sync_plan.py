@@ -1,6 +1,8 @@
 """The resharding planner, checked without processes: coverage of every HF tensor, shard shapes,
 regrouping against the converter's transforms, buckets."""
 
+import math
+
 import pytest
 import torch
 
@@ -61,3 +63,111 @@ def test_buckets_respect_size_and_stages():
 def test_bad_bucket_size_is_refused():
     with pytest.raises(ValueError, match="bucket_bytes must be positive"):
         plan_sync(arch_for("llama"), tp=1, pp=1, padded_vocab=384, bucket_bytes=0)
+
+
+# --- engine shards (engine TP != trainer TP) ------------------------------------------------------
+
+
+def _engine_parts(arch, plan, engine_tp, g):
+    """Random HF tensors for the plan, and every engine rank's slice of each."""
+    from megatron_opd.rollout.plan import engine_slices
+
+    full = {n: torch.randn(s, generator=g) for it in plan.items for n, s in zip(it.hf_names, it.hf_shapes)}
+    parts = []
+    for e in range(engine_tp):
+        sls = engine_slices(plan, arch, engine_tp=engine_tp, engine_rank=e)
+        parts.append({n: sl.take(full[n]) for it, ss in zip(plan.items, sls) for n, sl in zip(it.hf_names, ss)})
+    return full, parts
+
+
+@pytest.mark.parametrize("model_type,kw", [("llama", {}), ("qwen2", {"tie_word_embeddings": True}), ("qwen3", {}),
+                                           ("llama", {"num_key_value_heads": 1})])
+@pytest.mark.parametrize("engine_tp", [2, 4])
+def test_engine_slices_tile_each_tensor_as_vllm_splits_it(model_type, kw, engine_tp):
+    """Each engine rank's slices, put back together in rank order, are the HF tensor: q/k/v by
+    heads (K/V heads replicated on E/K ranks when E > K), gate/up by rows, o/down by columns,
+    norms whole, and the vocabulary in vLLM's padding (multiples of 64 split evenly, the last
+    rank short)."""
+    from megatron_opd.rollout.plan import VLLM_VOCAB_PADDING, engine_share_numel
+
+    arch = arch_for(model_type, **kw)
+    plan = plan_sync(arch, tp=1, pp=1, padded_vocab=padded_vocab_size(arch.vocab_size, 1), bucket_bytes=1 << 20)
+    full, parts = _engine_parts(arch, plan, engine_tp, torch.Generator().manual_seed(1))
+    k = arch.num_kv_heads
+    for it in plan.items:
+        for j, name in enumerate(it.hf_names):
+            pieces = [p[name] for p in parts]
+            if it.layout == "replicated":
+                assert all(torch.equal(x, full[name]) for x in pieces)
+            elif it.layout == "row":
+                assert torch.equal(torch.cat(pieces, dim=1), full[name]), name
+            elif it.layout == "qkv" and j > 0 and engine_tp > k:
+                reps = engine_tp // k
+                assert all(torch.equal(pieces[e], pieces[e - e % reps]) for e in range(engine_tp)), name
+                assert torch.equal(torch.cat(pieces[::reps]), full[name]), name
+            else:
+                assert torch.equal(torch.cat(pieces), full[name]), name
+            if it.layout == "vocab":
+                per = -(-arch.vocab_size // VLLM_VOCAB_PADDING) * VLLM_VOCAB_PADDING // engine_tp
+                assert [p[name].shape[0] for p in parts[:-1]] == [per] * (engine_tp - 1)
+    total = sum(math.prod(s) for it in plan.items for s in it.hf_shapes) + sum(
+        math.prod(it.hf_shapes[0]) for it in plan.items if it.aliases)
+    shares = [engine_share_numel(plan, arch, engine_tp=engine_tp, engine_rank=e) for e in range(engine_tp)]
+    assert max(shares) < total / engine_tp * 1.2 and sum(shares) >= total
+
+
+def test_vocab_slices_follow_vllm_not_megatron_padding():
+    """V=300 over 2 engine ranks: vLLM pads to 320 and splits 160 / 140; megatron (TP2) pads to 512."""
+    from megatron_opd.rollout.plan import engine_slice
+
+    arch = arch_for("llama")
+    assert arch.vocab_size == 300 and padded_vocab_size(300, 2) != 320
+    got = [engine_slice(arch, "vocab", 0, (300, 96), engine_tp=2, engine_rank=e) for e in range(2)]
+    assert [(s.dim, s.start, s.size) for s in got] == [(0, 0, 160), (0, 160, 140)]
+
+
+@pytest.mark.parametrize("model_type,tied", [("llama", False), ("qwen2", True), ("qwen3", False)])
+def test_local_regroup_of_own_shard_is_the_engine_share(model_type, tied):
+    """Engine TP = trainer TP on one stage: each rank's own megatron shard, regrouped alone, is
+    exactly its engine rank's share of every non-vocabulary tensor (the executor's no-collective
+    path); the vocabulary rows differ (megatron's padding) and are gathered instead."""
+    from megatron_opd.rollout.plan import engine_slices, local_engine_shares
+
+    arch = arch_for(model_type, tie_word_embeddings=tied)
+    tp = 2
+    padded = padded_vocab_size(arch.vocab_size, tp)
+    plan = plan_sync(arch, tp=tp, pp=1, padded_vocab=padded, bucket_bytes=64 << 10)
+    assert local_engine_shares(plan, engine_tp=tp)
+    assert local_engine_shares(plan_sync(arch, tp=1, pp=1, padded_vocab=padded, bucket_bytes=1 << 20), engine_tp=2)
+    assert not local_engine_shares(plan_sync(arch, tp=2, pp=1, padded_vocab=padded, bucket_bytes=1 << 20), engine_tp=4)
+    assert not local_engine_shares(plan_sync(arch, tp=2, pp=2, padded_vocab=padded, bucket_bytes=1 << 20), engine_tp=2)
+    g = torch.Generator().manual_seed(2)
+    for rank in range(tp):
+        sls = engine_slices(plan, arch, engine_tp=tp, engine_rank=rank)
+        for it, ss in zip(plan.items, sls):
+            if it.layout == "vocab":
+                continue
+            src = DictSource({n: torch.randn(s, generator=g) for n, s in zip(it.hf_names, it.hf_shapes)})
+            own = shard_from_hf(it.row, it.hf_names, src, arch, tp_rank=rank, tp_size=tp, padded_vocab=padded)
+            regrouped = hf_from_shards(it.row, it.hf_names, [own], arch)
+            for n, sl in zip(it.hf_names, ss):
+                assert torch.equal(regrouped[n], sl.take(src.tensors[n])), (rank, n)
+
+
+def test_engine_tp_the_engine_cannot_split_is_refused():
+    from megatron_opd.rollout.plan import check_engine_tp
+
+    arch = arch_for("llama")  # 4 query heads, 2 KV heads, FFN 160
+    check_engine_tp(arch, 4)  # K/V heads replicated
+    with pytest.raises(ValueError, match=r"rollout.tp=3: the engine cannot split num_attention_heads=4"):
+        check_engine_tp(arch, 3)
+    with pytest.raises(ValueError, match=r"rollout.tp=8: the engine cannot split num_attention_heads=4"):
+        check_engine_tp(arch, 8)
+
+
+def test_vocab_rows_are_local_when_both_paddings_split_alike():
+    from megatron_opd.rollout.plan import vocab_rows_local
+
+    for vocab, tp, local in [(32000, 2, True), (152064, 2, True), (151936, 2, False), (512, 2, True), (300, 2, False), (14, 2, True)]:
+        arch = arch_for("llama", vocab_size=vocab)
+        assert vocab_rows_local(arch, tp=tp, padded_vocab=padded_vocab_size(vocab, tp)) == local, vocab

@@ -95,3 +95,29 @@ def test_resume_reproduces_losses_bit_for_bit(task_dir, tmp_path):
     assert max(v[2] for v in a.values()) <= 1e-4
     names = sorted(p.name for p in (half / "checkpoints").iterdir())
     assert names == ["latest", "step_00000004"] or names == ["latest", "step_00000002", "step_00000004"]
+
+
+def _train_engine_tp(root: str, run_dir: str, engine_tp: int) -> dict:
+    from megatron_opd.train.loop import Trainer
+
+    extra = [f"rollout.tp={engine_tp}", "student.tp=1", "teacher.tp=1", "eval.every=2", "eval.num_prompts=6"]
+    trainer = Trainer(load_config(None, base_overrides(Path(root), Path(run_dir), 2) + extra))
+    last = trainer.train()
+    seqs = trainer.rollouts.for_step(5)
+    trainer.close()
+    return {"last": last, "prompts": sorted({s.prompt_index for s in seqs}), "dp_rank": trainer.mp.dp_rank}
+
+
+@pytest.mark.parametrize("engine_tp", [2, 1])
+def test_engine_groups_and_replicas(task_dir, tmp_path, engine_tp):
+    """Two TP1 student replicas, with one TP2 engine group over both (or a TP1 engine each): the
+    engines sample the world's prompts, each replica trains on its own, the rollout log-probs
+    match the trainer's after every sync."""
+    out = run_distributed(_train_engine_tp, 2, str(task_dir), str(tmp_path), engine_tp, timeout=900)
+    for r in out:
+        m = r["last"]
+        assert m["skipped_steps"] == 0 and m["rollout/logprob_abs_diff_max"] <= 1e-4, m
+        assert "eval/accuracy" in m
+    assert out[0]["last"]["loss"] == out[1]["last"]["loss"]  # metrics reduced over the world
+    a, b = (set(r["prompts"]) for r in sorted(out, key=lambda r: r["dp_rank"]))
+    assert a and b and not a & b and len(a) + len(b) == 16  # each replica its own 8 of the 16 prompts

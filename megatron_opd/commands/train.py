@@ -7,6 +7,7 @@ import os
 from megatron_opd.config import load_config
 from megatron_opd.train.dry_run import describe_layouts, dry_run
 from megatron_opd.train.loop import Trainer
+from megatron_opd.train.rehearsal import DeviceError
 from megatron_opd.utils import log0
 
 
@@ -14,7 +15,11 @@ def main(args) -> int:
     cfg = load_config(args.config, args.overrides)
     if args.dry_run:
         world = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
-        text, ok = dry_run(cfg, world)
+        try:
+            text, ok = dry_run(cfg, world, rehearse=getattr(args, "rehearse", True))
+        except DeviceError as e:  # what NCCL would refuse at step 0 on the GPUs
+            log0(f"dry run: the step's rehearsal failed: {e}")
+            return 1
         print(text)
         if not ok:
             log0("dry run: the plan does not fit (see the memory lines above)")

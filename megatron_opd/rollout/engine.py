@@ -20,15 +20,19 @@ import json
 import logging
 import os
 import tempfile
+import uuid
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
 import torch
+import torch.distributed as dist
 
 from megatron_opd import parallel
 from megatron_opd.models.config import ArchConfig
+from megatron_opd.models.family import VOCAB
+from megatron_opd.rollout.plan import engine_slice
 
 VLLM_ENV = {
     "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # engine core in this process
@@ -45,6 +49,37 @@ RELOAD_LOGGER = "vllm.model_executor.model_loader.reload.layerwise"
 # Python warnings vLLM's CPU build triggers on import (deprecated torch names it probes).
 VLLM_IMPORT_WARNINGS = (r".*torch\.distributed\.reduce_op.* is deprecated",)
 VLLM_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def _job_unique_cpu_shm_names() -> None:
+    """vLLM's CPU shared-memory communicator (engine TP > 1) names its ``/dev/shm`` segments after
+    the process group's init method, which is ``env://`` under ``external_launcher``: every job on
+    a host then asks for the same names, so a second job, or any job after one that crashed and
+    left its segments behind, fails with "create shm in SHMManager failed. errno: 17" (EEXIST).
+    Prefix the names with a token drawn by rank 0 for this job (collective over the world)."""
+    from vllm.distributed.device_communicators.cpu_communicator import _CPUSHMDistributed
+
+    if getattr(_CPUSHMDistributed.make_group_name, "job_token", None) is not None:
+        return
+    token = [uuid.uuid4().hex[:12] if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(token, src=0)
+
+    def job_group_name(communicator) -> str:  # vLLM's name, with the token for the ident
+        ranks = "-".join(str(r) for r in communicator.ranks)
+        return f"mopd{token[0]}-{communicator.unique_name}-[{ranks}]-cpushm"
+
+    job_group_name.job_token = token[0]
+    _CPUSHMDistributed.make_group_name = staticmethod(job_group_name)
+
+
+def _unlink_job_cpu_shm() -> None:
+    """Remove this job's ``/dev/shm`` segments (vLLM leaves them behind; mapped ones live on)."""
+    from vllm.distributed.device_communicators.cpu_communicator import _CPUSHMDistributed
+
+    token = getattr(_CPUSHMDistributed.make_group_name, "job_token", None)
+    if token is not None:
+        for path in Path("/dev/shm").glob(f"mopd{token}-*"):
+            path.unlink(missing_ok=True)
 
 
 def _configure_vllm() -> None:
@@ -162,8 +197,12 @@ class RolloutEngine:
     def __init__(self, arch: ArchConfig, *, dtype: torch.dtype = torch.float32,
                  kv_cache_bytes: int = 1 << 30, max_model_len: int | None = None, seed: int = 0,
                  model_dir: str | Path | None = None, max_num_seqs: int = 256,
-                 weights_bytes: int | None = None):
+                 weights_bytes: int | None = None, tp: int = 1):
         """``model_dir`` (optional) starts from real weights on disk instead of dummy ones.
+
+        ``tp`` is the engine's tensor-parallel size: the world is tiled into engine groups of
+        ``tp`` consecutive ranks, each group one engine holding one shard per rank (vLLM's layout
+        under ``external_launcher``); every rank of a group must make the same calls.
 
         On a GPU the engine is sized from what the trainer's models leave: ``weights_bytes`` (its
         copy of the model) plus the KV cache plus a workspace, as vLLM's memory fraction, and it
@@ -176,7 +215,21 @@ class RolloutEngine:
         self._reload_failures = _ReloadFailures()
         logging.getLogger(RELOAD_LOGGER).addFilter(self._reload_failures)
 
+        # vLLM joins torch.distributed's world (or makes one from torchrun's environment).
+        world, rank = ((dist.get_world_size(), dist.get_rank()) if dist.is_initialized()
+                       else (int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))))
+        if world % tp:
+            raise ValueError(f"rollout.tp={tp} does not divide the world size {world}")
         self.arch = arch
+        self.tp = tp
+        # Engine groups of `tp` consecutive ranks (vLLM's order: TP innermost).
+        self.group, self.num_groups = rank // tp, world // tp
+        self.is_group_leader = rank % tp == 0
+        # An engine rank whose vocabulary rows are all padding (a vocabulary smaller than
+        # 64 x (tp - 1)) loads nothing into its vocabulary layers, and vLLM reports them.
+        vocab = engine_slice(arch, VOCAB, 0, (arch.vocab_size, arch.hidden_size), engine_tp=tp,
+                             engine_rank=rank % tp)
+        self._vocab_padding_only = set() if vocab.size else {"VocabParallelEmbedding", "ParallelLMHead"}
         self.version = 0  # advances after every complete weight update
         self._tmp = None
         if model_dir is None:
@@ -191,8 +244,10 @@ class RolloutEngine:
             gpu = dict(gpu_memory_utilization=gpu_memory_fraction(engine_bytes=need, free_bytes=free,
                                                                   total_bytes=total),
                        enable_sleep_mode=True)
+        if tp > 1 and not parallel.cuda_available():
+            _job_unique_cpu_shm_names()
         self.llm = LLM(
-            **gpu,
+            **gpu, tensor_parallel_size=tp,
             model=str(model_dir), dtype=VLLM_DTYPES[dtype], enforce_eager=True,
             distributed_executor_backend="external_launcher",
             skip_tokenizer_init=True, seed=seed,
@@ -205,19 +260,28 @@ class RolloutEngine:
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
         """Load HF-named tensors (streamed; consumed once) into the engine; returns the new
         version. Tied models must include ``lm_head.weight`` (vLLM's head is a separate copy).
+        At ``tp`` > 1 every rank passes its engine rank's share of each tensor (the bridge's
+        :meth:`~megatron_opd.rollout.sync.WeightSync.iter_engine_shares`), which vLLM's loaders
+        then place without slicing (:func:`_load_shards`).
 
         Raises :class:`IncompleteWeightUpdate` (the version does not advance) when a layer of
         the engine received none of its tensors."""
         self._reload_failures.layers.clear()
+        if self.tp > 1:
+            self.llm.collective_rpc(_load_shards, args=(True,))
         # Whatever level vLLM's logging runs at (its start-up re-applies its configuration, which
         # resets this logger), the check needs the reload's warnings.
         reload_logger = logging.getLogger(RELOAD_LOGGER)
         reload_logger.setLevel(min(reload_logger.getEffectiveLevel(), logging.WARNING))
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(named_tensors)})
+        try:
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(named_tensors)})
+        finally:
+            if self.tp > 1:
+                self.llm.collective_rpc(_load_shards, args=(False,))
         if not self.llm.reset_prefix_cache():
             raise RuntimeError("vLLM refused to reset its prefix cache after a weight update "
                                "(requests still running?): cached prefixes would keep the old weights")
-        if self._reload_failures.layers:
+        if set(self._reload_failures.layers) - self._vocab_padding_only:
             raise IncompleteWeightUpdate(
                 f"weight update v{self.version + 1} left {len(self._reload_failures.layers)} engine "
                 f"layer(s) with their old weights: {sorted(set(self._reload_failures.layers))}")
@@ -273,6 +337,8 @@ class RolloutEngine:
 
     def close(self) -> None:
         logging.getLogger(RELOAD_LOGGER).removeFilter(self._reload_failures)
+        if self.tp > 1 and not parallel.cuda_available():
+            _unlink_job_cpu_shm()
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
@@ -287,6 +353,53 @@ def _scored(seq: list[int], prompt_logprobs, top_k: int) -> ScoredSequence:
             result.topk_ids.append([t for _, t, _ in best[:top_k]])
             result.topk_logprobs.append([v for _, _, v in best[:top_k]])
     return result
+
+
+def _share_rows_loader(param, loaded_weight) -> None:
+    """A vocabulary-parallel weight loader for a rank's own rows (vLLM's asserts the full
+    vocabulary and slices it): they go first, the padding rows are zero."""
+    param.data[: loaded_weight.shape[0]].copy_(loaded_weight)
+    param.data[loaded_weight.shape[0]:].fill_(0)
+
+
+def _load_shards(worker, on: bool) -> None:
+    """Run on each engine rank (``collective_rpc``): make the next weight reload take every
+    tensor as this rank's share (``on``), or full HF tensors again.
+
+    vLLM's linear layers skip their TP slicing for a parameter marked ``is_sharded_weight`` (and
+    still place q/k/v and gate/up in their fused parameters); vocabulary-parallel layers have no
+    such mark, so their loader is swapped; vLLM's own parameter classes (its ``weight_loader_v2``
+    route) slice at their ``tp_rank``, which reads 0 while shares load. A reload rebuilds each layer's parameters from the
+    metadata recorded when the model was built (vLLM's layerwise reload), so the marks go there.
+    """
+    from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
+    from vllm.model_executor.parameter import BasevLLMParameter
+    from vllm.model_executor.model_loader.reload.layerwise import LAYERWISE_INFO, _get_original_loader
+
+    for layer in worker.model_runner.get_model().modules():
+        info = LAYERWISE_INFO.get(layer)
+        if info is None:
+            continue
+        # A layer's bias is never rebuilt (vLLM keeps the live one): it is marked where it is.
+        tensors = dict(info.restore_metadata[0])
+        if isinstance(getattr(layer, "bias", None), torch.nn.Parameter):
+            tensors["bias"] = layer.bias
+        for name, meta in tensors.items():
+            if isinstance(layer, VocabParallelEmbedding) and name == "weight":
+                if on:
+                    meta.vllm_weight_loader = _get_original_loader(meta)
+                    meta.weight_loader = _share_rows_loader
+                elif hasattr(meta, "vllm_weight_loader"):
+                    meta.weight_loader = meta.vllm_weight_loader
+                continue
+            if getattr(meta, "output_dim", None) is not None or getattr(meta, "input_dim", None) is not None:
+                meta.is_sharded_weight = on
+            if isinstance(meta, BasevLLMParameter):  # its loaders slice at `tp_rank`, whatever the mark
+                if on:
+                    meta.vllm_tp_rank = meta.tp_rank
+                    meta.tp_rank = 0
+                elif hasattr(meta, "vllm_tp_rank"):
+                    meta.tp_rank = meta.vllm_tp_rank
 
 
 def shutdown_vllm_distributed() -> None:

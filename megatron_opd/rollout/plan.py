@@ -137,3 +137,104 @@ def plan_sync(arch: ArchConfig, *, tp: int, pp: int, padded_vocab: int, bucket_b
     if current:
         buckets.append(Bucket(items[current[0]].stage, tuple(current), numel))
     return SyncPlan(tuple(items), tuple(buckets), tp, pp)
+
+
+# --- engine shards ------------------------------------------------------------------------------
+# An engine of tensor-parallel size E holds, on engine rank e, vLLM's shard of every HF tensor.
+# vLLM's layers split them as megatron does (q/k/v by heads, gate/up by rows, o/down by columns),
+# with two differences the plan must follow: its vocabulary is padded to a multiple of 64 (not
+# 128 x TP), and with E > num_key_value_heads each K/V head is replicated on E / K ranks.
+
+VLLM_VOCAB_PADDING = 64  # vLLM's DEFAULT_VOCAB_PADDING_SIZE (VocabParallelEmbedding, ParallelLMHead)
+
+
+@dataclass(frozen=True)
+class EngineSlice:
+    """The part of one HF tensor an engine rank holds: ``size`` rows (``dim`` 0) or columns
+    (``dim`` 1) from ``start``; ``dim`` None: the whole tensor (replicated)."""
+
+    dim: int | None
+    start: int
+    size: int
+
+    def take(self, t):
+        return t if self.dim is None else t.narrow(self.dim, self.start, self.size)
+
+    def shape(self, full: tuple[int, ...]) -> tuple[int, ...]:
+        if self.dim is None:
+            return tuple(full)
+        return tuple(self.size if d == self.dim else n for d, n in enumerate(full))
+
+
+def check_engine_tp(arch: ArchConfig, engine_tp: int, what: str = "rollout.tp") -> None:
+    """Raise a ValueError naming ``what`` if vLLM cannot split ``arch`` over ``engine_tp`` ranks."""
+    if engine_tp < 1:
+        raise ValueError(f"{what} must be >= 1, got {engine_tp}")
+    k = arch.num_kv_heads
+    checks = (("num_attention_heads", arch.num_attention_heads % engine_tp == 0, arch.num_attention_heads),
+              ("intermediate_size", arch.ffn_hidden_size % engine_tp == 0, arch.ffn_hidden_size),
+              ("num_key_value_heads (or a multiple of it)", k % engine_tp == 0 or engine_tp % k == 0, k))
+    for name, ok, value in checks:
+        if not ok:
+            raise ValueError(f"{what}={engine_tp}: the engine cannot split {name}={value} over {engine_tp} ranks")
+
+
+def engine_slice(arch: ArchConfig, layout: str, index: int, full: tuple[int, ...], *, engine_tp: int,
+                 engine_rank: int) -> EngineSlice:
+    """Engine rank ``engine_rank``'s part of the ``index``-th HF tensor (shape ``full``) of a
+    family-table row laid out as ``layout``."""
+    if engine_tp == 1 or layout == REPLICATED:
+        return EngineSlice(None, 0, full[0])
+    if layout == ROW:
+        per = full[1] // engine_tp
+        return EngineSlice(1, engine_rank * per, per)
+    if layout == VOCAB:
+        per = math.ceil(arch.vocab_size / VLLM_VOCAB_PADDING) * VLLM_VOCAB_PADDING // engine_tp
+        start = min(engine_rank * per, arch.vocab_size)
+        return EngineSlice(0, start, min(start + per, arch.vocab_size) - start)
+    if layout == QKV and index > 0:  # k, v: whole heads, replicated when E > num_kv_heads
+        hd, k = arch.head_dim, arch.num_kv_heads
+        heads = max(1, k // engine_tp)
+        owner = engine_rank * k // engine_tp if engine_tp > k else engine_rank
+        return EngineSlice(0, owner * heads * hd, heads * hd)
+    per = full[0] // engine_tp  # COLUMN, GATE_UP (each half), q
+    return EngineSlice(0, engine_rank * per, per)
+
+
+def engine_slices(plan: SyncPlan, arch: ArchConfig, *, engine_tp: int, engine_rank: int) -> list[tuple[EngineSlice, ...]]:
+    """Per plan item, the slice of each of its HF tensors (then its aliases) that engine rank holds."""
+    out = []
+    for it in plan.items:
+        shapes = list(it.hf_shapes) + [it.hf_shapes[0]] * len(it.aliases)
+        indices = list(range(len(it.hf_names))) + [0] * len(it.aliases)  # an alias is a copy of tensor 0
+        out.append(tuple(engine_slice(arch, it.layout, j, s, engine_tp=engine_tp, engine_rank=engine_rank)
+                         for j, s in zip(indices, shapes)))
+    return out
+
+
+def engine_share_numel(plan: SyncPlan, arch: ArchConfig, *, engine_tp: int, engine_rank: int) -> int:
+    """Elements an engine rank receives per sync (the full-copy scheme: ``sum(hf_numel)``)."""
+    return sum(math.prod(sl.shape(s)) for it, sls in zip(plan.items, engine_slices(plan, arch, engine_tp=engine_tp,
+                                                                                    engine_rank=engine_rank))
+               for sl, s in zip(sls, list(it.hf_shapes) + [it.hf_shapes[0]] * len(it.aliases)))
+
+
+def local_engine_shares(plan: SyncPlan, *, engine_tp: int) -> bool:
+    """Whether every rank's engine share of the non-vocabulary tensors is in what it holds of the
+    model, so that they need no collective: one pipeline stage, and engine TP = trainer TP (the
+    engine groups are then the trainer's TP groups, rank for rank) or trainer TP 1 (every rank
+    holds whole tensors). At engine TP = trainer TP the vocabulary, padded differently by megatron
+    and vLLM, may cross ranks (:func:`vocab_rows_local`)."""
+    return plan.pp == 1 and plan.tp in (1, engine_tp)
+
+
+def vocab_rows_local(arch: ArchConfig, *, tp: int, padded_vocab: int) -> bool:
+    """Whether, at engine TP = trainer TP = ``tp``, every rank's engine vocabulary rows lie in its
+    own megatron shard (``padded_vocab`` / ``tp`` rows): true when the two paddings split the
+    vocabulary alike (e.g. 152064 or 32000 at TP 2), so the vocabulary needs no gather either."""
+    per = padded_vocab // tp
+    for rank in range(tp):
+        sl = engine_slice(arch, VOCAB, 0, (arch.vocab_size, arch.hidden_size), engine_tp=tp, engine_rank=rank)
+        if sl.size and not rank * per <= sl.start <= sl.start + sl.size <= (rank + 1) * per:
+            return False
+    return True

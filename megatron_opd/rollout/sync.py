@@ -7,10 +7,14 @@ stages of the pipeline. Every rank of a model replica ends up with every HF tens
 one bucket at a time, and hands them to its engine. Each bucket's buffers are dropped before the next:
 the extra memory of a sync is a few times the largest bucket (2x at TP1, 3.5-6.2x at TP2; see
 docs/weight_sync.md and tests/test_sync_memory.py), never a copy of the model.
+
+With engines of their own tensor parallelism (``engine_tp`` > 1), each rank hands its engine only
+its engine rank's share of every tensor (:meth:`WeightSync.iter_engine_shares`).
 """
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Iterator
@@ -20,7 +24,9 @@ import torch.distributed as dist
 
 from megatron_opd.models.builder import ShardedModel
 from megatron_opd.models.layout import hf_from_shards
-from megatron_opd.rollout.plan import SyncPlan, plan_sync
+from megatron_opd.models.family import VOCAB
+from megatron_opd.rollout.plan import (SyncPlan, check_engine_tp, engine_slices, local_engine_shares,
+                                       plan_sync, vocab_rows_local)
 
 
 @dataclass
@@ -38,9 +44,14 @@ class SyncStats:
 class WeightSync:
     """Streams ``model``'s weights to engines; collective over each model replica's ranks."""
 
-    def __init__(self, model: ShardedModel, *, bucket_bytes: int = 256 << 20):
+    def __init__(self, model: ShardedModel, *, bucket_bytes: int = 256 << 20, engine_tp: int = 1):
+        """``engine_tp``: the engines' tensor-parallel size; above 1 each rank sends its engine
+        only that engine rank's share of every tensor (:meth:`iter_engine_shares`)."""
         self.model = model
         mp = model.mp
+        check_engine_tp(model.arch, engine_tp)
+        self.engine_tp = engine_tp
+        self.engine_rank = dist.get_rank() % engine_tp
         self.plan: SyncPlan = plan_sync(model.arch, tp=mp.layout.tp, pp=mp.layout.pp,
                                         padded_vocab=model.padded_vocab_size, bucket_bytes=bucket_bytes,
                                         element_size=torch.finfo(model.config.params_dtype).bits // 8)
@@ -58,6 +69,10 @@ class WeightSync:
                                      f"model has {tuple(p.shape)}")
             self._params[i] = p
         self.dtype = model.config.params_dtype
+        self._slices = engine_slices(self.plan, model.arch, engine_tp=engine_tp, engine_rank=self.engine_rank)
+        self.local = engine_tp > 1 and local_engine_shares(self.plan, engine_tp=engine_tp)
+        self.vocab_local = self.local and self.plan.tp == engine_tp and vocab_rows_local(
+            model.arch, tp=engine_tp, padded_vocab=model.padded_vocab_size)
 
     def iter_hf_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield every HF tensor (bucket by bucket) on every rank of the replica, as views of the
@@ -115,6 +130,66 @@ class WeightSync:
                     yield name, t
             t = flat_hf = None
 
+    def iter_engine_shares(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield this rank's engine share of every HF tensor (the whole tensor at engine TP 1),
+        bucket by bucket, as views valid until the next bucket. Collective like
+        :meth:`iter_hf_tensors`.
+
+        One stage at engine TP = trainer TP, or trainer TP 1: each rank regroups its own shard (or
+        its whole tensors) into its shares, with no collective (a vocabulary that megatron and
+        vLLM pad differently is gathered per tensor at engine TP = trainer TP). Otherwise
+        the trainer's TP group gathers and the pipeline broadcasts the bucket's HF tensors, and
+        each rank keeps its slice of them."""
+        if self.engine_tp == 1:
+            yield from self.iter_hf_tensors()
+        elif self.local:
+            yield from self._iter_local_shares()
+        else:
+            slices = {n: sl for it, sls in zip(self.plan.items, self._slices)
+                      for n, sl in zip(it.hf_names + it.aliases, sls)}
+            for name, t in self.iter_hf_tensors():
+                yield name, slices[name].take(t)
+
+    def _iter_local_shares(self) -> Iterator[tuple[str, torch.Tensor]]:
+        mp = self.model.mp
+        whole = mp.layout.tp == 1  # every rank holds whole tensors and keeps its slices of them
+        device = next(iter(self.model.module.parameters())).device
+        for bucket in self.plan.buckets:
+            shapes = [[sl.shape(s) for sl, s in zip(self._slices[i], self.plan.items[i].hf_shapes
+                                                    + (self.plan.items[i].hf_shapes[0],) * len(self.plan.items[i].aliases))]
+                      for i in bucket.items]
+            flat = torch.empty(sum(math.prod(s) for ss in shapes for s in ss), dtype=self.dtype, device=device)
+            out = 0
+            for i, item_shapes in zip(bucket.items, shapes):
+                it, param = self.plan.items[i], self._params[i].detach()
+                if it.layout == VOCAB and self.vocab_local:  # this rank's rows, from its own shard
+                    sl = self._slices[i][0]
+                    own = param.narrow(0, sl.start - mp.tp_rank * param.shape[0], sl.size) if sl.size else param[:0]
+                    tensors = {n: own for n in it.hf_names}
+                elif it.layout == VOCAB and not whole:
+                    gathered = [torch.empty_like(param) for _ in range(mp.layout.tp)]
+                    dist.all_gather(gathered, param.contiguous(), group=mp.tp_group)
+                    tensors = hf_from_shards(it.row, it.hf_names, gathered, self.model.arch)
+                    gathered = None
+                else:
+                    tensors = hf_from_shards(it.row, it.hf_names, [param], self.model.arch)
+                for name, sl, shape in zip(it.hf_names + it.aliases, self._slices[i], item_shapes):
+                    n = math.prod(shape)
+                    part = tensors[it.hf_names[0] if name in it.aliases else name]
+                    if whole or (it.layout == VOCAB and not self.vocab_local):
+                        part = sl.take(part)
+                    flat[out:out + n].view(shape).copy_(part)
+                    out += n
+                tensors = part = None
+            out = 0
+            for i, item_shapes in zip(bucket.items, shapes):
+                it = self.plan.items[i]
+                for name, shape in zip(it.hf_names + it.aliases, item_shapes):
+                    n = math.prod(shape)
+                    yield name, flat[out:out + n].view(shape)
+                    out += n
+            flat = None
+
     def sync(self, engine=None) -> SyncStats:
         """Push the current weights into ``engine`` (None: this rank only helps the others)."""
         start = time.perf_counter()
@@ -123,7 +198,7 @@ class WeightSync:
 
         def counted():
             nonlocal count, nbytes
-            for name, t in self.iter_hf_tensors():
+            for name, t in self.iter_engine_shares():
                 count += 1
                 nbytes += t.numel() * t.element_size()
                 yield name, t

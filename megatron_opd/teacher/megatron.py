@@ -23,6 +23,7 @@ import torch.distributed as dist
 from megatron_opd import parallel
 from megatron_opd.checkpoint.load import load_model
 from megatron_opd.losses import token_logprobs, topk_logprobs
+from megatron_opd.models.builder import ShardedModel
 from megatron_opd.models.packing import packed_inputs, row_padding, token_multiple
 from megatron_opd.models import schedule
 from megatron_opd.parallel import ModelParallel, ParallelLayout
@@ -53,36 +54,49 @@ def _unwire(w: dict, device, multiple_of: int) -> dict:
     return mb
 
 
+def exchange_micro_batches(my_micro_batches: list[dict], student: ModelParallel) -> list[tuple[int, int, dict]]:
+    """Every student replica's micro-batches, known everywhere (token ids only: small), as
+    ``(student dp rank, index in the replica, wire)`` in that order. Collective over the world."""
+    share = (student.dp_rank, [_wire(mb) for mb in my_micro_batches]) \
+        if dist.get_rank(student.mp_group) == 0 else None
+    everything = [None] * dist.get_world_size()
+    dist.all_gather_object(everything, share)
+    work = []
+    for item in everything:
+        if item is not None:
+            d, mbs = item
+            work.extend((d, i, w) for i, w in enumerate(mbs))
+    work.sort(key=lambda x: (x[0], x[1]))
+    return work
+
+
 class MegatronTeacher:
     """A frozen megatron teacher on its own process groups. Collective: every rank builds it."""
 
-    def __init__(self, path: str, layout: ParallelLayout, *, need: Need, top_k: int = 0,
-                 temperature: float = 1.0, seed: int = 1234, params_dtype: torch.dtype = torch.float32):
-        self.mp: ModelParallel = parallel.build_model_parallel(layout, what="teacher")
-        self.model = load_model(path, self.mp, seed=seed, params_dtype=params_dtype)
+    def __init__(self, model: ShardedModel, *, need: Need, top_k: int = 0, temperature: float = 1.0):
+        """``model``: the teacher, built on process groups of its own (``model.mp``)."""
+        self.mp: ModelParallel = model.mp
+        self.model = model
         self.model.module.eval()
         for p in self.model.module.parameters():
             p.requires_grad_(False)
         self.need, self.top_k, self.temperature = need, top_k, temperature
         self.arch = self.model.arch
 
+    @classmethod
+    def load(cls, path: str, layout: ParallelLayout, *, need: Need, top_k: int = 0, temperature: float = 1.0,
+             seed: int = 1234, params_dtype: torch.dtype = torch.float32) -> "MegatronTeacher":
+        """The teacher at ``path`` (HF or megatron_opd checkpoint) on fresh groups for ``layout``."""
+        mp = parallel.build_model_parallel(layout, what="teacher")
+        return cls(load_model(path, mp, seed=seed, params_dtype=params_dtype), need=need, top_k=top_k,
+                   temperature=temperature)
+
     @torch.no_grad()
     def signals(self, my_micro_batches: list[dict], student: ModelParallel) -> list[TeacherSignal | None]:
         """Teacher signals for this student replica's micro-batches; real on the student's last
         stage (None elsewhere). Collective over the whole world."""
         device = parallel.device()
-        world = dist.get_world_size()
-        # Every replica's micro-batches, known everywhere (token ids only: small).
-        share = (student.dp_rank, [_wire(mb) for mb in my_micro_batches]) \
-            if dist.get_rank(student.mp_group) == 0 else None
-        everything = [None] * world
-        dist.all_gather_object(everything, share)
-        work = []  # (student dp rank, local index, wire)
-        for item in everything:
-            if item is not None:
-                d, mbs = item
-                work.extend((d, i, w) for i, w in enumerate(mbs))
-        work.sort(key=lambda x: (x[0], x[1]))
+        work = exchange_micro_batches(my_micro_batches, student)
         tmp = self.mp
         mine = [k for k in range(len(work)) if k % tmp.dp_size == tmp.dp_rank]
         multiple = token_multiple(self.model.config)

@@ -1,6 +1,6 @@
 """A step's training sequences for one data-parallel replica: its share of the step's prompts,
-on-policy rollouts from the student's engines (spread over the replica's ranks, multi-turn with an
-environment), off-policy completions from the dataset or from the teacher's engine."""
+on-policy rollouts from the student's engines (the world's prompts spread over the engine groups,
+multi-turn with an environment), off-policy completions from the dataset or from the teacher's engine."""
 
 from __future__ import annotations
 
@@ -60,19 +60,24 @@ def _sample_turns(engine: RolloutEngine, records: list[PromptRecord], sampling: 
     return seqs
 
 
-def distributed_rollouts(engine: RolloutEngine, records: list[PromptRecord], sampling: SamplingConfig,
-                         mp: ModelParallel, *, environment=None, max_turns: int = 1,
+def distributed_rollouts(engine: RolloutEngine, records: list[PromptRecord], sampling: SamplingConfig, *,
+                         owners: list[int], mine: int, environment=None, max_turns: int = 1,
                          max_total_tokens: int) -> list[Sequence]:
-    """Sample for ``records`` using every engine of the replica (each rank of the model's
-    tensor x pipeline group holds one), then share the results within the replica."""
-    group = mp.mp_group
-    size = dist.get_world_size(group)
-    me = dist.get_rank(group)
-    mine = _sample_turns(engine, records[me::size], sampling, environment=environment,
-                         max_turns=max_turns, max_total_tokens=max_total_tokens)
-    gathered = [None] * size
-    dist.all_gather_object(gathered, mine, group=group)
-    out = [s for part in gathered for s in part]
+    """Sample for the whole world's ``records`` (``owners[i]``: the data-parallel replica that
+    trains on record i) spread over the engine groups (each group of ``engine.tp`` ranks runs one
+    engine and samples every ``num_groups``-th record), then hand every replica its own (``mine``).
+
+    Every request's seed derives from its prompt's index, so what a prompt gets does not depend on
+    which engine drew it."""
+    owner = {r.index: d for r, d in zip(records, owners)}
+    if len(owner) != len(records):
+        raise AssertionError("a step's prompts must have distinct indices")
+    drawn = _sample_turns(engine, records[engine.group::engine.num_groups], sampling, environment=environment,
+                          max_turns=max_turns, max_total_tokens=max_total_tokens)
+    gathered = [None] * dist.get_world_size()
+    # The ranks of an engine group hold the same samples: one of them sends them.
+    dist.all_gather_object(gathered, drawn if engine.is_group_leader else [])
+    out = [s for part in gathered for s in part if owner[s.prompt_index] == mine]
     return sorted(out, key=lambda s: (s.prompt_index, s.sample_index))
 
 
@@ -138,42 +143,49 @@ class Rollouts:
         return self.for_steps([step])[0]
 
     def for_steps(self, steps: list[int]) -> list[list[Sequence]]:
-        """The sequences of each of ``steps`` from one generation (``rollout.steps_per_generation``):
-        every step's own prompts and on-policy flags, sampled together with the first step's
-        sampling seed. Within the generation a prompt is keyed by ``offset * num_records + index``
+        """This replica's sequences of each of ``steps`` from one generation
+        (``rollout.steps_per_generation``): every step's own prompts and on-policy flags, sampled
+        together with the first step's sampling seed; collective over the world (engine groups may
+        span replicas). Within the generation a prompt is keyed by ``offset * num_records + index``
         (its request seed derives from that key), so a prompt drawn by two of the steps is sampled
         twice; for one step the key is the prompt's index."""
         num_records = len(self.prompts.records)
-        onp, off = [], []
+        onp, off = [], []  # (keyed record, the replica that trains on it)
         for offset, step in enumerate(steps):
-            records, on_policy = self.prompts.for_replica(step, dp_rank=self.mp.dp_rank, dp_size=self.mp.dp_size)
-            for r, flag in zip(records, on_policy):
-                (onp if flag else off).append(replace(r, index=offset * num_records + r.index))
+            for d in range(self.mp.dp_size):
+                records, flags = self.prompts.for_replica(step, dp_rank=d, dp_size=self.mp.dp_size)
+                for r, flag in zip(records, flags):
+                    (onp if flag else off).append((replace(r, index=offset * num_records + r.index), d))
         sampling = self.rollout.sampling(seed=self.prompts.seed, step=steps[0], stop_token_ids=self.stop_token_ids)
-        seqs = self._sample(self.student_engine, onp, sampling) if onp else []
-        by_key = {r.index: r for r in onp}
+        mine = self.mp.dp_rank
+        by_key = {r.index: r for r, _ in onp + off}
+        seqs = self._sample(self.student_engine, onp, sampling)
         for s in seqs:
             s.weight = _weight(by_key[s.prompt_index], self.weight_field)
-        if off and self.rollout.offpolicy_source == "dataset":
-            seqs += offpolicy_from_dataset(off, weight_field=self.weight_field)
-        elif off:
+        my_off = [r for r, d in off if d == mine]
+        if my_off and self.rollout.offpolicy_source == "dataset":
+            seqs += offpolicy_from_dataset(my_off, weight_field=self.weight_field)
+        elif off and self.rollout.offpolicy_source == "teacher":
             teacher_seqs = self._sample(self.teacher_engine, off, sampling)
             for s in teacher_seqs:
                 s.on_policy = False
                 s.rollout_logprobs = None  # the teacher's, not the student's: no mismatch metric
             seqs += teacher_seqs
         if self.verifier is not None:
-            records = {r.index: r for r in onp + off}
             for s in seqs:
-                self.verifier(s, records[s.prompt_index])
+                self.verifier(s, by_key[s.prompt_index])
         if self.aligner is not None:
-            align_to_teacher(self.aligner, seqs, onp + off, step=steps[0])
+            align_to_teacher(self.aligner, seqs, list(by_key.values()), step=steps[0])
         per_step: list[list[Sequence]] = [[] for _ in steps]
         for s in seqs:
             offset, s.prompt_index = divmod(s.prompt_index, num_records)
             per_step[offset].append(s)
         return per_step
 
-    def _sample(self, engine: RolloutEngine, records: list[PromptRecord], sampling: SamplingConfig) -> list[Sequence]:
-        return distributed_rollouts(engine, records, sampling, self.mp, environment=self.environment,
+    def _sample(self, engine: RolloutEngine, tagged: list[tuple[PromptRecord, int]],
+                sampling: SamplingConfig) -> list[Sequence]:
+        if not tagged:
+            return []
+        return distributed_rollouts(engine, [r for r, _ in tagged], sampling, owners=[d for _, d in tagged],
+                                    mine=self.mp.dp_rank, environment=self.environment,
                                     max_turns=self.rollout.max_turns, max_total_tokens=self.max_total_tokens)

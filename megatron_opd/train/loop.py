@@ -146,12 +146,14 @@ class Trainer:
         self.engine = engine or r.start_engine(self.arch, dtype=cfg.student.params_dtype,
                                                max_model_len=max_total_tokens, seed=cfg.train.seed)
         self._own_engine = engine is None
-        self.sync = WeightSync(self.student, bucket_bytes=r.bucket_bytes)
+        if self.engine.tp != r.tp:
+            raise ValueError(f"rollout.tp={r.tp}, but the engine passed in runs at tensor-parallel size {self.engine.tp}")
+        self.sync = WeightSync(self.student, bucket_bytes=r.bucket_bytes, engine_tp=r.tp)
         self.teacher_engine = None
         if any(ph.config.rollout.uses_teacher_samples for ph in self.phases):  # in process (Config.validate)
             self.teacher_engine = r.start_engine(self.teacher.model.arch, dtype=cfg.teacher.params_dtype,
                                                  max_model_len=max_total_tokens, seed=cfg.train.seed + 1)
-            WeightSync(self.teacher.model, bucket_bytes=r.bucket_bytes).sync(self.teacher_engine)
+            WeightSync(self.teacher.model, bucket_bytes=r.bucket_bytes, engine_tp=r.tp).sync(self.teacher_engine)
         self.rollouts = []  # one per phase: its sampling, lmbda and off-policy source
         for ph in self.phases:
             pr = ph.config.rollout
@@ -269,14 +271,16 @@ class Trainer:
     # --- evaluation, checkpoints, the run --------------------------------------------------------
 
     def evaluate(self) -> dict:
-        """Greedy task accuracy on the held-out prompts, spread over every rank's engine."""
+        """Greedy task accuracy on the held-out prompts, spread over the engine groups."""
         e = self.cfg.eval
         if not self.eval_records:
             return {}
-        mine = self.eval_records[dist.get_rank()::dist.get_world_size()]
+        mine = self.eval_records[self.engine.group::self.engine.num_groups]
         correct = count_correct(self.engine, mine, self.tokenizer, metric=e.metric,
                                 max_new_tokens=e.max_new_tokens, stop_token_ids=self.stop_ids)
-        counts = torch.tensor([float(correct), float(len(mine))], dtype=torch.float64, device=parallel.device())
+        counted = self.engine.is_group_leader  # the ranks of an engine group share its answers
+        counts = torch.tensor([float(correct * counted), float(len(mine) * counted)], dtype=torch.float64,
+                              device=parallel.device())
         dist.all_reduce(counts)
         return {"eval/accuracy": counts[0].item() / max(counts[1].item(), 1.0)}
 

@@ -3,11 +3,14 @@
 A planning estimate, not a measurement: parameter and optimizer bytes are exact for the layout and
 the models' dtypes (``student.dtype``, ``teacher.dtype``: fp32, or bf16 with fp32 main parameters
 in the optimizer; gradients are reduced in fp32 either way);
-activations follow Korthikanti et al. (2022) for a transformer layer with flash attention and
-sequence parallelism (about 34 bytes x tokens x hidden / TP per layer, for the micro-batches a
-1F1B pipeline keeps in flight): linear in the tokens of a packed micro-batch, which is a THD pack
-with no [L, L] mask or score matrix (TE's attention, or ours per sequence); logits count the student's shard, its gradient and the chunked
-loss's temporaries (the teacher's shard waits on the CPU between phases).
+activations count what a decoder layer keeps for its backward (:func:`layer_activation_bytes`, for
+the micro-batches a 1F1B pipeline keeps in flight): linear in the tokens of a packed micro-batch,
+which is a THD pack with no [L, L] mask (attention per sequence); attention scores come on top only
+where a sequence's attention runs torch's math kernel (:func:`attention_score_bytes`), and then per
+sequence, bounded by the longest sequence, never by the pack. Logits count the student's shard, its
+gradient and the chunked loss's temporaries (the teacher's shard waits on the CPU between phases).
+The constants were fitted to the dry run's rehearsal of the real step on fake tensors
+(``train/rehearsal.py``).
 """
 
 from __future__ import annotations
@@ -18,6 +21,48 @@ from megatron_opd.models.config import ArchConfig, padded_vocab_size, params_dty
 from megatron_opd.teacher.signals import Need
 
 GiB = 1 << 30
+# Attention runs once per sequence of a THD pack (models/varlen.py). A causal bf16/fp16 sequence
+# runs flash attention on CUDA (O(L): output and log-sum-exp); a sequence longer than a sliding
+# window (which takes a mask) or an fp32 model runs torch's math kernel, which keeps fp32 scores
+# [heads/TP, s, s] of every sequence and layer for the backward, and about twice one sequence's
+# while it runs (bytes per score element, as the dry run's rehearsal measured on torch's kernels:
+# the fp32 softmax plus the mask's share).
+MATH_ATTENTION_KEPT = 4.75
+MATH_ATTENTION_PEAK = 9.5
+
+
+def layer_activation_bytes(arch: ArchConfig, *, tp: int, bpe: int) -> float:
+    """Bytes a decoder layer keeps per token for its backward (megatron's local spec, no sequence
+    parallelism, THD packs): h-wide tensors that every TP rank holds whole (the inputs of both
+    norms and of the QKV and FC1 linears, the torch norms' fp32 intermediates), the TP shards of
+    q/k/v and the attention's output, and the MLP's f-wide shards (FC1's gate/up, the activation,
+    their product). The h- and f-wide counts (10.5 and 5.3 values of the parameter dtype) are fitted
+    to the dry run's rehearsal of Qwen2.5-1.5B at TP2 and Llama-3.1-8B at TP8 on 16384-token packs.
+    Attention scores come on top where the math kernel runs (:func:`attention_score_bytes`)."""
+    h, f = arch.hidden_size, arch.ffn_hidden_size
+    q, kv = arch.num_attention_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim
+    return bpe * (10.5 * h + (2 * q + 2 * kv) / tp + 5.3 * f / tp)
+
+
+def runs_math_attention(arch: ArchConfig, dtype_name: str, longest: int) -> bool:
+    """Whether a sequence of up to ``longest`` tokens runs attention with torch's math kernel (fp32
+    scores) rather than flash attention: a mask (the sliding window is shorter than the sequence),
+    a dtype flash attention does not take, or a head too wide for it."""
+    windowed = arch.sliding_window is not None and longest > arch.sliding_window
+    return windowed or bytes_per_parameter(dtype_name) != 2 or arch.head_dim > 256
+
+
+def attention_score_bytes(arch: ArchConfig, *, tp: int, lengths: list[int], per_element: float) -> float:
+    """Score bytes of one layer's math-kernel attention over sequences of ``lengths`` tokens."""
+    return per_element * arch.num_attention_heads / tp * sum(n * n for n in lengths)
+
+
+def worst_pack(tokens: int, longest: int) -> list[int]:
+    """Sequence lengths of the micro-batch with the most attention work: sequences of the longest
+    shape filling ``tokens`` (``data.micro_batch_tokens``), or one longer sequence alone."""
+    if longest >= tokens:
+        return [longest]
+    return [longest] * (tokens // longest) + ([tokens % longest] if tokens % longest else [])
 
 
 def parameter_count(arch: ArchConfig, *, tp: int, pp: int, stage: int) -> int:
@@ -71,17 +116,26 @@ def estimate(cfg, student: ArchConfig, teacher: ArchConfig | None, *, world_size
     p = parameter_count(student, tp=s.tp, pp=s.pp, stage=worst)
     optim_shard = dp if cfg.optim.use_distributed_optimizer else 1
     in_flight = s.pp  # 1F1B keeps up to pp micro-batches of activations on the first stage
-    # 34 bytes per token and hidden unit is Korthikanti's count for 2-byte activations.
-    acts = 34 * bpe / 2 * tokens * student.hidden_size / s.tp * (student.num_layers // s.pp) * in_flight
+    layers = student.num_layers // s.pp
+    longest = cfg.data.max_prompt_tokens + cfg.rollout.max_turns * cfg.rollout.max_new_tokens
+    lengths = worst_pack(tokens, longest)
+    tokens = sum(lengths)  # a sequence longer than a micro-batch gets a pack of its own
+    acts = layer_activation_bytes(student, tp=s.tp, bpe=bpe) * tokens * layers * in_flight
+    if runs_math_attention(student, s.dtype, longest):
+        kept = attention_score_bytes(student, tp=s.tp, lengths=lengths, per_element=MATH_ATTENTION_KEPT)
+        running = attention_score_bytes(student, tp=s.tp, lengths=lengths[:1], per_element=MATH_ATTENTION_PEAK)
+        acts += kept * layers * in_flight + running - running * MATH_ATTENTION_KEPT / MATH_ATTENTION_PEAK
     v_local = padded_vocab_size(student.vocab_size, s.tp) // s.tp
     chunk = cfg.loss.chunk_size or max(1, (1 << 24) // v_local)
-    temporaries = 6 * min(chunk, tokens) * v_local * 4
     if cfg.loss.fused_linear:  # logits exist one chunk at a time; the hidden-state gradient instead
+        # fp32 chunk buffers (logits, their gradient, the loss's) and the fp32 weight gradient it
+        # accumulates: 2.2 chunks and 1.6 weight shards, as measured by the dry run's rehearsal
+        temporaries = 2.2 * min(chunk, tokens) * v_local * 4 + 1.6 * v_local * student.hidden_size * 4
         logits = tokens * student.hidden_size * 4 + temporaries
     else:  # the logits shard, its gradient, the loss's chunk temporaries
-        logits = tokens * v_local * (bpe + 4) + temporaries
-    # the colocated engine (TP 1 per rank) holds the whole student
-    engine = parameter_count(student, tp=1, pp=1, stage=0) * bpe + cfg.rollout.kv_cache_gb * GiB
+        logits = tokens * v_local * (bpe + 4) + 6 * min(chunk, tokens) * v_local * 4
+    # the colocated engine holds 1/rollout.tp of the student per GPU
+    engine = parameter_count(student, tp=cfg.rollout.tp, pp=1, stage=0) * bpe + cfg.rollout.kv_cache_gb * GiB
     rows = [MemoryRow("student (+ colocated rollout engine)", p * bpe / GiB, p * 4 / GiB,
                       p * optimizer_bytes_per_parameter(s.dtype) / optim_shard / GiB, acts / GiB,
                       logits / GiB, engine / GiB)]
@@ -90,7 +144,12 @@ def estimate(cfg, student: ArchConfig, teacher: ArchConfig | None, *, world_size
         bpe = bytes_per_parameter(t.dtype)
         tw = max(range(t.pp), key=lambda st: parameter_count(teacher, tp=t.tp, pp=t.pp, stage=st))
         tp_params = parameter_count(teacher, tp=t.tp, pp=t.pp, stage=tw)
-        t_acts = 2 * tokens * teacher.hidden_size * bpe / t.tp * 4  # forward only: a few live layers
+        # forward only: one layer's live h-wide tensors, the norms' fp32 intermediates and the MLP's
+        # f-wide shards (8.6 and 3.25 values per token: fitted to the rehearsal of Qwen2.5-7B at TP2
+        # and Llama-3.1-70B at TP8)
+        t_acts = bpe * tokens * (8.6 * teacher.hidden_size + 3.25 * teacher.ffn_hidden_size / t.tp)
+        if runs_math_attention(teacher, t.dtype, longest):  # forward only: one sequence's scores at a time
+            t_acts += attention_score_bytes(teacher, tp=t.tp, lengths=lengths[:1], per_element=MATH_ATTENTION_PEAK)
         t_logits = 0.0 if cfg.loss.fused_linear else tokens * (padded_vocab_size(teacher.vocab_size, t.tp) // t.tp) * bpe
         rows.append(MemoryRow("teacher (frozen, forward only)", tp_params * bpe / GiB, 0.0, 0.0,
                               t_acts / GiB, t_logits / GiB, 0.0))
@@ -121,7 +180,8 @@ FIT_HINTS = {
     "activations": "fewer tokens per micro-batch (data.micro_batch_tokens) or more model parallelism "
                    "(student.tp, student.pp)",
     "logits": "loss.fused_linear=true, a smaller data.micro_batch_tokens, or a larger student.tp",
-    "engine": "a smaller rollout.kv_cache_gb",
+    "engine": "a larger rollout.tp (each GPU then holds 1/rollout.tp of the engine's weights) or a smaller "
+              "rollout.kv_cache_gb",
     "optimizer": "optim.use_distributed_optimizer=true, or a larger student.tp / student.pp",
 }
 
