@@ -103,7 +103,7 @@ def _train_engine_tp(root: str, run_dir: str, engine_tp: int) -> dict:
     extra = [f"rollout.tp={engine_tp}", "student.tp=1", "teacher.tp=1", "eval.every=2", "eval.num_prompts=6"]
     trainer = Trainer(load_config(None, base_overrides(Path(root), Path(run_dir), 2) + extra))
     last = trainer.train()
-    seqs = trainer.rollouts.for_step(5)
+    seqs = trainer.rollouts[0].for_step(5)  # phase 0, the only one
     trainer.close()
     return {"last": last, "prompts": sorted({s.prompt_index for s in seqs}), "dp_rank": trainer.mp.dp_rank}
 
