@@ -3,8 +3,10 @@
 megatron-core 0.16.1 assumes a GPU in a few places that have nothing to do with the math:
 `torch.cuda.current_device()` as an allocation device, `torch.cuda.synchronize()`, about a dozen
 modules that allocate with a hard-coded ``device="cuda"``, a gradient-clipping helper that asserts
-CUDA tensor types, and an RNG tracker built on the CUDA generator. This module routes all of them
-to the CPU. It patches private internals, so megatron-core is pinned exactly and
+CUDA tensor types, and an RNG tracker built on the CUDA generator; in mixture-of-experts layers,
+the router's gemm reads Transformer Engine's ``te_general_gemm`` (undefined without TE) and the
+all-to-all token dispatcher moves its split sizes to the host on a side CUDA stream. This module
+routes all of them to the CPU. It patches private internals, so megatron-core is pinned exactly and
 ``tests/test_cpu_compat.py`` is the canary that fails loudly when an upgrade breaks a shim.
 """
 
@@ -50,12 +52,16 @@ def _cpu_device(device):
 
 class _CpuTorch(types.ModuleType):
     """Stand-in for the ``torch`` name inside one megatron module: factory calls that ask for
-    ``device="cuda"`` get the CPU; everything else is torch itself."""
+    ``device="cuda"`` get the CPU; with ``cuda``, ``torch.cuda`` is that namespace instead;
+    everything else is torch itself."""
 
-    def __init__(self):
+    def __init__(self, cuda: types.SimpleNamespace | None = None):
         super().__init__("torch")
+        self._cuda = cuda
 
     def __getattr__(self, name):
+        if name == "cuda" and self._cuda is not None:
+            return self._cuda
         attr = getattr(torch, name)
         if name in _FACTORIES:
             def factory(*args, __f=attr, **kwargs):
@@ -122,6 +128,38 @@ class CpuRNGStatesTracker:
                 orig = self.states_[orig_name]
             torch.set_rng_state(orig)
             self._current_state_name = orig_name
+
+
+class _HostStream:
+    """A CUDA stream (and its events) on the CPU, where every operation is already synchronous."""
+
+    def wait_stream(self, stream) -> None:
+        pass
+
+    def record_event(self, event=None) -> "_HostStream":
+        return self
+
+    def synchronize(self) -> None:
+        pass
+
+
+_HOST_STREAM = _HostStream()
+
+# What megatron's all-to-all token dispatcher uses of torch.cuda (its host copies of the split
+# sizes run on a side stream).
+_DISPATCHER_CUDA = types.SimpleNamespace(
+    Stream=lambda *args, **kwargs: _HostStream(),
+    current_stream=lambda *args, **kwargs: _HOST_STREAM,
+    stream=lambda stream: contextlib.nullcontext(),
+)
+
+
+def _to_host(tensor, as_numpy: bool = False, record_stream: bool = False):
+    """megatron's ``maybe_move_tensor_to_cpu`` for tensors already on the CPU: what the CUDA path
+    hands on (NumPy split sizes where asked), without the device copy."""
+    if torch.is_tensor(tensor) and as_numpy:
+        return tensor.numpy()
+    return tensor
 
 
 def _clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decoupled_grad=False):
@@ -194,6 +232,16 @@ def apply() -> None:
     random._set_cuda_rng_state = _set_cpu_rng_state
     random._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
     random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+
+    if getattr(moe_utils, "HAVE_TE", False) or hasattr(moe_utils, "te_general_gemm") \
+            or token_dispatcher.torch is not torch:
+        raise RuntimeError("cpu_compat: megatron-core's MoE modules changed (te_general_gemm or the "
+                           "dispatcher's torch); re-check the shims against this megatron-core version")
+    moe_utils.te_general_gemm = None  # the router's gemm falls back to torch.mm
+    token_dispatcher.torch = _CpuTorch(cuda=_DISPATCHER_CUDA)
+    token_dispatcher.maybe_move_tensor_to_cpu = _to_host
     _applied = True
 
 
