@@ -122,6 +122,42 @@ def _expert_pattern(row: Param) -> re.Pattern:
     return re.compile(re.escape(before) + r"(\d+)" + re.escape(after))
 
 
+class TorchRMSNorm(torch.nn.RMSNorm):
+    """megatron's local-spec norm (``WrappedTorchNorm`` builds this same torch RMSNorm) that also
+    runs under sequence parallelism: its weight carries megatron's ``sequence_parallel`` mark, so
+    ``finalize_model_grads`` sums the gradients of the TP ranks' sequence shards."""
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5, **unused):
+        if config.normalization != "RMSNorm":
+            raise AssertionError(f"TorchRMSNorm built for normalization={config.normalization}")
+        super().__init__(normalized_shape=hidden_size, eps=eps)
+        self.weight.sequence_parallel = config.sequence_parallel
+
+
+def _local_block_spec(arch: ArchConfig, *, num_layers: int):
+    """megatron's local (no Transformer Engine) layer spec for ``num_layers`` layers with every
+    norm a :class:`TorchRMSNorm` (megatron's own refuses sequence parallelism, which MoE layers
+    need for training at TP > 1)."""
+    import dataclasses
+
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.spec_utils import ModuleSpec
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+
+    def swap(node):
+        if node is WrappedTorchNorm:
+            return TorchRMSNorm
+        if isinstance(node, ModuleSpec) or (dataclasses.is_dataclass(node) and not isinstance(node, type)):
+            return dataclasses.replace(node, **{f.name: swap(getattr(node, f.name))
+                                                for f in dataclasses.fields(node) if f.init})
+        return node
+
+    layer = get_gpt_layer_local_spec(num_experts=arch.num_experts or None, moe_grouped_gemm=False,
+                                     qk_layernorm=arch.family.qk_norm, normalization="RMSNorm")
+    return TransformerBlockSubmodules(layer_specs=[swap(layer)] * num_layers, layer_norm=TorchRMSNorm)
+
+
 def build_model(arch: ArchConfig, mp: ModelParallel, *, params_dtype: torch.dtype = torch.float32,
                 padded_vocab: int | None = None, initialize: bool = True,
                 recompute: bool = False, sequence_parallel: bool = False,
@@ -150,10 +186,7 @@ def build_model(arch: ArchConfig, mp: ModelParallel, *, params_dtype: torch.dtyp
         spec = get_gpt_layer_with_transformer_engine_spec(num_experts=num_experts, moe_grouped_gemm=False,
                                                           qk_layernorm=arch.family.qk_norm)
     else:
-        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-
-        spec = get_gpt_layer_local_spec(num_experts=num_experts, moe_grouped_gemm=False,
-                                        qk_layernorm=arch.family.qk_norm, normalization="RMSNorm")
+        spec = _local_block_spec(arch, num_layers=arch.num_layers // pp)
     if padded_vocab is None:
         padded_vocab = padded_vocab_size(arch.vocab_size, tp)
     if padded_vocab % tp or padded_vocab < arch.vocab_size:

@@ -239,7 +239,7 @@ def transformer_config(arch: ArchConfig, *, tp: int, pp: int, params_dtype: torc
     ``ep`` ways, each split ``etp`` ways; ``None``: ``tp``).
 
     On CPU, what megatron-core cannot do there is refused with a message naming the setting:
-    bf16/fp16 parameters, sequence parallelism. ``batch_p2p_comm`` is always off on CPU: with
+    bf16/fp16 parameters. ``batch_p2p_comm`` is always off on CPU: with
     gloo it silently produces wrong gradients under interleaved pipelines.
     ``moe_aux_loss_coeff`` > 0 adds megatron's load-balancing loss (off by default: a distilled
     student follows its teacher's routing, not a balance target).
@@ -255,9 +255,6 @@ def transformer_config(arch: ArchConfig, *, tp: int, pp: int, params_dtype: torc
     if not on_gpu:
         if params_dtype != torch.float32:
             raise ValueError(f"params_dtype={params_dtype} needs CUDA; on CPU use fp32")
-        if sequence_parallel:
-            raise ValueError("sequence_parallel=True needs CUDA (megatron's local-spec norm "
-                             "rejects it); set it to false on CPU")
     window = None
     if arch.sliding_window is not None and arch.sliding_window < arch.max_position_embeddings:
         # HF: query i sees keys j with i - sliding_window < j <= i.
