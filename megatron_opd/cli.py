@@ -19,6 +19,7 @@ def _score_parser(sub) -> None:
     p.add_argument("--top-k", type=int, default=0, help="also write the K best ids and log-probs")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
     p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
+    p.add_argument("--ep", type=int, default=1, help="expert-parallel size (mixture-of-experts models)")
     p.add_argument("--max-tokens", type=int, default=4096, help="tokens per micro-batch")
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
 
@@ -39,6 +40,8 @@ def _convert_parser(sub) -> None:
     for q in (a, b):
         q.add_argument("--tp", type=int, default=1, help="tensor-parallel size of this run")
         q.add_argument("--pp", type=int, default=1, help="pipeline-parallel size of this run")
+        q.add_argument("--ep", type=int, default=1,
+                       help="expert-parallel size of this run (mixture-of-experts models)")
         q.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
                        help="stored dtype (default: the source checkpoint's)")
         q.add_argument("--force", action="store_true", help="replace a non-empty output directory")

@@ -71,6 +71,17 @@ def make_micro_batches(sequences: list[list[int]], indices: list[int], *, max_to
     return batches
 
 
+def filler_micro_batches(batches: list[dict], mp, *, device: torch.device) -> list[dict]:
+    """Micro-batches that score nothing, so that every data-parallel replica runs as many as the
+    busiest: expert-parallel ranks sit in different replicas and exchange tokens in every MoE
+    layer's forward, so they must run the same number of forwards."""
+    count = torch.tensor(len(batches), device=device)
+    dist.all_reduce(count, op=dist.ReduceOp.MAX)
+    ids = torch.zeros(1, 2, dtype=torch.long, device=device)
+    filler = {"input_ids": ids, "position_ids": torch.arange(2, device=device).expand(1, -1), "indices": []}
+    return [filler] * (int(count) - len(batches))
+
+
 @torch.no_grad()
 def score_sequences(model: ShardedModel, sequences: list[list[int]], *, top_k: int = 0,
                     temperature: float = 1.0, max_tokens: int = 4096,
@@ -84,6 +95,8 @@ def score_sequences(model: ShardedModel, sequences: list[list[int]], *, top_k: i
     model.module.eval()
     mine = [i for i in range(len(sequences)) if i % mp.dp_size == mp.dp_rank]
     batches = make_micro_batches(sequences, mine, max_tokens=max_tokens, device=parallel.device())
+    if mp.layout.ep > 1:
+        batches += filler_micro_batches(batches, mp, device=parallel.device())
     vocab = model.arch.vocab_size
     rows: dict[int, dict] = {}
 
@@ -147,8 +160,8 @@ def main(args) -> int:
         raise ValueError(f"{out}: output exists (pass --force to overwrite)")
     if not Path(args.input).is_file():  # before any model is built
         raise ValueError(f"{args.input}: input file does not exist")
-    layout = parallel.ParallelLayout(tp=args.tp, pp=args.pp)
-    model_arch(args.model).check_parallel(tp=args.tp, pp=args.pp)
+    layout = parallel.ParallelLayout(tp=args.tp, pp=args.pp, ep=args.ep)
+    model_arch(args.model).check_parallel(tp=args.tp, pp=args.pp, ep=args.ep)
     mp = parallel.initialize_global_model_parallel(layout, what="score")
     model = load_model(args.model, mp)
     sequences = read_token_jsonl(args.input, vocab_size=model.arch.vocab_size)

@@ -2,6 +2,9 @@
 logits match transformers, and one training step (router and expert gradients included) is the
 same at every TP/PP/EP layout."""
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -13,22 +16,61 @@ from megatron_opd.testing.multiprocess import run_distributed
 LAYOUTS = [(1, 1, 1), (1, 1, 2), (2, 1, 2), (1, 2, 2)]
 
 
-def _moe_world(all_dirs: dict, trained_dirs: dict, layouts: list) -> dict:
+def _round_trips(model_dirs: dict, layouts: list, work: str) -> None:
+    """HF -> megatron checkpoint at each layout -> HF at the next layout (EP resharding on load)."""
+    from megatron_opd import parallel
+    from megatron_opd.convert import hf_to_mcore, mcore_to_hf
+
+    for name, hf_dir in model_dirs.items():
+        for i, layout in enumerate(layouts):
+            back = layouts[(i + 1) % len(layouts)]
+            tag = "-".join(map(str, layout))
+            hf_to_mcore(hf_dir, f"{work}/{name}-{tag}-mcore", layout=parallel.ParallelLayout(*layout))
+            mcore_to_hf(f"{work}/{name}-{tag}-mcore", f"{work}/{name}-{tag}-hf",
+                        layout=parallel.ParallelLayout(*back), max_shard_size="100KB")
+
+
+def _moe_world(all_dirs: dict, trained_dirs: dict, layouts: list, work: str) -> dict:
     """Everything this file checks in 4 ranks, in one spawned world: logits of every model at
-    every layout, one training step of ``trained_dirs`` at every layout."""
-    return {"logits": logits_vs_transformers(all_dirs, layouts),
-            "trained": _train_steps(trained_dirs, layouts, 8, 2)}
+    every layout, converter round trips through every layout, one training step of
+    ``trained_dirs`` at every layout."""
+    logits = logits_vs_transformers(all_dirs, layouts)
+    _round_trips(trained_dirs, layouts, work)
+    return {"logits": logits, "trained": _train_steps(trained_dirs, layouts, 8, 2)}
 
 
 @pytest.fixture(scope="module")
-def world(tiny_moe_models):
+def world(tiny_moe_models, tmp_path_factory):
     trained = {v: tiny_moe_models[v] for v in ("qwen3_moe", "mixtral")}
-    return run_distributed(_moe_world, 4, tiny_moe_models, trained, LAYOUTS, timeout=900)
+    work = tmp_path_factory.mktemp("moe_convert")
+    results = run_distributed(_moe_world, 4, tiny_moe_models, trained, LAYOUTS, str(work), timeout=900)
+    return {"results": results, "work": work, "converted": trained}
+
+
+def test_round_trips_are_bit_exact_through_every_layout(world):
+    from safetensors.torch import load_file
+
+    def read(path):
+        tensors = {}
+        for f in sorted(Path(path).glob("*.safetensors")):
+            tensors.update(load_file(f))
+        return tensors
+
+    for name, src in world["converted"].items():
+        original = read(src)
+        assert any(".experts.7." in k or ".experts.3." in k for k in original)
+        for layout in LAYOUTS:
+            out = world["work"] / f"{name}-{'-'.join(map(str, layout))}-hf"
+            back = read(out)
+            assert back.keys() == original.keys(), (name, layout, set(back) ^ set(original))
+            for key, t in original.items():
+                assert back[key].dtype == t.dtype and torch.equal(back[key], t), (name, layout, key)
+            assert json.loads((out / "config.json").read_text()) == json.loads((Path(src) / "config.json").read_text())
 
 
 def test_logits_match_transformers_every_layout(world, tiny_moe_models):
     diffs = {}
-    for r in world:
+    for r in world["results"]:
         diffs.update(r["logits"])
     assert len(diffs) == len(tiny_moe_models) * len(LAYOUTS)
     bad = {k: v for k, v in diffs.items() if not v <= 1e-4}
@@ -88,7 +130,7 @@ def _train_step(model_dir: str, layouts: list, global_batch: int, num_micro: int
 
 @pytest.mark.parametrize("variant", ["qwen3_moe", "mixtral"])
 def test_training_step_identical_across_layouts(world, variant):
-    results = world[0]["trained"][variant]
+    results = world["results"][0]["trained"][variant]
     base = results[(1, 1, 1)]
     assert base["applied"] and base["grad_norm"] > 0
     experts = [n for n in base["grads"] if ".experts." in n]

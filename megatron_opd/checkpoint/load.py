@@ -36,7 +36,7 @@ def load_model(path: str | Path, mp: ModelParallel, *, params_dtype: torch.dtype
     arch = model_arch(path)
     if mcore.is_mcore_checkpoint(path):
         return mcore.load_model(path, mp, params_dtype=params_dtype, seed=seed)
-    arch.check_parallel(tp=mp.layout.tp, pp=mp.layout.pp)
+    arch.check_parallel(tp=mp.layout.tp, pp=mp.layout.pp, ep=mp.layout.ep, etp=mp.layout.etp)
     parallel.seed(seed, mp)
     model = build_model(arch, mp, params_dtype=params_dtype, initialize=False)
     load_hf_weights(model, path)

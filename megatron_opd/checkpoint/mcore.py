@@ -107,14 +107,14 @@ def save_model(model: ShardedModel, out_dir: str | Path, *, dtype: torch.dtype |
     if not dist.is_initialized() or dist.get_rank() == 0:
         meta = {"format_version": FORMAT_VERSION, "arch": model.arch.to_dict(),
                 "padded_vocab_size": model.padded_vocab_size, "dtype": DTYPE_NAMES[dtype],
-                "saved_layout": {"tp": model.mp.layout.tp, "pp": model.mp.layout.pp}}
+                "saved_layout": {"tp": model.mp.layout.tp, "pp": model.mp.layout.pp, "ep": model.mp.layout.ep}}
         meta.update(extra_meta or {})
         (out_dir / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
 
 def load_model(path: str | Path, mp: ModelParallel, *, params_dtype: torch.dtype = torch.float32,
                seed: int = 1234) -> ShardedModel:
-    """Rebuild the model saved at ``path`` on ``mp``'s layout (any TP/PP) and load its weights."""
+    """Rebuild the model saved at ``path`` on ``mp``'s layout (any TP/PP/EP) and load its weights."""
     from megatron.core import dist_checkpointing
 
     from megatron_opd import parallel
@@ -126,7 +126,7 @@ def load_model(path: str | Path, mp: ModelParallel, *, params_dtype: torch.dtype
     tp = mp.layout.tp
     if padded % tp:
         raise ValueError(f"{path}: its padded vocabulary ({padded}) is not divisible by tp={tp}")
-    arch.check_parallel(tp=tp, pp=mp.layout.pp)
+    arch.check_parallel(tp=tp, pp=mp.layout.pp, ep=mp.layout.ep, etp=mp.layout.etp)
     parallel.seed(seed, mp)
     model = build_model(arch, mp, params_dtype=params_dtype, padded_vocab=padded, initialize=False)
     stored = DTYPES[meta["dtype"]]
