@@ -22,6 +22,7 @@ class ModelConfig:
     path: str = ""
     tp: int = 1
     pp: int = 1
+    ep: int = 1  # expert parallel (mixture-of-experts models); experts split tp ways within
 
 
 @dataclass
@@ -166,10 +167,15 @@ class Config:
         need(self.data.train_path, "data.train_path is required")
         for name, m in (("student", self.student), ("teacher", self.teacher)):
             need(m.tp >= 1 and m.pp >= 1, f"{name}.tp and {name}.pp must be >= 1")
+            need(m.ep >= 1, f"{name}.ep must be >= 1, got {m.ep}")
             if world_size is not None and (m.path or name == "student"):
                 if world_size % (m.tp * m.pp):
                     raise ValueError(f"{name}: tp * pp = {m.tp} * {m.pp} = {m.tp * m.pp} does not "
                                      f"divide the world size {world_size}")
+                if (world_size // m.pp) % (m.ep * m.tp):
+                    raise ValueError(f"{name}: ep * tp = {m.ep} * {m.tp} = {m.ep * m.tp} does not divide "
+                                     f"the {world_size // m.pp} ranks of a pipeline stage (world size "
+                                     f"{world_size} / pp {m.pp})")
         need(self.loss.kind in LOSS_KINDS, f"loss.kind must be one of {LOSS_KINDS}, got {self.loss.kind!r}")
         need(self.loss.support in SUPPORTS, f"loss.support must be one of {SUPPORTS}, got {self.loss.support!r}")
         need(0.0 <= self.loss.beta <= 1.0, f"loss.beta must be in [0, 1], got {self.loss.beta}")

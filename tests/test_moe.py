@@ -151,3 +151,43 @@ def test_training_step_identical_across_layouts(world, variant):
         for name, p in base["params"].items():
             err = (r["params"][name] - p).abs().max().item()
             assert err <= 1e-5, (layout, name, err)
+
+
+# --- planning without processes ---------------------------------------------------------------
+
+QWEN3_30B_A3B = Path(__file__).resolve().parents[1] / "examples" / "model_configs" / "qwen3-30b-a3b"
+
+
+def test_parameter_count_matches_the_hf_tensors_and_divides_experts_by_ep():
+    import math
+
+    from megatron_opd.memory import expert_parameter_count, parameter_count
+    from megatron_opd.models import ArchConfig
+    from megatron_opd.models.layout import model_hf_shapes
+
+    arch = ArchConfig.from_hf_dir(QWEN3_30B_A3B)
+    total = sum(math.prod(s) for s in model_hf_shapes(arch).values())
+    assert 30.4e9 < total < 30.6e9  # "Qwen3-30B-A3B"
+    assert parameter_count(arch, tp=1, pp=1, stage=0) == total
+    experts = expert_parameter_count(arch, pp=1)
+    assert experts == sum(math.prod(s) for n, s in model_hf_shapes(arch).items() if ".experts." in n)
+    for ep in (2, 8):
+        assert parameter_count(arch, tp=1, pp=1, stage=0, ep=ep) == total - experts + experts // ep
+    # TP splits attention and experts (expert TP = TP); router, norms stay whole
+    per_rank = parameter_count(arch, tp=2, pp=2, stage=1, ep=4)
+    assert per_rank == parameter_count(arch, tp=2, pp=2, stage=1, ep=1) - experts // 2 // 2 + experts // 2 // 2 // 4
+
+
+def test_dry_run_plans_expert_parallel_layouts():
+    from megatron_opd.config import load_config
+    from megatron_opd.train.run import dry_run
+
+    overrides = [f"student.path={QWEN3_30B_A3B}", f"teacher.path={QWEN3_30B_A3B}", "data.train_path=x.jsonl",
+                 "student.tp=2", "student.ep=4", "teacher.tp=2", "teacher.ep=8", "train.prompts_per_step=64"]
+    text, _ = dry_run(load_config(None, overrides), 16)
+    assert "student: tp=2 pp=1 dp=8 ep=4 (expert dp=2)" in text
+    assert "teacher: tp=2 pp=1 dp=8 ep=8 (expert dp=1)" in text
+    with pytest.raises(ValueError, match=r"student: ep \* tp = 3 \* 2 = 6 does not divide the 16 ranks"):
+        dry_run(load_config(None, overrides + ["student.ep=3"]), 16)
+    with pytest.raises(ValueError, match=r"student: num_experts=128 is not divisible by ep=3"):
+        dry_run(load_config(None, overrides + ["student.ep=3", "student.tp=1", "teacher.tp=1", "teacher.ep=2"]), 12)

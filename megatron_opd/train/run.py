@@ -15,7 +15,8 @@ def describe_layouts(cfg, world_size: int) -> str:
             lines.append(f"teacher: served at {cfg.teacher.served_url}")
             continue
         dp = world_size // (m.tp * m.pp)
-        lines.append(f"{name}: tp={m.tp} pp={m.pp} dp={dp} ({m.path})")
+        experts = f" ep={m.ep} (expert dp={world_size // (m.pp * m.ep * m.tp)})" if m.ep > 1 else ""
+        lines.append(f"{name}: tp={m.tp} pp={m.pp} dp={dp}{experts} ({m.path})")
     return "\n".join(lines)
 
 
@@ -37,7 +38,7 @@ def dry_run(cfg, world: int) -> tuple[str, bool]:
             out.append(f"{name}: no config.json at {m.path}; memory not estimated")
             continue
         arch = ArchConfig.from_hf_dir(m.path)
-        arch.check_parallel(tp=m.tp, pp=m.pp, what=name)
+        arch.check_parallel(tp=m.tp, pp=m.pp, ep=m.ep, what=name)
         archs[name] = arch
     dp = world // (cfg.student.tp * cfg.student.pp)
     if cfg.train.prompts_per_step < dp:
