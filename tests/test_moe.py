@@ -30,13 +30,46 @@ def _round_trips(model_dirs: dict, layouts: list, work: str) -> None:
                         layout=parallel.ParallelLayout(*back), max_shard_size="100KB")
 
 
+def _load_ids() -> torch.Tensor:
+    return torch.randint(0, 300, (3, 10), generator=torch.Generator().manual_seed(3))
+
+
+def _expert_load(model_dirs: dict, layouts: list) -> dict:
+    """ExpertLoad metrics of one forward of :func:`_load_ids` per model and layout (rank 0)."""
+    from megatron_opd import parallel
+    from megatron_opd.checkpoint.load import load_model
+    from megatron_opd.models.moe import ExpertLoad
+    from megatron_opd.pipeline import run_schedule
+
+    ids = _load_ids()
+    out = {}
+    for layout in layouts:
+        mp = parallel.initialize_global_model_parallel(parallel.ParallelLayout(*layout))
+        for name, model_dir in model_dirs.items():
+            model = load_model(model_dir, mp)
+            model.module.eval()
+            load = ExpertLoad(model)
+            # Two micro-batches, rows split over the data-parallel replicas: counts add up.
+            rows = torch.arange(len(ids))[mp.dp_rank:: mp.dp_size]
+            micro = [{"input_ids": ids[r], "position_ids": torch.arange(ids.shape[1]).expand(len(r), -1)}
+                     for r in rows.chunk(2)]
+            with torch.no_grad():
+                run_schedule(model, micro, lambda lg, b: None, forward_only=True)
+            metrics = load.collect()
+            assert load.collect() == {}  # collected and reset
+            load.close()
+            out[(name, *layout)] = metrics
+    return out
+
+
 def _moe_world(all_dirs: dict, trained_dirs: dict, layouts: list, work: str) -> dict:
     """Everything this file checks in 4 ranks, in one spawned world: logits of every model at
-    every layout, converter round trips through every layout, one training step of
-    ``trained_dirs`` at every layout."""
+    every layout, converter round trips through every layout, expert-load metrics, one training
+    step of ``trained_dirs`` at every layout."""
     logits = logits_vs_transformers(all_dirs, layouts)
     _round_trips(trained_dirs, layouts, work)
-    return {"logits": logits, "trained": _train_steps(trained_dirs, layouts, 8, 2)}
+    load = _expert_load(trained_dirs, layouts)
+    return {"logits": logits, "load": load, "trained": _train_steps(trained_dirs, layouts, 8, 2)}
 
 
 @pytest.fixture(scope="module")
@@ -151,6 +184,38 @@ def test_training_step_identical_across_layouts(world, variant):
         for name, p in base["params"].items():
             err = (r["params"][name] - p).abs().max().item()
             assert err <= 1e-5, (layout, name, err)
+
+
+def test_expert_load_metrics_match_transformers_routing(world):
+    """Tokens per expert, balance loss and router statistics against float64 from transformers'
+    own router logits, at every layout (experts on other EP ranks and replicas counted)."""
+    from transformers import AutoModelForCausalLM
+
+    load = world["results"][0]["load"]
+    ids = _load_ids()
+    for name, model_dir in world["converted"].items():
+        hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        with torch.no_grad():
+            router_logits = hf(ids, output_router_logits=True).router_logits
+        logits = torch.stack([lg.reshape(-1, lg.shape[-1]) for lg in router_logits]).double()  # [L, T, E]
+        num_experts, top_k, tokens = logits.shape[-1], hf.config.num_experts_per_tok, logits.shape[1]
+        probs = logits.softmax(-1)
+        counts = torch.zeros_like(probs[:, 0]).scatter_add_(
+            1, probs.topk(top_k, dim=-1).indices.flatten(1), torch.ones_like(probs[:, :, :top_k].flatten(1)))
+        expected = {
+            "moe/tokens_per_expert_min": counts.min().item(),
+            "moe/tokens_per_expert_max": counts.max().item(),
+            "moe/load_imbalance": (counts.max(1).values / counts.mean(1)).max().item(),
+            "moe/load_balancing_loss": ((counts * probs.sum(1)).sum(1) * num_experts / (top_k * tokens ** 2)).mean().item(),
+            "moe/router_z_loss": logits.logsumexp(-1).square().mean().item(),
+            "moe/router_logit_absmax": logits.abs().max().item(),
+        }
+        assert counts.sum() == top_k * tokens * len(router_logits) and expected["moe/load_imbalance"] > 1.2
+        for layout in LAYOUTS:
+            got = load[(name, *layout)]
+            assert got.keys() == expected.keys()
+            for key, value in expected.items():
+                assert abs(got[key] - value) <= 1e-5 * abs(value), (name, layout, key, got[key], value)
 
 
 # --- planning without processes ---------------------------------------------------------------
