@@ -23,6 +23,9 @@ class ModelConfig:
     tp: int = 1
     pp: int = 1
     ep: int = 1  # expert parallel (mixture-of-experts models); experts split tp ways within
+    # Mixture-of-experts load-balancing loss (megatron's Switch aux loss) while training this
+    # model; off by default: a distilled student follows its teacher's routing.
+    moe_aux_loss_coeff: float = 0.0
 
 
 @dataclass
@@ -168,6 +171,7 @@ class Config:
         for name, m in (("student", self.student), ("teacher", self.teacher)):
             need(m.tp >= 1 and m.pp >= 1, f"{name}.tp and {name}.pp must be >= 1")
             need(m.ep >= 1, f"{name}.ep must be >= 1, got {m.ep}")
+            need(m.moe_aux_loss_coeff >= 0, f"{name}.moe_aux_loss_coeff must be >= 0, got {m.moe_aux_loss_coeff}")
             if world_size is not None and (m.path or name == "student"):
                 if world_size % (m.tp * m.pp):
                     raise ValueError(f"{name}: tp * pp = {m.tp} * {m.pp} = {m.tp * m.pp} does not "

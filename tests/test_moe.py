@@ -31,7 +31,7 @@ def _round_trips(model_dirs: dict, layouts: list, work: str) -> None:
 
 
 def _load_ids() -> torch.Tensor:
-    return torch.randint(0, 300, (3, 10), generator=torch.Generator().manual_seed(3))
+    return torch.randint(0, 300, (8, 10), generator=torch.Generator().manual_seed(3))
 
 
 def _expert_load(model_dirs: dict, layouts: list) -> dict:
@@ -112,11 +112,15 @@ def test_logits_match_transformers_every_layout(world, tiny_moe_models):
 
 def _train_steps(model_dirs: dict, layouts: list, global_batch: int, num_micro: int) -> dict:
     """One optimizer step per model and layout from the same checkpoint and data; TP > 1 runs
-    with sequence parallelism (megatron's MoE layer trains at TP > 1 only with it)."""
-    return {name: _train_step(d, layouts, global_batch, num_micro) for name, d in model_dirs.items()}
+    with sequence parallelism (megatron's MoE layer trains at TP > 1 only with it). With the
+    load-balancing loss on: Qwen3-MoE at EP1 and EP2 (same data-parallel split of the batch)."""
+    out = {name: _train_step(d, layouts, global_batch, num_micro) for name, d in model_dirs.items()}
+    out["aux"] = _train_step(model_dirs["qwen3_moe"], layouts[:2], global_batch, num_micro, aux_loss_coeff=0.1)
+    return out
 
 
-def _train_step(model_dir: str, layouts: list, global_batch: int, num_micro: int) -> dict:
+def _train_step(model_dir: str, layouts: list, global_batch: int, num_micro: int,
+                aux_loss_coeff: float = 0.0) -> dict:
     from megatron_opd import parallel
     from megatron_opd.checkpoint.hf_weights import iter_hf_tensors, load_hf_weights
     from megatron_opd.losses import token_logprobs
@@ -132,7 +136,8 @@ def _train_step(model_dir: str, layouts: list, global_batch: int, num_micro: int
     for tp, pp, ep in layouts:
         mp = parallel.initialize_global_model_parallel(parallel.ParallelLayout(tp, pp, ep))
         parallel.seed(0, mp)
-        model = build_model(arch, mp, initialize=False, sequence_parallel=tp > 1)
+        model = build_model(arch, mp, initialize=False, sequence_parallel=tp > 1,
+                            moe_aux_loss_coeff=aux_loss_coeff)
         load_hf_weights(model, model_dir)
         t = make_trainable(model, OptimConfig(lr=1e-2, clip_grad=1.0, weight_decay=0.1, adam_eps=1e-3))
         rows = torch.arange(global_batch)[mp.dp_rank:: mp.dp_size]
@@ -184,6 +189,26 @@ def test_training_step_identical_across_layouts(world, variant):
         for name, p in base["params"].items():
             err = (r["params"][name] - p).abs().max().item()
             assert err <= 1e-5, (layout, name, err)
+
+
+def test_load_balancing_loss_is_off_by_default_and_trains_the_router_when_on(world):
+    from megatron_opd.models import ArchConfig
+    from megatron_opd.models.config import transformer_config
+
+    arch = ArchConfig.from_hf_dir(world["converted"]["qwen3_moe"])
+    config = transformer_config(arch, tp=1, pp=1, params_dtype=torch.float32)
+    assert config.moe_aux_loss_coeff == 0 and config.moe_router_load_balancing_type == "none"
+    plain, aux = world["results"][0]["trained"]["qwen3_moe"], world["results"][0]["trained"]["aux"]
+    for layout in LAYOUTS[:2]:
+        assert abs(aux[layout]["loss"] - plain[layout]["loss"]) <= 1e-6 * plain[layout]["loss"]  # the main loss
+        for name, g in plain[layout]["grads"].items():
+            diff = (aux[layout]["grads"][name] - g).abs().max().item()
+            if name.endswith("mlp.gate.weight"):
+                assert diff > 1e-4 * g.abs().max().item(), (layout, name, diff)  # the router learns balance
+    # ... identically at EP1 and EP2
+    for name, g in aux[LAYOUTS[0]]["grads"].items():
+        err = (aux[LAYOUTS[1]]["grads"][name] - g).abs().max().item()
+        assert err <= 1e-5 * max(g.abs().max().item(), 1e-3), (name, err)
 
 
 def test_expert_load_metrics_match_transformers_routing(world):
