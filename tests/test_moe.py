@@ -281,3 +281,37 @@ def test_dry_run_plans_expert_parallel_layouts():
         dry_run(load_config(None, overrides + ["student.ep=3"]), 16)
     with pytest.raises(ValueError, match=r"student: num_experts=128 is not divisible by ep=3"):
         dry_run(load_config(None, overrides + ["student.ep=3", "student.tp=1", "teacher.tp=1", "teacher.ep=2"]), 12)
+
+
+def _arch(model_type, **changes):
+    from megatron_opd.models import ArchConfig
+    from megatron_opd.testing.tiny import hf_config
+
+    data = hf_config(model_type).to_dict()
+    data.update(changes)
+    return ArchConfig.from_hf_config(data, source="config.json")
+
+
+def test_moe_configs_and_layouts_are_refused_naming_the_field():
+    from megatron_opd.parallel import ParallelLayout
+
+    assert _arch("qwen3_moe").num_experts == 8 and _arch("qwen3_moe").moe_renormalize
+    assert not _arch("qwen3_moe", norm_topk_prob=False).moe_renormalize and _arch("mixtral").moe_renormalize
+    cases = [
+        (lambda: _arch("qwen3_moe", decoder_sparse_step=2), "decoder_sparse_step=2 is not supported for qwen3_moe"),
+        (lambda: _arch("qwen3_moe", mlp_only_layers=[1]), "mlp_only_layers=[1] is not supported for qwen3_moe"),
+        (lambda: _arch("mixtral", router_jitter_noise=0.1), "router_jitter_noise=0.1 is not supported for mixtral"),
+        (lambda: _arch("mixtral", num_local_experts=None), "config.json: missing field 'num_local_experts'"),
+        (lambda: _arch("qwen3_moe", num_experts_per_tok=9), "num_experts_per_tok=9 exceeds num_local_experts=8"),
+        (lambda: _arch("qwen3_moe").check_parallel(tp=1, pp=1, ep=3), "num_experts=8 is not divisible by ep=3"),
+        (lambda: _arch("qwen3_moe", moe_intermediate_size=50).check_parallel(tp=2, pp=1, ep=2, etp=4),
+         "moe_intermediate_size=50 is not divisible by the expert tensor-parallel size 4"),
+        (lambda: _arch("llama").check_parallel(tp=1, pp=1, ep=2), "ep=2 needs a mixture-of-experts model"),
+        (lambda: ParallelLayout(2, 1, ep=4).data_parallel_size(4), "ep * etp = 4 * 2 = 8 does not divide the 4 ranks"),
+    ]
+    for make, message in cases:
+        with pytest.raises(ValueError) as e:
+            make()
+        assert message in str(e.value), (message, str(e.value))
+    assert ParallelLayout(2, 1, ep=2).expert_data_parallel_size(8) == 2
+    assert ParallelLayout(2, 1, ep=4, etp=1).data_parallel_size(4) == 2
