@@ -4,7 +4,10 @@ HF-named tensors, bucket by bucket, following a :class:`~megatron_opd.rollout.pl
 Per bucket: one all-gather of the stage's TP shards (flattened), regrouping into HF tensors with
 the family table's transforms, and (PP > 1) one broadcast of the bucket from its stage to the other
 stages of the pipeline. Every rank of a model replica ends up with every HF tensor of the bucket,
-one bucket at a time, and hands them to its engine. Each bucket's buffers are dropped before the next:
+one bucket at a time, and hands them to its engine. Expert buckets (mixture of experts) gather
+over the expert tensor-parallel group, regroup this EP rank's experts, then all-gather them over
+the expert-parallel group: every rank's engine (TP 1) receives every expert. EP groups span
+data-parallel replicas, so with EP > 1 a sync is collective over all ranks of the model. Each bucket's buffers are dropped before the next:
 the extra memory of a sync is a few times the largest bucket (2x at TP1, 3.5-6.2x at TP2; see
 docs/weight_sync.md and tests/test_sync_memory.py), never a copy of the model.
 """
@@ -41,8 +44,9 @@ class WeightSync:
     def __init__(self, model: ShardedModel, *, bucket_bytes: int = 256 << 20):
         self.model = model
         mp = model.mp
-        self.plan: SyncPlan = plan_sync(model.arch, tp=mp.layout.tp, pp=mp.layout.pp,
-                                        padded_vocab=model.padded_vocab_size, bucket_bytes=bucket_bytes,
+        self.plan: SyncPlan = plan_sync(model.arch, tp=mp.layout.tp, pp=mp.layout.pp, ep=mp.layout.ep,
+                                        etp=mp.layout.expert_tp, padded_vocab=model.padded_vocab_size,
+                                        bucket_bytes=bucket_bytes,
                                         element_size=torch.finfo(model.config.params_dtype).bits // 8)
         params = dict(model.module.named_parameters())
         self._params: dict[int, torch.nn.Parameter] = {}
@@ -61,61 +65,70 @@ class WeightSync:
 
     def iter_hf_tensors(self, *, corrupt: str | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield every HF tensor (bucket by bucket) on every rank of the replica. All ranks of
-        the replica must exhaust the iterator together. ``corrupt`` (tests only) adds noise to
+        the replica (with EP > 1: of the model) must exhaust the iterator together. ``corrupt`` (tests only) adds noise to
         the named tensor, to check that the consistency metric catches a bad sync."""
         mp = self.model.mp
-        tp, pp = mp.layout.tp, mp.layout.pp
+        pp = mp.layout.pp
         device = next(iter(self.model.module.parameters())).device
         for bucket in self.plan.buckets:
             items = [self.plan.items[i] for i in bucket.items]
             flat_hf = torch.empty(bucket.hf_numel, dtype=self.dtype, device=device)
             if mp.pp_rank == bucket.stage:
-                sharded = [i for i in bucket.items if self.plan.items[i].shard_dim is not None]
-                gathered = None
-                if sharded and tp > 1:
-                    local = torch.cat([self._params[i].detach().reshape(-1) for i in sharded])
-                    gathered = [torch.empty_like(local) for _ in range(tp)]
-                    dist.all_gather(gathered, local, group=mp.tp_group)
-                offset_in_local = {}
-                off = 0
-                for i in sharded:
-                    offset_in_local[i] = off
-                    off += self.plan.items[i].shard_numel()
-                out = 0
-                for i, it in zip(bucket.items, items):
-                    param = self._params[i].detach()
-                    if it.shard_dim is None or tp == 1:
-                        shards = [param] * (1 if it.shard_dim is None else tp)
-                    else:
-                        o, n = offset_in_local[i], it.shard_numel()
-                        shards = [g[o:o + n].view(it.shard_shape) for g in gathered]
-                    tensors = hf_from_shards(it.row, it.hf_names, shards, self.model.arch)
-                    for name in it.hf_names:
-                        t = tensors[name]
-                        flat_hf[out:out + t.numel()].copy_(t.reshape(-1))
-                        out += t.numel()
-                    for _ in it.aliases:
-                        t = tensors[it.hf_names[0]]
-                        flat_hf[out:out + t.numel()].copy_(t.reshape(-1))
-                        out += t.numel()
-                # Views into the gathered shards and regrouped copies: release them before the
-                # next bucket is allocated, so at most one bucket's buffers are alive at a time.
-                local = gathered = shards = tensors = t = None
+                if bucket.expert:
+                    ep = mp.layout.ep
+                    local_hf = flat_hf if ep == 1 else torch.empty(bucket.hf_numel // ep, dtype=self.dtype,
+                                                                   device=device)
+                    self._regroup(bucket, items, local_hf, mp.expt_tp_group, mp.layout.expert_tp)
+                    if ep > 1:  # EP rank r's experts land in the r-th part (the plan's order)
+                        dist.all_gather_into_tensor(flat_hf, local_hf, group=mp.ep_group)
+                    local_hf = None
+                else:
+                    self._regroup(bucket, items, flat_hf, mp.tp_group, mp.layout.tp)
             if pp > 1:
                 src = mp.global_rank(tp_rank=mp.tp_rank, pp_rank=bucket.stage)
                 dist.broadcast(flat_hf, src=src, group=mp.pp_group)
             out = 0
-            for it in items:
-                for name, shape in list(zip(it.hf_names, it.hf_shapes)) + [(a, it.hf_shapes[0]) for a in it.aliases]:
-                    n = 1
-                    for d in shape:
-                        n *= d
-                    t = flat_hf[out:out + n].view(shape)
-                    out += n
-                    if corrupt == name:
-                        t = t + 0.05 * torch.randn_like(t)
-                    yield name, t
+            for name, shape in self.plan.bucket_tensors(bucket):
+                n = 1
+                for d in shape:
+                    n *= d
+                t = flat_hf[out:out + n].view(shape)
+                out += n
+                if corrupt == name:
+                    t = t + 0.05 * torch.randn_like(t)
+                yield name, t
             t = flat_hf = None
+
+    def _regroup(self, bucket, items, flat_out: torch.Tensor, group, size: int) -> None:
+        """Gather this stage's shards of the bucket over ``group`` (``size`` ranks), regroup them
+        into HF tensors (an expert item: this EP rank's copy) and write them into ``flat_out``."""
+        sharded = [i for i in bucket.items if self.plan.items[i].shard_dim is not None]
+        gathered = None
+        if sharded and size > 1:
+            local = torch.cat([self._params[i].detach().reshape(-1) for i in sharded])
+            gathered = [torch.empty_like(local) for _ in range(size)]
+            dist.all_gather(gathered, local, group=group)
+        offset_in_local = {}
+        off = 0
+        for i in sharded:
+            offset_in_local[i] = off
+            off += self.plan.items[i].shard_numel()
+        out = 0
+        for i, it in zip(bucket.items, items):
+            param = self._params[i].detach()
+            if it.shard_dim is None or size == 1:
+                shards = [param] * (1 if it.shard_dim is None else size)
+            else:
+                o, n = offset_in_local[i], it.shard_numel()
+                shards = [g[o:o + n].view(it.shard_shape) for g in gathered]
+            row = it.row
+            tensors = hf_from_shards(row, row.hf, shards, self.model.arch)
+            for name in list(row.hf) + [row.hf[0]] * len(it.aliases):
+                t = tensors[name]
+                flat_out[out:out + t.numel()].copy_(t.reshape(-1))
+                out += t.numel()
+        # Views into the gathered shards and regrouped copies: released on return, so at most
+        # one bucket's buffers are alive at a time.
 
     def sync(self, engine=None, *, corrupt: str | None = None) -> SyncStats:
         """Push the current weights into ``engine`` (None: this rank only helps the others)."""
