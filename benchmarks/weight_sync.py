@@ -59,8 +59,8 @@ def make_model(out_dir: Path, *, layers: int) -> Path:
 
 
 def make_moe_model(out_dir: Path, *, layers: int) -> Path:
-    """A random Qwen3-MoE model: 16 experts (top 2) of FFN 512, hidden 768 (~140M parameters at
-    6 layers, 86% of them experts)."""
+    """A random Qwen3-MoE model: 16 experts (top 2) of FFN 512, hidden 768, 12 query / 4 KV heads
+    of dim 64, vocabulary 32000, untied (171.9M parameters at 6 layers, 66% of them experts)."""
     from megatron_opd.testing.tiny import make_hf_model
 
     return make_hf_model(out_dir, "qwen3_moe", vocab_size=32000, hidden_size=768, intermediate_size=2048,
@@ -293,7 +293,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--moe-layouts", nargs="*", default=["1,1", "1,2", "2,1"],
                         help="TP,EP pairs for the mixture-of-experts rows (none: skip them)")
-    parser.add_argument("--moe-layers", type=int, default=6, help="6: ~140M parameters")
+    parser.add_argument("--moe-layers", type=int, default=6, help="6: ~172M parameters")
     args = parser.parse_args()
 
     env = {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "HF_HUB_OFFLINE": "1", "VLLM_LOGGING_LEVEL": "ERROR"}
