@@ -21,7 +21,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest tests -q
 
 demo: $(STAMP)
-	$(BIN)/python -m megatron_opd.demo
+	$(BIN)/python -m megatron_opd.tasks.demo
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
@@ -38,10 +39,30 @@ VLLM_ENV = {
     "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # engine core in this process
     "HF_HUB_OFFLINE": "1",
     "TOKENIZERS_PARALLELISM": "false",
-    "VLLM_LOGGING_LEVEL": "WARNING",  # vLLM logs every prefix-cache reset at INFO
+    # vLLM warns at every engine start about things that do not apply to an engine fed by a
+    # trainer (no tokenizer: a chat-template warm-up traceback; LD_PRELOAD, Triton, seeds), and
+    # logs every prefix-cache reset at INFO. Set VLLM_LOGGING_LEVEL=WARNING to see them.
+    "VLLM_LOGGING_LEVEL": "ERROR",
 }
+# The bridge's completeness check reads this logger's warnings (see _ReloadFailures), whatever
+# the level of the others.
 RELOAD_LOGGER = "vllm.model_executor.model_loader.reload.layerwise"
+# Python warnings vLLM's CPU build triggers on import (deprecated torch names it probes).
+VLLM_IMPORT_WARNINGS = (r".*torch\.distributed\.reduce_op.* is deprecated",)
 VLLM_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def _configure_vllm() -> None:
+    """Our defaults for vLLM's environment (a user's own settings win) and its import warnings."""
+    for k, v in VLLM_ENV.items():
+        os.environ.setdefault(k, v)
+    # vLLM applies the level when its logger module loads, after some import-time warnings.
+    logging.getLogger("vllm").setLevel(os.environ["VLLM_LOGGING_LEVEL"].upper())
+    for message in VLLM_IMPORT_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=FutureWarning)
+
+
+_configure_vllm()
 
 
 class IncompleteWeightUpdate(RuntimeError):
@@ -158,8 +179,6 @@ class RolloutEngine:
                  kv_cache_bytes: int = 1 << 30, max_model_len: int | None = None, seed: int = 0,
                  model_dir: str | Path | None = None, max_num_seqs: int = 256):
         """``model_dir`` (optional) starts from real weights on disk instead of dummy ones."""
-        for k, v in VLLM_ENV.items():
-            os.environ.setdefault(k, v)
         from vllm import LLM
 
         repack_cpu_experts_on_reload()
@@ -193,6 +212,10 @@ class RolloutEngine:
         from megatron_opd.models.layout import model_hf_shapes
 
         self._reload_failures.layers.clear()
+        # Whatever level vLLM's logging runs at (its start-up re-applies its configuration, which
+        # resets this logger), the check needs the reload's warnings.
+        reload_logger = logging.getLogger(RELOAD_LOGGER)
+        reload_logger.setLevel(min(reload_logger.getEffectiveLevel(), logging.WARNING))
         received: set[str] = set()
 
         def recorded():

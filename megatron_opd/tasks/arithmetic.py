@@ -109,3 +109,21 @@ def llama_config(*, hidden: int, heads: int, layers: int) -> dict:
                 head_dim=hidden // heads, max_position_embeddings=32, rms_norm_eps=1e-5,
                 tie_word_embeddings=False, bos_token_id=EOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+
+
+PAIR_EOS = "</s>"
+
+
+def make_pair_tokenizer(out_dir: str | Path):
+    """Another tokenizer for the same task, for cross-tokenizer distillation: digit pairs are one
+    token (read left to right), EOS is ``</s>``, and the ids are not the character-level ones."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = [PAD, PAIR_EOS, "+", "="] + [f"{a}{b}" for a in range(10) for b in range(10)] + [str(d) for d in range(10)]
+    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(vocab)}, unk_token=PAD))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"</s>|<pad>|\d\d|."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=PAIR_EOS, pad_token=PAD)
+    fast.save_pretrained(str(out_dir))
+    return fast
