@@ -148,9 +148,7 @@ def repack_cpu_experts_on_reload() -> None:
     unquantized MoE layer, run the CPU experts' own weight processing (pad the expert FFN,
     prepack for the grouped gemm) as the first load did; vLLM's layerwise reload then copies the
     processed tensors into the kernel's storage. Fails loudly if vLLM's internals moved."""
-    import torch as _torch
-
-    if _torch.cuda.is_available():
+    if torch.cuda.is_available():
         return
     from vllm.model_executor.layers.fused_moe import unquantized_fused_moe_method as method
 
