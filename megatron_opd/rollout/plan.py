@@ -94,31 +94,34 @@ class SyncPlan:
     def hf_names(self) -> list[str]:
         return [n for it in self.items for n in it.hf_names + it.aliases]
 
-    def bucket_tensors(self, bucket: Bucket) -> list[tuple[str, tuple[int, ...]]]:
+    def bucket_tensors(self, bucket: Bucket, *, ep_rank: int | None = None) -> list[tuple[str, tuple[int, ...]]]:
         """The bucket's HF tensors in the order of its flat buffer: item by item (aliases after
         their item); in an expert bucket, EP rank by EP rank (what the EP all-gather lays out),
-        item by item within."""
+        item by item within, or only ``ep_rank``'s experts (an expert-parallel engine)."""
         items = [self.items[i] for i in bucket.items]
         if not bucket.expert:
             return [(n, s) for it in items for n, s in
                     list(zip(it.hf_names, it.hf_shapes)) + [(a, it.hf_shapes[0]) for a in it.aliases]]
-        return [(n, s) for copy in range(self.ep) for it in items
+        copies = range(self.ep) if ep_rank is None else [ep_rank]
+        return [(n, s) for copy in copies for it in items
                 for n, s in zip(it.copy_names(copy), it.copy_shapes())]
 
-    def received_bytes(self, stage: int, *, element_size: int) -> int:
+    def received_bytes(self, stage: int, *, element_size: int, engine_expert_parallel: bool = False) -> int:
         """Bytes one rank of ``stage`` receives over collectives in a sync: the other TP (expert
-        TP) ranks' shards, the other EP ranks' regrouped experts, the other stages' buckets."""
+        TP) ranks' shards, the other EP ranks' regrouped experts (not for an expert-parallel
+        engine), the other stages' buckets."""
         total = 0
         for bucket in self.buckets:
             if bucket.stage != stage:
-                total += bucket.hf_numel
+                share = self.ep if bucket.expert and engine_expert_parallel else 1
+                total += bucket.hf_numel // share
                 continue
             for i in bucket.items:
                 it = self.items[i]
                 split = self.etp if it.is_expert else self.tp
                 if it.shard_dim is not None:
                     total += it.shard_numel() * (split - 1)
-                if it.is_expert:
+                if it.is_expert and not engine_expert_parallel:
                     total += it.copy_numel() * (self.ep - 1)
         return total * element_size
 

