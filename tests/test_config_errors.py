@@ -50,7 +50,7 @@ def test_tp_pp_must_divide_world_size():
 
 
 def test_cpu_refuses_what_megatron_cannot_do_there(tmp_path):
-    """Without CUDA: bf16 parameters, sequence parallelism and the distributed optimizer are
+    """Without CUDA: bf16 parameters and the distributed optimizer are
     refused naming the setting (megatron-core would fail later, or silently misbehave)."""
     import torch
 
