@@ -91,6 +91,36 @@ def _sync_streams(model_dirs: dict, layouts: list) -> dict:
     return out
 
 
+def _own_groups_logits(model_dirs: dict, layouts: list) -> dict:
+    """Max |logit diff| to transformers of models on process groups of their own (a teacher's:
+    ``build_model_parallel``, real EP groups in its ProcessGroupCollection) while megatron's
+    global state holds another layout (the student's)."""
+    from transformers import AutoModelForCausalLM
+
+    from megatron_opd import parallel
+    from megatron_opd.checkpoint.load import load_model
+    from megatron_opd.pipeline import run_schedule
+    from megatron_opd.testing.checks import gathered_logits
+
+    ids = _load_ids()[:2]
+    batch = {"input_ids": ids, "position_ids": torch.arange(ids.shape[1]).expand(2, -1)}
+    parallel.initialize_global_model_parallel(parallel.ParallelLayout(1, 2, 1))
+    out = {}
+    for name, model_dir in model_dirs.items():
+        with torch.no_grad():
+            ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)(ids).logits
+        for layout in layouts:
+            mp = parallel.build_model_parallel(parallel.ParallelLayout(*layout), what="teacher")
+            assert not mp.uses_global_state and mp.pg_collection.ep.size() == layout[2]
+            model = load_model(model_dir, mp)
+            model.module.eval()
+            with torch.no_grad():  # every data-parallel replica runs the same batch: lockstep
+                logits = run_schedule(model, [batch], lambda lg, b: gathered_logits(model, lg), forward_only=True)
+            if logits:
+                out[(name, *layout)] = (logits[0] - ref).abs().max().item()
+    return out
+
+
 def _moe_world(all_dirs: dict, trained_dirs: dict, layouts: list, work: str) -> dict:
     """Everything this file checks in 4 ranks, in one spawned world: logits of every model at
     every layout, converter round trips through every layout, expert-load metrics, the bridge's
@@ -99,7 +129,8 @@ def _moe_world(all_dirs: dict, trained_dirs: dict, layouts: list, work: str) -> 
     _round_trips(trained_dirs, layouts, work)
     load = _expert_load(trained_dirs, layouts)
     streams = _sync_streams(trained_dirs, layouts)
-    return {"logits": logits, "load": load, "streams": streams,
+    own_groups = _own_groups_logits(trained_dirs, layouts[1:])
+    return {"logits": logits, "load": load, "streams": streams, "own_groups": own_groups,
             "trained": _train_steps(trained_dirs, layouts, 8, 2)}
 
 
@@ -109,6 +140,15 @@ def world(tiny_moe_models, tmp_path_factory):
     work = tmp_path_factory.mktemp("moe_convert")
     results = run_distributed(_moe_world, 4, tiny_moe_models, trained, LAYOUTS, str(work), timeout=900)
     return {"results": results, "work": work, "converted": trained}
+
+
+def test_models_on_their_own_process_groups_match_transformers(world):
+    """A teacher's layout (EP2, TP2xEP2, PP2xEP2 on groups of its own) next to the student's."""
+    diffs = {}
+    for r in world["results"]:
+        diffs.update(r["own_groups"])
+    assert len(diffs) == 2 * (len(LAYOUTS) - 1)
+    assert all(v <= 1e-4 for v in diffs.values()), diffs
 
 
 def test_round_trips_are_bit_exact_through_every_layout(world):
