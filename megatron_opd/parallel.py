@@ -205,7 +205,7 @@ def initialize_global_model_parallel(layout: ParallelLayout, *, what: str = "mod
 
     layout.data_parallel_size(dist.get_world_size(), what=what)
     if mpu.model_parallel_is_initialized():
-        mpu.destroy_model_parallel()
+        destroy_global_model_parallel()
     mpu.initialize_model_parallel(tensor_model_parallel_size=layout.tp,
                                   pipeline_model_parallel_size=layout.pp,
                                   expert_model_parallel_size=layout.ep,
@@ -226,6 +226,28 @@ def initialize_global_model_parallel(layout: ParallelLayout, *, what: str = "mod
         tp_dp_group=mpu.get_tensor_and_data_parallel_group(),
         uses_global_state=True,
     )
+
+
+def destroy_global_model_parallel() -> None:
+    """Tear down megatron's global parallel state, its process groups included.
+
+    megatron's ``destroy_model_parallel`` forgets its groups without destroying them (all but
+    the gloo copies): every re-initialisation would leak a few dozen process groups, each with
+    gloo threads of its own (thousands of threads per rank after a few dozen layouts).
+    """
+    from megatron.core import parallel_state as mpu
+    from torch.distributed import distributed_c10d as c10d
+
+    groups = []
+    for value in vars(mpu).values():
+        for group in value if isinstance(value, (list, tuple)) else (value,):
+            if isinstance(group, dist.ProcessGroup) and group is not dist.group.WORLD \
+                    and all(group is not g for g in groups):
+                groups.append(group)
+    mpu.destroy_model_parallel()
+    for group in groups:
+        if group in c10d._world.pg_map:
+            dist.destroy_process_group(group)
 
 
 def build_model_parallel(layout: ParallelLayout, *, what: str = "model") -> ModelParallel:
