@@ -121,6 +121,32 @@ def _own_groups_logits(model_dirs: dict, layouts: list) -> dict:
     return out
 
 
+SCORED = [[5, 17, 33, 8, 9], [100, 250, 7, 9, 1, 2, 3, 4, 5, 6, 7], [42, 43], [1, 2, 3, 4, 5, 6], [7, 8, 9]]
+
+
+def _score_at_ep(model_dir: str, layouts: list) -> dict:
+    """`score`'s log-probs at expert-parallel layouts, with replicas holding different numbers of
+    micro-batches (5 sequences over 4 replicas, at most 6 tokens per micro-batch: replica 0 has
+    two micro-batches, the others one, so they run fillers): rank 0's rows."""
+    from megatron_opd import parallel
+    from megatron_opd.checkpoint.load import load_model
+    from megatron_opd.score import score_sequences
+
+    out = {}
+    for layout in layouts:
+        mp = parallel.initialize_global_model_parallel(parallel.ParallelLayout(*layout))
+        model = load_model(model_dir, mp)
+        if layout == layouts[0]:
+            from megatron_opd.score import make_micro_batches
+
+            mine = [i for i in range(len(SCORED)) if i % mp.dp_size == mp.dp_rank]
+            assert len(make_micro_batches(SCORED, mine, max_tokens=6, device="cpu")) == (2 if mp.dp_rank == 0 else 1)
+        rows = score_sequences(model, SCORED, max_tokens=6, show_progress=False)
+        if rows is not None:
+            out[layout] = [r["logprobs"] for r in rows]
+    return out
+
+
 def _moe_world(all_dirs: dict, trained_dirs: dict, layouts: list, work: str) -> dict:
     """Everything this file checks in 4 ranks, in one spawned world: logits of every model at
     every layout, converter round trips through every layout, expert-load metrics, the bridge's
@@ -130,7 +156,8 @@ def _moe_world(all_dirs: dict, trained_dirs: dict, layouts: list, work: str) -> 
     load = _expert_load(trained_dirs, layouts)
     streams = _sync_streams(trained_dirs, layouts)
     own_groups = _own_groups_logits(trained_dirs, layouts[1:])
-    return {"logits": logits, "load": load, "streams": streams, "own_groups": own_groups,
+    scored = _score_at_ep(trained_dirs["mixtral"], [layouts[1], layouts[3]])
+    return {"logits": logits, "load": load, "streams": streams, "own_groups": own_groups, "scored": scored,
             "trained": _train_steps(trained_dirs, layouts, 8, 2)}
 
 
@@ -149,6 +176,23 @@ def test_models_on_their_own_process_groups_match_transformers(world):
         diffs.update(r["own_groups"])
     assert len(diffs) == 2 * (len(LAYOUTS) - 1)
     assert all(v <= 1e-4 for v in diffs.values()), diffs
+
+
+def test_score_at_expert_parallel_layouts_matches_transformers(world):
+    from transformers import AutoModelForCausalLM
+
+    from megatron_opd.cli import build_parser
+
+    assert build_parser().parse_args(["score", "--model", "m", "--input", "i", "--output", "o", "--ep", "2"]).ep == 2
+    hf = AutoModelForCausalLM.from_pretrained(world["converted"]["mixtral"], dtype=torch.float32)
+    scored = world["results"][0]["scored"]
+    assert sorted(scored) == [LAYOUTS[1], LAYOUTS[3]]
+    for layout, rows in scored.items():
+        for seq, lps in zip(SCORED, rows):
+            with torch.no_grad():
+                logp = torch.log_softmax(hf(torch.tensor([seq])).logits[0, :-1].double(), -1)
+            ref = logp.gather(-1, torch.tensor(seq[1:]).unsqueeze(-1)).squeeze(-1)
+            assert torch.allclose(torch.tensor(lps, dtype=torch.float64), ref, atol=1e-4), (layout, seq)
 
 
 def test_round_trips_are_bit_exact_through_every_layout(world):
