@@ -44,9 +44,6 @@ many small per-chunk ops of (a) far more than the few large ops of (b) and (c)).
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
-import os
 import time
 
 import torch
@@ -55,6 +52,7 @@ import torch.nn.functional as F
 
 from megatron_opd.losses import (fused_linear_divergence, fused_linear_divergence_sum,
                                  vocab_parallel_divergence)
+from megatron_opd.testing.memory import peak_extra_bytes, rss_bytes, settle
 from megatron_opd.testing.multiprocess import run_distributed
 
 METHODS = ("ours", "all-gather", "LogitsKLLoss")
@@ -153,23 +151,6 @@ def logits_then_divergence(h_s, w_s, h_t, w_t, group):
 
 # ---------------------------------------------------------------- measurement (in each rank)
 
-def _rss_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} missing from /proc/self/status")
-
-
-def _settle() -> int:
-    """Free what can be freed, return it to the OS, reset the high-water mark; the RSS now."""
-    gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    return _rss_bytes("VmRSS")
-
-
 def measure(method: str, num_tokens: int, vocab: int, repeats: int, threads: int) -> dict:
     """One rank: peak extra bytes of a forward+backward, and the best time of ``repeats``."""
     torch.set_num_threads(threads)
@@ -198,34 +179,6 @@ def measure(method: str, num_tokens: int, vocab: int, repeats: int, threads: int
             "inputs": 2 * student.numel() * student.element_size()}
 
 
-def _set_cpu_allocation_accounting(on: bool) -> None:
-    libc10 = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libc10.so"))
-    ctypes.c_bool.in_dll(libc10, "FLAGS_caffe2_report_cpu_memory_usage").value = on
-
-
-def _peak_extra_bytes(fn) -> int:
-    """The CPU allocator's peak running total during ``fn()`` minus its total before."""
-    from torch._C._profiler import _EventType
-
-    _set_cpu_allocation_accounting(True)
-    try:
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
-                                    profile_memory=True) as prof:
-            torch.empty(1)  # the first event carries the total before fn
-            fn()
-    finally:
-        _set_cpu_allocation_accounting(False)
-    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
-    while stack:
-        e = stack.pop()
-        stack.extend(e.children)
-        if e.tag == _EventType.Allocation:
-            events.append(e)
-    events.sort(key=lambda e: e.start_time_ns)
-    start = events[0].extra_fields.total_allocated - events[0].extra_fields.alloc_size
-    return max(e.extra_fields.total_allocated for e in events) - start
-
-
 def _timed(fn) -> float:
     """The slowest rank's time of ``fn()``."""
     dist.barrier()
@@ -240,10 +193,10 @@ def _run(step, warm_up, repeats: int) -> tuple[int, int, float]:
     """(peak tensors, peak RSS, best time) of ``step``, after ``warm_up`` (a few tokens, so that
     loading code pages is not counted as memory). The first pass is timed too."""
     warm_up()
-    base = _settle()
+    base = settle()
     first = _timed(step)
-    peak_rss = _rss_bytes("VmHWM") - base
-    peak = _peak_extra_bytes(step)
+    peak_rss = rss_bytes("VmHWM") - base
+    peak = peak_extra_bytes(step)
     times = [_timed(step) for _ in range(repeats)]
     return peak, peak_rss, min(times, default=first)
 

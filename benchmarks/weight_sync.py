@@ -35,8 +35,6 @@ a sync.
 from __future__ import annotations
 
 import argparse
-import ctypes
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -45,6 +43,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_opd.testing.multiprocess import run_distributed
+from megatron_opd.testing.memory import peak_extra_bytes
 
 MIB = 1 << 20
 
@@ -81,34 +80,6 @@ def _timed(fn) -> float:
     return elapsed.item()
 
 
-def _set_cpu_allocation_accounting(on: bool) -> None:
-    libc10 = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libc10.so"))
-    ctypes.c_bool.in_dll(libc10, "FLAGS_caffe2_report_cpu_memory_usage").value = on
-
-
-def _peak_extra_bytes(fn) -> int:
-    """The allocator's peak running total during ``fn()`` minus its total before."""
-    from torch._C._profiler import _EventType
-    from torch.profiler import ProfilerActivity, profile
-
-    _set_cpu_allocation_accounting(True)
-    try:
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            torch.empty(1)  # the first event carries the total before fn
-            fn()
-    finally:
-        _set_cpu_allocation_accounting(False)
-    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
-    while stack:
-        e = stack.pop()
-        stack.extend(e.children)
-        if e.tag == _EventType.Allocation:
-            events.append(e)
-    events.sort(key=lambda e: e.start_time_ns)
-    start = events[0].extra_fields.total_allocated - events[0].extra_fields.alloc_size
-    return max(e.extra_fields.total_allocated for e in events) - start
-
-
 def measure(model_dir: str, work_dir: str, tp: int, *, bucket_bytes: int, memory_buckets: list[int],
             repeats: int) -> dict:
     from megatron_opd import parallel
@@ -134,7 +105,7 @@ def measure(model_dir: str, work_dir: str, tp: int, *, bucket_bytes: int, memory
                 pass
 
         dist.barrier()
-        peak = torch.tensor(_peak_extra_bytes(exhaust), dtype=torch.float64)
+        peak = torch.tensor(peak_extra_bytes(exhaust), dtype=torch.float64)
         dist.all_reduce(peak, op=dist.ReduceOp.MAX)
         out["peak_extra"][b] = (peak.item(), max(bk.hf_numel for bk in sync.plan.buckets) * 4)
 

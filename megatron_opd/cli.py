@@ -4,8 +4,19 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import time
 import traceback
+
+import torch.distributed as dist
+from torch.distributed.elastic.multiprocessing.errors import record
+
+from megatron_opd import parallel
+from megatron_opd.commands import convert, score, train
+from megatron_opd.cpu_compat import quiet_known_warnings
+
+COMMANDS = {"score": score.main, "convert": convert.main, "train": train.main}
 
 
 def _score_parser(sub) -> None:
@@ -20,7 +31,9 @@ def _score_parser(sub) -> None:
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
     p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
     p.add_argument("--ep", type=int, default=1, help="expert-parallel size (mixture-of-experts models)")
-    p.add_argument("--max-tokens", type=int, default=4096, help="tokens per micro-batch")
+    p.add_argument("--micro-batch-tokens", type=int, default=4096,
+                   help="pack sequences into micro-batches of at most this many tokens (a longer "
+                   "sequence gets one of its own)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
 
 
@@ -68,25 +81,45 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Stopped(BaseException):
+    """SIGTERM: the launcher stops this rank (e.g. because another rank failed), or the job is cancelled."""
+
+
+def _raise_stopped(signum, frame):
+    raise Stopped(f"stopped by {signal.Signals(signum).name}")
+
+
 def _dispatch(args) -> int:
-    if args.command == "score":
-        from megatron_opd import score
-
-        return score.main(args)
-    if args.command == "convert":
-        from megatron_opd import convert
-
-        return convert.main(args)
-    from megatron_opd.train import run
-
-    return run.main(args)
+    """Run the command; a failure that follows from a lost peer rank is reported as that."""
+    try:
+        return COMMANDS[args.command](args)
+    except (ValueError, KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:
+        if not (dist.is_initialized() and dist.get_world_size() > 1):
+            raise
+        lost = parallel.lost_ranks(wait_s=0 if isinstance(e, Stopped) else 2.5 * parallel.HEARTBEAT_S)
+        if not lost:
+            raise
+        if not isinstance(e, Stopped):
+            traceback.print_exc()
+        print(f"megatron-opd {args.command}: rank {dist.get_rank()} stopped: lost {'; '.join(lost)} "
+              f"(here it showed as {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})",
+              file=sys.stderr, flush=True)
+        if "TORCHELASTIC_RUN_ID" in os.environ and not isinstance(e, Stopped):
+            # torchrun names the first rank it sees fail as the root cause: give it time to see
+            # the lost one (it then stops this rank) rather than be blamed for it
+            try:
+                time.sleep(5)
+            except Stopped:
+                pass
+        _fail_fast(1)
+        raise
 
 
 def _fail_fast(code: int) -> None:
     """In a multi-rank job, leave now: tearing down process groups could wait on a peer that
     is gone or stuck, and torchrun stops the other ranks once this one has exited non-zero."""
-    import torch.distributed as dist
-
     if dist.is_initialized() and dist.get_world_size() > 1:
         sys.stderr.flush()
         sys.stdout.flush()
@@ -94,13 +127,11 @@ def _fail_fast(code: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from torch.distributed.elastic.multiprocessing.errors import record
-
-    from megatron_opd.cpu_compat import quiet_known_warnings
-
     quiet_known_warnings()
     args = build_parser().parse_args(argv)
     rank = os.environ.get("RANK", "0")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        signal.signal(signal.SIGTERM, _raise_stopped)
     try:
         # `record` writes the root-cause traceback to torchrun's error file for its summary.
         code = record(_dispatch)(args)
@@ -108,6 +139,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"megatron-opd {args.command}: error: {e}", file=sys.stderr)
         _fail_fast(2)
         return 2
+    except Stopped as e:
+        print(f"megatron-opd {args.command}: rank {rank} {e}", file=sys.stderr)
+        _fail_fast(128 + signal.SIGTERM)
+        raise
     except BaseException as e:
         if not isinstance(e, (KeyboardInterrupt, SystemExit)):
             print(f"megatron-opd {args.command}: rank {rank} failed: {type(e).__name__}: {e}",
@@ -115,8 +150,6 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
             _fail_fast(1)
         raise
-    from megatron_opd import parallel
-
     parallel.shutdown_distributed()
     return code
 

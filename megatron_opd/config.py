@@ -1,18 +1,48 @@
-"""Typed run configuration: YAML recipes (which may derive from a base recipe), dotted command-line
-overrides, validation that names the offending field, and printing of the resolved config."""
+"""Typed run configuration: one dataclass per section, each validating itself (errors name
+``section.field``) and building what it configures; the checks that span sections, once each, in
+:meth:`Config.validate`; YAML recipes (which may derive from a base recipe) and dotted overrides."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 import yaml
 
-LOSS_KINDS = ("forward_kl", "reverse_kl", "jsd", "sampled_reverse_kl")
-SUPPORTS = ("full", "teacher_topk", "student_topk", "teacher_topk_input")
+from megatron_opd.models.builder import ShardedModel
+from megatron_opd.models.config import ArchConfig, params_dtype
+from megatron_opd.parallel import ParallelLayout, cuda_available
+from megatron_opd.rollout.engine import RolloutEngine, SamplingConfig
+from megatron_opd.teacher.megatron import MegatronTeacher
+from megatron_opd.teacher.served import ServedTeacher, TeacherClient
+from megatron_opd.teacher.signals import Need, Teacher
+from megatron_opd.train.checkpointing import VERIFY_MODES, Checkpointer
+from megatron_opd.train.environments import ENVIRONMENTS
+from megatron_opd.train.evaluation import METRICS
+from megatron_opd.train.memory import parameter_count
+from megatron_opd.train.metrics import MetricsLogger
+from megatron_opd.train.objective import (KINDS, SAMPLED_REVERSE_KL, SUPPORTS, TEACHER_TOPK_INPUT, Objective,
+                                          make_objective, teacher_need)
+from megatron_opd.train.optim import Trainable, make_trainable
+from megatron_opd.utils import check_writable
+
+DECAYS = ("cosine", "constant", "linear")
+TRUNCATED_IMPORTANCE = ("auto", "on", "off")
+# rollout.mismatch_threshold=auto: the largest trainer-vs-rollout log-prob difference of a sampled
+# token that a healthy sync shows, with room, per student dtype (docs/gpu.md has the measurements:
+# fp32 engines agree to ~1e-4, a stale or garbled sync shows differences of 0.1-10).
+MISMATCH_THRESHOLDS = {torch.float32: 1e-3, torch.bfloat16: 0.05}
+OFFPOLICY_SOURCES = ("dataset", "teacher")
+
+
+def _require(condition, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
 
 
 @dataclass
@@ -26,6 +56,28 @@ class ModelConfig:
     # Mixture-of-experts load-balancing loss (megatron's Switch aux loss) while training this
     # model; off by default: a distilled student follows its teacher's routing.
     moe_aux_loss_coeff: float = 0.0
+    # Parameter dtype: "fp32" or "bf16" (megatron's mixed precision: bf16 parameters and
+    # activations, fp32 main parameters and gradient reduction; the divergence math stays fp32).
+    dtype: str = "fp32"
+
+    @property
+    def layout(self) -> ParallelLayout:
+        return ParallelLayout(self.tp, self.pp, self.ep)
+
+    @property
+    def params_dtype(self) -> torch.dtype:
+        return params_dtype(self.dtype)
+
+    def validate(self, name: str) -> None:
+        _require(self.path, f"{name}.path is required")
+        self._validate_split(name)
+
+    def _validate_split(self, name: str) -> None:
+        _require(self.tp >= 1 and self.pp >= 1, f"{name}.tp and {name}.pp must be >= 1")
+        _require(self.ep >= 1, f"{name}.ep must be >= 1, got {self.ep}")
+        _require(self.moe_aux_loss_coeff >= 0,
+                 f"{name}.moe_aux_loss_coeff must be >= 0, got {self.moe_aux_loss_coeff}")
+        params_dtype(self.dtype, what=f"{name}.dtype")
 
 
 @dataclass
@@ -38,6 +90,27 @@ class TeacherConfig(ModelConfig):
     # Temperature applied to the teacher's logits (the student's is loss.temperature).
     temperature: float = 1.0
 
+    def validate(self, name: str = "teacher") -> None:
+        _require(self.path or self.served_url, f"{name}.path or {name}.served_url is required")
+        self._validate_split(name)
+        _require(self.temperature > 0, f"{name}.temperature must be > 0, got {self.temperature}")
+        if self.served_url:
+            _require(self.temperature == 1.0,
+                     f"{name}.temperature must be 1.0 with a served teacher (vLLM's prompt log-probs are "
+                     "always at temperature 1)")
+
+    def build(self, *, need: Need, top_k: int, vocab_size: int, seed: int) -> Teacher:
+        """The teacher: served at ``served_url``, else a megatron model on process groups of its
+        own (collective: every rank builds it)."""
+        if self.served_url:
+            # vocab_size: an out-of-vocabulary id would take the server's engine down
+            client = TeacherClient(self.served_url, model=self.served_model or None, top_k=top_k,
+                                   timeout=self.served_timeout_s, max_concurrency=self.served_concurrency,
+                                   vocab_size=vocab_size)
+            return ServedTeacher(client, need=need)
+        return MegatronTeacher(self.path, self.layout, need=need, top_k=top_k, temperature=self.temperature,
+                               seed=seed, params_dtype=self.params_dtype)
+
 
 @dataclass
 class DataConfig:
@@ -47,6 +120,10 @@ class DataConfig:
     # Tokens per packed micro-batch (sequences are packed, never padded).
     micro_batch_tokens: int = 4096
     shuffle: bool = True
+
+    def validate(self, name: str = "data") -> None:
+        _require(self.train_path, f"{name}.train_path is required")
+        _require(self.micro_batch_tokens >= 8, f"{name}.micro_batch_tokens must be >= 8")
 
 
 @dataclass
@@ -61,10 +138,56 @@ class RolloutConfig:
     offpolicy_source: str = "dataset"  # "dataset" completions or "teacher" samples
     kv_cache_gb: float = 1.0
     bucket_mb: float = 256.0
-    # Fail the run when trainer-vs-rollout log-prob mismatch exceeds this (null: never).
-    mismatch_threshold: float | None = 1e-3
+    # Fail the run when trainer-vs-rollout log-prob mismatch exceeds this (null: never; "auto": the
+    # threshold for the student's dtype, MISMATCH_THRESHOLDS).
+    mismatch_threshold: float | str | None = "auto"
     max_turns: int = 1
     environment: str = ""  # a multi-turn environment (see train/environments.py), "" = single turn
+
+    def validate(self, name: str = "rollout") -> None:
+        _require(0.0 <= self.lmbda <= 1.0, f"{name}.lmbda must be in [0, 1], got {self.lmbda}")
+        _require(self.offpolicy_source in OFFPOLICY_SOURCES,
+                 f"{name}.offpolicy_source must be 'dataset' or 'teacher', got {self.offpolicy_source!r}")
+        _require(self.n >= 1, f"{name}.n must be >= 1, got {self.n}")
+        _require(self.temperature > 0, f"{name}.temperature must be > 0, got {self.temperature}")
+        _require(0 < self.top_p <= 1, f"{name}.top_p must be in (0, 1], got {self.top_p}")
+        _require(self.top_p == 1 or self.mismatch_threshold is None,
+                 f"{name}.top_p={self.top_p} with {name}.mismatch_threshold set: vLLM's log-probs are of the "
+                 "top-p truncated distribution, the trainer's of the full one, so they differ by design; "
+                 f"set {name}.mismatch_threshold=null to sample with top-p")
+        _require(not isinstance(self.mismatch_threshold, str) or self.mismatch_threshold == "auto",
+                 f"{name}.mismatch_threshold must be a number, auto or null, got {self.mismatch_threshold!r}")
+        _require(self.max_new_tokens >= 1, f"{name}.max_new_tokens must be >= 1")
+        _require(self.max_turns >= 1, f"{name}.max_turns must be >= 1")
+        _require(not self.environment or self.environment in ENVIRONMENTS,
+                 f"{name}.environment={self.environment!r} is unknown (known: {', '.join(ENVIRONMENTS)})")
+
+    def mismatch_threshold_for(self, student_dtype: torch.dtype) -> float | None:
+        """The trainer-vs-rollout log-prob gap that stops the run, for a student in ``student_dtype``."""
+        if self.mismatch_threshold == "auto":
+            return MISMATCH_THRESHOLDS[student_dtype]
+        return self.mismatch_threshold
+
+    @property
+    def uses_teacher_samples(self) -> bool:
+        return self.lmbda < 1.0 and self.offpolicy_source == "teacher"
+
+    @property
+    def bucket_bytes(self) -> int:
+        return int(self.bucket_mb * (1 << 20))
+
+    def sampling(self, *, seed: int, step: int, stop_token_ids: list[int]) -> SamplingConfig:
+        """How ``step``'s completions are sampled (each request's seed derives from this one)."""
+        return SamplingConfig(n=self.n, temperature=self.temperature, top_p=self.top_p,
+                              max_new_tokens=self.max_new_tokens, stop_token_ids=tuple(stop_token_ids),
+                              seed=seed * 1_000_033 + step)
+
+    def start_engine(self, arch: ArchConfig, *, dtype: torch.dtype, max_model_len: int, seed: int) -> RolloutEngine:
+        """A rollout engine for ``arch`` in ``dtype`` (its model's) with this section's KV cache
+        (collective: every rank starts one at the same point)."""
+        weights = parameter_count(arch, tp=1, pp=1, stage=0) * dtype.itemsize
+        return RolloutEngine(arch, dtype=dtype, kv_cache_bytes=int(self.kv_cache_gb * (1 << 30)),
+                             max_model_len=max_model_len, seed=seed, weights_bytes=weights)
 
 
 @dataclass
@@ -78,6 +201,41 @@ class LossConfig:
     fused_linear: bool = False
     # Weight each sample's tokens by its metadata field (e.g. a reward); "" = uniform.
     weight_field: str = ""
+    # sampled_reverse_kl: truncated importance weight min(pi_trainer / pi_rollout, cap) on the engine's
+    # samples. "auto": on when the student is bf16 (trainer and engine round differently), else off.
+    truncated_importance: str = "auto"  # "auto" | "on" | "off"
+    importance_cap: float = 2.0
+
+    def validate(self, name: str = "loss") -> None:
+        _require(self.kind in KINDS, f"{name}.kind must be one of {KINDS}, got {self.kind!r}")
+        _require(self.truncated_importance in TRUNCATED_IMPORTANCE,
+                 f"{name}.truncated_importance must be auto, on or off, got {self.truncated_importance!r}")
+        _require(self.importance_cap >= 1.0, f"{name}.importance_cap must be >= 1, got {self.importance_cap}")
+        _require(self.support in SUPPORTS, f"{name}.support must be one of {SUPPORTS}, got {self.support!r}")
+        _require(0.0 <= self.beta <= 1.0, f"{name}.beta must be in [0, 1], got {self.beta}")
+        _require(self.temperature > 0, f"{name}.temperature must be > 0, got {self.temperature}")
+        if self.support != "full":
+            _require(self.top_k >= 1, f"{name}.top_k must be >= 1 with {name}.support={self.support!r}")
+
+    @property
+    def teacher_need(self) -> Need:
+        return teacher_need(kind=self.kind, support=self.support, fused_linear=self.fused_linear)
+
+    def build(self, student: ShardedModel, *, teacher_output_weight: torch.Tensor | None,
+              teacher_temperature: float, rollout_temperature: float) -> Objective:
+        """The student's objective on its last stage (``teacher_output_weight``: the teacher's
+        output-layer shard for a loss fused with the output layers)."""
+        return make_objective(student, kind=self.kind, beta=self.beta, support=self.support, top_k=self.top_k,
+                              temperature=self.temperature, chunk_size=self.chunk_size or None,
+                              fused_linear=self.fused_linear, teacher_output_weight=teacher_output_weight,
+                              teacher_temperature=teacher_temperature, rollout_temperature=rollout_temperature,
+                              importance_cap=self.importance_cap_for(student.config.params_dtype))
+
+    def importance_cap_for(self, student_dtype: torch.dtype) -> float | None:
+        """The truncated importance weight's cap for a student in ``student_dtype``; None: off."""
+        on = self.truncated_importance == "on" or (
+            self.truncated_importance == "auto" and student_dtype == torch.bfloat16)
+        return self.importance_cap if on and self.kind == SAMPLED_REVERSE_KL else None
 
 
 @dataclass
@@ -93,6 +251,38 @@ class OptimConfig:
     clip_grad: float = 1.0
     use_distributed_optimizer: bool = False
 
+    def validate(self, name: str = "optim") -> None:
+        _require(self.lr > 0, f"{name}.lr must be > 0, got {self.lr}")
+        _require(self.decay in DECAYS, f"{name}.decay must be cosine, constant or linear, got {self.decay!r}")
+        _require(self.warmup_steps >= 0, f"{name}.warmup_steps must be >= 0")
+        _require(0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1,
+                 f"{name}.adam_beta1/adam_beta2 must be in [0, 1)")
+        _require(self.clip_grad >= 0, f"{name}.clip_grad must be >= 0 (0 disables clipping)")
+
+    def check_device(self, name: str = "optim") -> None:
+        """What this machine cannot run (checked when building, not in a dry run for another)."""
+        _require(not self.use_distributed_optimizer or cuda_available(),
+                 f"{name}.use_distributed_optimizer=true needs CUDA (megatron's distributed optimizer "
+                 "asserts CUDA tensors); set it to false on CPU")
+
+    def learning_rate(self, step: int, *, total_steps: int) -> float:
+        """Linear warmup to ``lr``, then cosine / linear decay to ``min_lr`` (or constant)."""
+        if self.warmup_steps and step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        if self.decay == "constant":
+            return self.lr
+        span = max(1, total_steps - self.warmup_steps)
+        frac = min(1.0, (step - self.warmup_steps) / span)
+        if self.decay == "linear":
+            return self.min_lr + (self.lr - self.min_lr) * (1 - frac)
+        return self.min_lr + 0.5 * (self.lr - self.min_lr) * (1 + math.cos(math.pi * frac))
+
+    def build(self, model: ShardedModel, *, total_steps: int) -> Trainable:
+        """megatron's DDP and Adam over ``model`` with these settings, and this LR schedule."""
+        self.validate()
+        self.check_device()
+        return make_trainable(model, self, schedule=lambda step: self.learning_rate(step, total_steps=total_steps))
+
 
 @dataclass
 class EvalConfig:
@@ -100,6 +290,12 @@ class EvalConfig:
     metric: str = "exact_match"  # "exact_match" | "boxed_math"
     max_new_tokens: int = 64
     num_prompts: int = 0  # 0: all
+
+    def validate(self, name: str = "eval") -> None:
+        _require(self.metric in METRICS, f"{name}.metric must be exact_match or boxed_math, got {self.metric!r}")
+
+    def due(self, done: int, total_steps: int) -> bool:
+        return bool(self.every) and (done % self.every == 0 or done == total_steps)
 
 
 @dataclass
@@ -110,6 +306,17 @@ class CheckpointConfig:
     export_hf: bool = False  # also export the final student as an HF model
     verify: str = "hash"  # on load, check the manifest: "hash" (sizes and sha256), "size", "none"
 
+    def validate(self, name: str = "checkpoint") -> None:
+        _require(self.keep_last >= 1, f"{name}.keep_last must be >= 1")
+        _require(self.verify in VERIFY_MODES, f"{name}.verify must be hash, size or none, got {self.verify!r}")
+        _require(self.resume in ("auto", "none") or Path(self.resume).is_dir(),
+                 f"{name}.resume must be auto, none or an existing directory, got {self.resume!r}")
+
+    def build(self, run_dir: str | Path, *, config_yaml: str, tokenizer_src: str) -> Checkpointer:
+        return Checkpointer(run_dir, every=self.every, keep_last=self.keep_last, resume=self.resume,
+                            verify=self.verify, export_hf=self.export_hf, config_yaml=config_yaml,
+                            tokenizer_src=tokenizer_src)
+
 
 @dataclass
 class LoggingConfig:
@@ -118,6 +325,14 @@ class LoggingConfig:
     wandb: bool = False
     wandb_project: str = "megatron_opd"
     progress_bar: bool = True
+
+    def validate(self, name: str = "logging") -> None:
+        _require(self.every >= 1, f"{name}.every must be >= 1")
+
+    def build(self, run_dir: str | Path, *, total_steps: int, start_step: int, config: dict) -> MetricsLogger:
+        return MetricsLogger(run_dir, total_steps=total_steps, start_step=start_step, tensorboard=self.tensorboard,
+                             wandb=self.wandb, wandb_project=self.wandb_project, progress_bar=self.progress_bar,
+                             config=config)
 
 
 @dataclass
@@ -129,14 +344,10 @@ class TrainConfig:
     max_nonfinite_steps: int = 3  # consecutive non-finite steps before the run stops
     gpu_memory_gb: float = 80.0  # for the dry-run's memory check
     host_memory_gb: float = 512.0  # CPU RAM per node, for the dry-run's memory check
-    # Fault drill, to check that a cluster set-up fails fast and resumes: at step
-    # `inject_fault_step` on global rank `inject_fault_rank`, "raise" an exception, make the
-    # gradients "nan", or "kill_in_checkpoint" (SIGKILL mid-way through writing the checkpoint of
-    # step `inject_fault_step`). Drills fire in a job's first attempt only (not after a torchrun
-    # restart), so that the restart shows the recovery.
-    inject_fault: str = ""
-    inject_fault_step: int = -1
-    inject_fault_rank: int = 0
+
+    def validate(self, name: str = "train") -> None:
+        _require(self.steps >= 1, f"{name}.steps must be >= 1, got {self.steps}")
+        _require(self.prompts_per_step >= 1, f"{name}.prompts_per_step must be >= 1")
 
 
 @dataclass
@@ -159,75 +370,60 @@ class Config:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     def validate(self, *, world_size: int | None = None) -> None:
-        """Raise ValueError naming the field for anything inconsistent."""
-        def need(cond, msg):
-            if not cond:
-                raise ValueError(msg)
+        """Raise ValueError naming the field for anything inconsistent: every section by itself,
+        then what spans sections (and, given ``world_size``, the layouts)."""
+        for f in dataclasses.fields(self):
+            getattr(self, f.name).validate(f.name)
+        if world_size is not None:
+            self._check_layouts(world_size)
+        self._check_teacher_serves_the_loss()
 
-        need(self.student.path, "student.path is required")
-        need(self.teacher.path or self.teacher.served_url,
-             "teacher.path or teacher.served_url is required")
-        need(self.data.train_path, "data.train_path is required")
-        for name, m in (("student", self.student), ("teacher", self.teacher)):
-            need(m.tp >= 1 and m.pp >= 1, f"{name}.tp and {name}.pp must be >= 1")
-            need(m.ep >= 1, f"{name}.ep must be >= 1, got {m.ep}")
-            need(m.moe_aux_loss_coeff >= 0, f"{name}.moe_aux_loss_coeff must be >= 0, got {m.moe_aux_loss_coeff}")
-            if world_size is not None and (m.path or name == "student"):
-                if world_size % (m.tp * m.pp):
-                    raise ValueError(f"{name}: tp * pp = {m.tp} * {m.pp} = {m.tp * m.pp} does not "
-                                     f"divide the world size {world_size}")
-                if (world_size // m.pp) % (m.ep * m.tp):
-                    raise ValueError(f"{name}: ep * tp = {m.ep} * {m.tp} = {m.ep * m.tp} does not divide "
-                                     f"the {world_size // m.pp} ranks of a pipeline stage (world size "
-                                     f"{world_size} / pp {m.pp})")
-        need(self.loss.kind in LOSS_KINDS, f"loss.kind must be one of {LOSS_KINDS}, got {self.loss.kind!r}")
-        need(self.loss.support in SUPPORTS, f"loss.support must be one of {SUPPORTS}, got {self.loss.support!r}")
-        need(0.0 <= self.loss.beta <= 1.0, f"loss.beta must be in [0, 1], got {self.loss.beta}")
-        need(self.loss.temperature > 0, f"loss.temperature must be > 0, got {self.loss.temperature}")
-        need(self.teacher.temperature > 0, f"teacher.temperature must be > 0, got {self.teacher.temperature}")
-        if self.loss.support != "full" or self.teacher.served_url:
-            need(self.loss.top_k >= 1, f"loss.top_k must be >= 1 with loss.support={self.loss.support!r}"
-                 + (" and a served teacher" if self.teacher.served_url else ""))
-        if self.teacher.served_url:
-            need(self.teacher.temperature == 1.0,
-                 "teacher.temperature must be 1.0 with a served teacher (vLLM's prompt log-probs are "
-                 "always at temperature 1)")
-            need(self.loss.support == "teacher_topk_input" or self.loss.kind == "sampled_reverse_kl",
-                 "a served teacher (teacher.served_url) gives top-k log-probs only: set "
-                 "loss.support=teacher_topk_input or loss.kind=sampled_reverse_kl")
-        if self.loss.support in ("full", "teacher_topk", "student_topk") and self.loss.kind != "sampled_reverse_kl":
-            need(self.teacher.tp == self.student.tp,
-                 f"loss.support={self.loss.support!r} needs the teacher's logits in the student's vocab "
-                 f"sharding: teacher.tp ({self.teacher.tp}) must equal student.tp ({self.student.tp}); "
-                 "use loss.support=teacher_topk_input for a differently split teacher")
-        need(0.0 <= self.rollout.lmbda <= 1.0, f"rollout.lmbda must be in [0, 1], got {self.rollout.lmbda}")
-        need(self.rollout.offpolicy_source in ("dataset", "teacher"),
-             f"rollout.offpolicy_source must be 'dataset' or 'teacher', got {self.rollout.offpolicy_source!r}")
-        need(self.rollout.n >= 1, f"rollout.n must be >= 1, got {self.rollout.n}")
-        need(self.rollout.temperature > 0, f"rollout.temperature must be > 0, got {self.rollout.temperature}")
-        need(0 < self.rollout.top_p <= 1, f"rollout.top_p must be in (0, 1], got {self.rollout.top_p}")
-        need(self.rollout.top_p == 1 or self.rollout.mismatch_threshold is None,
-             f"rollout.top_p={self.rollout.top_p} with rollout.mismatch_threshold set: vLLM's log-probs "
-             "are of the top-p truncated distribution, the trainer's of the full one, so they differ by "
-             "design; set rollout.mismatch_threshold=null to sample with top-p")
-        need(self.rollout.max_new_tokens >= 1, "rollout.max_new_tokens must be >= 1")
-        need(self.rollout.max_turns >= 1, "rollout.max_turns must be >= 1")
-        need(self.data.micro_batch_tokens >= 8, "data.micro_batch_tokens must be >= 8")
-        need(self.train.steps >= 1, f"train.steps must be >= 1, got {self.train.steps}")
-        need(self.train.prompts_per_step >= 1, "train.prompts_per_step must be >= 1")
-        need(self.optim.lr > 0, f"optim.lr must be > 0, got {self.optim.lr}")
-        need(self.optim.decay in ("cosine", "constant", "linear"),
-             f"optim.decay must be cosine, constant or linear, got {self.optim.decay!r}")
-        need(self.optim.warmup_steps >= 0, "optim.warmup_steps must be >= 0")
-        need(self.eval.metric in ("exact_match", "boxed_math"),
-             f"eval.metric must be exact_match or boxed_math, got {self.eval.metric!r}")
-        need(self.checkpoint.keep_last >= 1, "checkpoint.keep_last must be >= 1")
-        need(self.train.inject_fault in ("", "raise", "nan", "kill_in_checkpoint"),
-             f"train.inject_fault must be raise, nan or kill_in_checkpoint, got {self.train.inject_fault!r}")
-        need(self.checkpoint.verify in ("hash", "size", "none"),
-             f"checkpoint.verify must be hash, size or none, got {self.checkpoint.verify!r}")
-        need(self.checkpoint.resume in ("auto", "none") or Path(self.checkpoint.resume).is_dir(),
-             f"checkpoint.resume must be auto, none or an existing directory, got {self.checkpoint.resume!r}")
+    def _check_teacher_serves_the_loss(self) -> None:
+        loss, teacher = self.loss, self.teacher
+        if teacher.served_url:
+            _require(loss.top_k >= 1, "loss.top_k must be >= 1 with a served teacher (teacher.served_url)")
+            _require(loss.support == TEACHER_TOPK_INPUT or loss.kind == SAMPLED_REVERSE_KL,
+                     "a served teacher (teacher.served_url) gives top-k log-probs only: set "
+                     f"loss.support={TEACHER_TOPK_INPUT} or loss.kind={SAMPLED_REVERSE_KL}")
+            _require(not self.rollout.uses_teacher_samples,
+                     "rollout.offpolicy_source=teacher needs an in-process teacher (teacher.path)")
+        elif loss.teacher_need in (Need.LOGITS, Need.HIDDEN):
+            _require(teacher.tp == self.student.tp,
+                     f"loss.support={loss.support!r} needs the teacher's logits in the student's vocab sharding: "
+                     f"teacher.tp ({teacher.tp}) must equal student.tp ({self.student.tp}); "
+                     f"use loss.support={TEACHER_TOPK_INPUT} for a differently split teacher")
+
+    def _check_layouts(self, world_size: int) -> None:
+        """Each model's tp * pp divides the world; every student replica gets a prompt."""
+        dp = self.student.layout.data_parallel_size(world_size, what="student")
+        if not self.teacher.served_url:
+            self.teacher.layout.data_parallel_size(world_size, what="teacher")
+        _require(self.train.prompts_per_step >= dp,
+                 f"train.prompts_per_step={self.train.prompts_per_step} is smaller than the student's "
+                 f"data-parallel size {dp}")
+
+    def check_models(self, student: ArchConfig, teacher: ArchConfig | None = None) -> None:
+        """Check every field that depends on the models against their configs (read from
+        config.json, before any weight is loaded); ValueError naming the field."""
+        student.check_parallel(tp=self.student.tp, pp=self.student.pp, ep=self.student.ep, what="student")
+        if teacher is not None:
+            teacher.check_parallel(tp=self.teacher.tp, pp=self.teacher.pp, ep=self.teacher.ep, what="teacher")
+        vocab = student.vocab_size
+        _require(self.loss.top_k <= vocab, f"loss.top_k={self.loss.top_k} is larger than the student's vocabulary ({vocab})")
+        for i in self.rollout.stop_token_ids:
+            _require(isinstance(i, int) and 0 <= i < vocab,
+                     f"rollout.stop_token_ids: {i!r} is not a token id of the student's vocabulary [0, {vocab})")
+
+    def check_inputs(self) -> None:
+        """The data files exist and hold a row; the run directory can be written (before any work)."""
+        for name in ("train_path", "eval_path"):
+            path = getattr(self.data, name)
+            if not path:
+                continue
+            _require(Path(path).is_file(), f"data.{name}: {path} does not exist")
+            with open(path) as f:
+                _require(any(line.strip() for line in f), f"data.{name}: {path} is empty (no rows)")
+        check_writable(self.train.run_dir, directory=True, what="train.run_dir")
 
 
 # --- YAML and overrides -------------------------------------------------------------------------
@@ -273,7 +469,12 @@ def _coerce(value, annotation, where: str):
             if type(None) in args:
                 return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], where)
+        for kind in inner[:-1]:  # the first member type the value converts to
+            try:
+                return _coerce(value, kind, where)
+            except ValueError:
+                pass
+        return _coerce(value, inner[-1], where)
     if annotation is bool:
         if isinstance(value, bool):
             return value

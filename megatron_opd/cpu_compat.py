@@ -3,17 +3,19 @@
 megatron-core 0.16.1 assumes a GPU in a few places that have nothing to do with the math:
 `torch.cuda.current_device()` as an allocation device, `torch.cuda.synchronize()`, about a dozen
 modules that allocate with a hard-coded ``device="cuda"``, a gradient-clipping helper that asserts
-CUDA tensor types, and an RNG tracker built on the CUDA generator; in mixture-of-experts layers,
-the router's gemm reads Transformer Engine's ``te_general_gemm`` (undefined without TE) and the
-all-to-all token dispatcher moves its split sizes to the host on a side CUDA stream and, at
-expert tensor parallel > 1, gathers and reduce-scatters uneven token counts (which gloo's list
-collectives refuse). This module routes all of them to the CPU. It patches private internals, so megatron-core is pinned exactly and
+CUDA tensor types, a bf16 optimizer that accepts parameters by CUDA type name, and an RNG tracker
+built on the CUDA generator; in mixture-of-experts layers, the router's gemm reads Transformer
+Engine's ``te_general_gemm`` (undefined without TE) and the all-to-all token dispatcher moves its
+split sizes to the host on a side CUDA stream and, at expert tensor parallel > 1, gathers and
+reduce-scatters uneven token counts (which gloo's list collectives refuse). This module routes all
+of them to the CPU. It patches private internals, so megatron-core is pinned exactly and
 ``tests/test_cpu_compat.py`` is the canary that fails loudly when an upgrade breaks a shim.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import re
 import types
@@ -227,6 +229,59 @@ def _set_cpu_rng_state(new_state, device=-1, graph_safe=False):
     torch.set_rng_state(new_state)
 
 
+# The line of megatron's bf16/fp16 optimizer that sorts parameters by CUDA type name; the shim below
+# exists for it (the canary checks that it is still there).
+FLOAT16_TYPE_CHECK = "param.type() in ['torch.cuda.HalfTensor', 'torch.cuda.BFloat16Tensor']"
+
+
+def _with_cuda_type_names(init):
+    """Wrap ``Float16OptimizerWithFloat16Params.__init__`` (megatron's bf16 optimizer: fp32 main
+    copies of bf16 parameters), which accepts parameters by their CUDA type names only: while it
+    runs, a tensor off CUDA answers ``type()`` with the CUDA name of its dtype
+    (``torch.BFloat16Tensor`` -> ``torch.cuda.BFloat16Tensor``)."""
+
+    @functools.wraps(init)
+    def wrapped(self, *args, **kwargs):
+        own = torch.Tensor.__dict__.get("type")
+        real = torch.Tensor.type
+
+        def cuda_type_name(tensor, *type_args, **type_kwargs):
+            name = real(tensor, *type_args, **type_kwargs)
+            kind = tensor.device.type
+            if type_args or type_kwargs or kind == "cuda":
+                return name
+            # torch.BFloat16Tensor (CPU), torch.meta.BFloat16Tensor (meta) -> torch.cuda.BFloat16Tensor
+            prefix = f"torch.{kind}." if name.startswith(f"torch.{kind}.") else "torch."
+            return "torch.cuda." + name[len(prefix):]
+
+        torch.Tensor.type = cuda_type_name
+        try:
+            init(self, *args, **kwargs)
+        finally:
+            if own is None:
+                del torch.Tensor.type
+            else:
+                torch.Tensor.type = own
+
+    return wrapped
+
+
+def _apply_bf16_shims() -> None:
+    """bf16 mixed precision on CPU: megatron's bf16 optimizer sorts parameters by CUDA type name
+    (the rest of the bf16 path, DDP's fp32 gradient buffers and the fp32 main-parameter copies,
+    runs unchanged: its hard-coded CUDA allocations are routed with the other modules')."""
+    import inspect
+
+    from megatron.core.optimizer import optimizer
+
+    cls = optimizer.Float16OptimizerWithFloat16Params
+    if FLOAT16_TYPE_CHECK not in inspect.getsource(cls.__init__):
+        raise RuntimeError("cpu_compat: megatron's Float16OptimizerWithFloat16Params no longer sorts "
+                           "parameters by CUDA type name; re-check the bf16 shim against this "
+                           "megatron-core version")
+    cls.__init__ = _with_cuda_type_names(cls.__init__)
+
+
 # megatron-core warns about these on every import on a CPU machine; they are expected here.
 KNOWN_CPU_WARNINGS = (
     "Apex is not installed",
@@ -269,6 +324,7 @@ def apply() -> None:
 
     clip_grads.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_fp32
     optimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_fp32
+    _apply_bf16_shims()
 
     random.CudaRNGStatesTracker = CpuRNGStatesTracker
     random._get_cuda_rng_state = _get_cpu_rng_state

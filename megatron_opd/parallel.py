@@ -1,14 +1,23 @@
-"""Distributed set-up: device/backend choice (the only place), and process-group bundles per model."""
+"""Distributed set-up: device/backend choice (the only place), process-group bundles per model, and
+which ranks of the job are still alive when one fails."""
 
 from __future__ import annotations
 
 import datetime
+import ipaddress
+import json
 import os
+import socket
+import threading
+import time
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import Callable
 
 import torch
 import torch.distributed as dist
+
+from megatron_opd import cpu_compat
 
 
 def cuda_available() -> bool:
@@ -34,33 +43,176 @@ def init_distributed(*, timeout_minutes: float = 30.0) -> None:
     """
     if dist.is_initialized():
         return
+    listening = None
     if "RANK" not in os.environ:
-        from megatron_opd.utils import free_port
-
-        os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
-                           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())})
+        listening = _listen("127.0.0.1", 0)
+        os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
+                           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(listening.getsockname()[1])})
+    if _one_host() and "GLOO_SOCKET_IFNAME" not in os.environ \
+            and LOOPBACK_INTERFACE in {name for _, name in socket.if_nameindex()}:
+        os.environ["GLOO_SOCKET_IFNAME"] = LOOPBACK_INTERFACE  # gloo's sockets on loopback
     if cuda_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     timeout = datetime.timedelta(minutes=timeout_minutes)
     # torchrun's restarts (--max-restarts) reuse its store: without a prefix per attempt, the new
     # workers read the dead ones' connection keys for every process group and fail to connect.
-    store, rank, world_size = next(dist.rendezvous("env://", timeout=timeout))
+    store, rank, world_size = _rendezvous(timeout, listening)
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    dist.init_process_group(backend=backend(), store=dist.PrefixStore(f"megatron_opd/attempt_{attempt}", store),
-                            rank=rank, world_size=world_size, timeout=timeout)
+    store = dist.PrefixStore(f"megatron_opd/attempt_{attempt}", store)
+    dist.init_process_group(backend=backend(), store=store, rank=rank, world_size=world_size, timeout=timeout)
+    if world_size > 1:
+        _register_member(store, rank, world_size)
     if not cuda_available():
-        from megatron_opd import cpu_compat
-
         cpu_compat.apply()
 
 
+LOOPBACK_INTERFACE = "lo"
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(1024)
+    return sock
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
+    except (OSError, ValueError):
+        return False
+
+
+def _one_host() -> bool:
+    """Whether every rank of the job runs on this host (as the launcher says, or, without a
+    LOCAL_WORLD_SIZE, as a loopback MASTER_ADDR implies)."""
+    if "LOCAL_WORLD_SIZE" in os.environ:
+        return int(os.environ["LOCAL_WORLD_SIZE"]) >= int(os.environ["WORLD_SIZE"])
+    return _is_loopback(os.environ.get("MASTER_ADDR", ""))
+
+
+def _rendezvous(timeout: datetime.timedelta, listening: socket.socket | None) -> tuple[dist.Store, int, int]:
+    """The job's store: torchrun's agent store, or one that rank 0 hosts at MASTER_ADDR:MASTER_PORT.
+    Ours listens on that address only when it is a loopback one (a job on one host), instead of on
+    every interface as torch's env:// store does; a multi-host job (MASTER_ADDR a host name) needs
+    every interface."""
+    host = os.environ["MASTER_ADDR"]
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" or not _is_loopback(host):
+        return next(dist.rendezvous("env://", timeout=timeout))
+    rank, world_size, port = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["MASTER_PORT"])
+    if rank == 0 and listening is None:
+        listening = _listen(socket.gethostbyname(host), port)
+    store = dist.TCPStore(host, port, world_size, is_master=rank == 0, timeout=timeout,
+                          master_listen_fd=listening.detach() if rank == 0 else None)
+    return store, rank, world_size
+
+
+# --- who is alive: each rank registers its host and pid in the job's store (and, when the job
+# spans hosts, bumps a heartbeat counter); after a failure, the survivors name the lost ranks.
+
+HEARTBEAT_S = 2.0
+
+
+@dataclass
+class _Members:
+    store: dist.Store
+    rank: int
+    world_size: int
+    stop: threading.Event = field(default_factory=threading.Event)
+
+
+_MEMBERS: _Members | None = None
+
+
+def _whoami() -> dict:
+    try:
+        pid_ns = os.readlink("/proc/self/ns/pid")  # pids compare only within one namespace
+    except OSError:
+        pid_ns = ""
+    return {"host": socket.gethostname(), "pid": os.getpid(), "pid_ns": pid_ns}
+
+
+def _register_member(store: dist.Store, rank: int, world_size: int) -> None:
+    global _MEMBERS
+    store.set(f"members/{rank}", json.dumps(_whoami()))
+    _MEMBERS = _Members(store, rank, world_size)
+    if not _one_host():  # ranks on other hosts are checked by heartbeat
+        threading.Thread(target=_heartbeat, args=(_MEMBERS,), daemon=True, name="megatron-opd-heartbeat").start()
+
+
+def _heartbeat(m: _Members) -> None:
+    while not m.stop.is_set():
+        try:
+            m.store.add(f"heartbeat/{m.rank}", 1)
+        except Exception:  # noqa: BLE001 - the store is gone: the job is ending
+            return
+        m.stop.wait(HEARTBEAT_S)
+
+
+def _exited(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] in ("Z", "X")  # a zombie has exited
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+
+
+def lost_ranks(*, wait_s: float = 2.5 * HEARTBEAT_S) -> list[str]:
+    """After a failure in a multi-rank job: the ranks whose process is gone, each as "rank N (...)".
+    Ranks on this host are checked by pid (at once); ranks on other hosts by their heartbeat, which
+    takes up to ``wait_s``. Empty when nothing is found lost (or this is a one-rank job)."""
+    m = _MEMBERS
+    if m is None:
+        return []
+    me = _whoami()
+    try:
+        members = {r: json.loads(m.store.get(f"members/{r}")) for r in range(m.world_size)
+                   if r != m.rank and m.store.check([f"members/{r}"])}
+    except Exception:  # noqa: BLE001 - the store itself is gone
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            return []
+        return [f"rank 0 (it hosts the job's store at {os.environ.get('MASTER_ADDR')}:"
+                f"{os.environ.get('MASTER_PORT')}, which no longer answers)"]
+    local = {r: v for r, v in members.items() if (v["host"], v["pid_ns"]) == (me["host"], me["pid_ns"])}
+    lost = [f"rank {r} (pid {v['pid']} on {v['host']} has exited)" for r, v in sorted(local.items())
+            if _exited(v["pid"])]
+    remote = sorted(set(members) - set(local))
+    if lost or not remote or wait_s <= 0:
+        return lost
+    try:
+        before = {r: m.store.add(f"heartbeat/{r}", 0) for r in remote}
+        time.sleep(wait_s)
+        after = {r: m.store.add(f"heartbeat/{r}", 0) for r in remote}
+    except Exception:  # noqa: BLE001
+        return []
+    return [f"rank {r} (on {members[r]['host']}: no heartbeat for {wait_s:.0f} s)" for r in remote
+            if after[r] == before[r]]
+
+
+# Teardowns of libraries that joined the world group (vLLM's engines), run before it goes.
+_BEFORE_SHUTDOWN: list[Callable[[], None]] = []
+
+
+def before_shutdown(teardown: Callable[[], None]) -> None:
+    """Have :func:`shutdown_distributed` call ``teardown`` (once) before it destroys any process
+    group: whatever joins the world group with groups of its own registers how to leave it."""
+    if teardown not in _BEFORE_SHUTDOWN:
+        _BEFORE_SHUTDOWN.append(teardown)
+
+
 def shutdown_distributed() -> None:
-    """Tear down megatron's and (if started) vLLM's groups, then the world group."""
+    """Run the registered teardowns (newest first), then tear down megatron's groups and the world group."""
     from megatron.core import parallel_state
 
-    from megatron_opd.rollout.engine import shutdown_vllm_distributed
-
-    shutdown_vllm_distributed()
+    global _MEMBERS
+    if _MEMBERS is not None:
+        _MEMBERS.stop.set()
+        _MEMBERS = None
+    while _BEFORE_SHUTDOWN:
+        _BEFORE_SHUTDOWN.pop()()
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():

@@ -30,14 +30,25 @@ def _train_step(t, step):
     assert optimizer_step(t)[0]
 
 
+class CorruptingEngine:
+    """Passes a sync through to ``engine`` with noise added to the tensor called ``name``."""
+
+    def __init__(self, engine, name: str):
+        self.engine, self.name = engine, name
+
+    def update_weights(self, named_tensors):
+        return self.engine.update_weights((n, t + 0.05 * torch.randn_like(t) if n == self.name else t)
+                                          for n, t in named_tensors)
+
+
 def _bridge_check(model_dir: str, layouts: list, syncs: int) -> dict:
     from megatron_opd import parallel
     from megatron_opd.checkpoint.load import load_model
     from megatron_opd.rollout.consistency import RolloutMismatchError, check_mismatch, logprob_mismatch
     from megatron_opd.rollout.engine import RolloutEngine, SamplingConfig
     from megatron_opd.rollout.sync import WeightSync
-    from megatron_opd.score import score_sequences
-    from megatron_opd.train.optim import OptimConfig, make_trainable
+    from megatron_opd.commands.score import score_sequences
+    from megatron_opd.config import OptimConfig
 
     engine = None
     report = {"max_sampled": 0.0, "max_given": 0.0, "min_stale": float("inf"), "greedy_checked": 0, "syncs": 0}
@@ -46,7 +57,7 @@ def _bridge_check(model_dir: str, layouts: list, syncs: int) -> dict:
         model = load_model(model_dir, mp)
         if engine is None:  # one engine per rank, created after the trainer's groups exist
             engine = RolloutEngine(model.arch, max_model_len=64, kv_cache_bytes=64 << 20)
-        t = make_trainable(model, OptimConfig(lr=2e-2, clip_grad=0.0))
+        t = OptimConfig(lr=2e-2, clip_grad=0.0).build(model, total_steps=1)
         sync = WeightSync(model, bucket_bytes=40_000)
         for k in range(syncs):
             # Every layout starts from the checkpoint again: a step on data of its own makes its
@@ -87,7 +98,7 @@ def _bridge_check(model_dir: str, layouts: list, syncs: int) -> dict:
             report["syncs"] += 1
             report["last_version"] = version
     # A corrupted sync (one tensor wrong) must be caught by the consistency check.
-    sync.sync(engine, corrupt="model.layers.0.mlp.down_proj.weight")
+    sync.sync(CorruptingEngine(engine, "model.layers.0.mlp.down_proj.weight"))
     sampled = engine.generate(PROMPTS, SamplingConfig(n=2, temperature=0.7, max_new_tokens=6, seed=9))
     ref = score_sequences(model, [c.prompt_ids + c.token_ids for c in sampled], temperature=0.7,
                           show_progress=False)

@@ -8,33 +8,37 @@ import shutil
 import signal
 import subprocess
 import sys
+import re
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import pytest
 import torch
 
-from megatron_opd.testing.multiprocess import DistributedTestError, run_distributed
-from megatron_opd.testing.tiny_task import base_overrides, losses, make_task_dir
+from megatron_opd.testing.multiprocess import run_distributed
+from megatron_opd.testing.tiny_task import base_overrides, losses
 
 ROOT = Path(__file__).resolve().parent.parent
 SLURM = ROOT / "examples" / "slurm"
+FAULT_DRILLS = Path(__file__).resolve().parent / "fault_drills.py"
 
 
-@pytest.fixture(scope="module")
-def task_dir(tmp_path_factory):
-    return make_task_dir(tmp_path_factory.mktemp("task"))
-
-
-def _torchrun_cmd(args: list, *, nproc: int = 2, max_restarts: int = 0) -> list:
+def _torchrun_cmd(args: list, *, nproc: int = 2, max_restarts: int = 0, fault: tuple | None = None) -> list:
+    """torchrun of the command line; with ``fault`` = (kind, step, rank), of it under a fault drill."""
+    entry = ["-m", "megatron_opd.cli"]
+    if fault is not None:
+        kind, step, rank = fault
+        entry = [str(FAULT_DRILLS), "--fault", kind, "--step", str(step), "--rank", str(rank)]
     return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-            f"--max-restarts={max_restarts}", "-m", "megatron_opd.cli", *args]
+            f"--max-restarts={max_restarts}", *entry, *args]
 
 
-def _torchrun(args: list, *, nproc: int = 2, max_restarts: int = 0, timeout: float = 300, env=None):
-    return subprocess.run(_torchrun_cmd(args, nproc=nproc, max_restarts=max_restarts), capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+def _torchrun(args: list, *, nproc: int = 2, max_restarts: int = 0, fault: tuple | None = None,
+              timeout: float = 300, env=None):
+    return subprocess.run(_torchrun_cmd(args, nproc=nproc, max_restarts=max_restarts, fault=fault),
+                          capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
 
 
 def _seconds_after(cmd: list, marker: str, *, env: dict, timeout: float) -> tuple[int, str, float]:
@@ -148,17 +152,73 @@ def test_single_node_template_runs_the_tiny_recipe(task_dir, tmp_path):
 @pytest.mark.vllm
 def test_rank_raising_mid_step_stops_every_rank_quickly(task_dir, tmp_path):
     error_file = tmp_path / "error.json"
-    args = ["train", *base_overrides(task_dir, tmp_path / "run", 3), "train.inject_fault=raise",
-            "train.inject_fault_step=1", "train.inject_fault_rank=1"]
-    code, stderr, after_fault = _seconds_after(_torchrun_cmd(args), "rank 1 failed: RuntimeError: injected fault",
+    args = ["train", *base_overrides(task_dir, tmp_path / "run", 3)]
+    code, stderr, after_fault = _seconds_after(_torchrun_cmd(args, fault=("raise", 1, 1)),
+                                               "rank 1 failed: RuntimeError: injected fault",
                                                env={"TORCHELASTIC_ERROR_FILE": str(error_file)}, timeout=300)
     assert code != 0
     # torchrun's summary names the root cause rank and the exception; rank 0, waiting in a
     # collective for rank 1, is stopped rather than left hanging
     assert "rank      : 1" in stderr or "rank: 1" in stderr
-    assert "RuntimeError: injected fault (train.inject_fault=raise) at step 1 on rank 1" in stderr
+    assert "RuntimeError: injected fault at step 1 on rank 1" in stderr
     assert after_fault < 60, after_fault
     assert "injected fault" in json.loads(error_file.read_text())["message"]["message"]
+
+
+# --- a rank killed mid-save: no orphan, the lost rank named, nothing left behind ------------------
+
+def _job_processes(token: bytes) -> list[int]:
+    """Live processes whose environment holds ``token`` (every process of a job inherits it)."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if token in (d / "environ").read_bytes():
+                    pids.append(int(d.name))
+            except OSError:
+                continue
+    return pids
+
+
+def test_rank_killed_mid_save_leaves_no_process_and_is_named(task_dir, tmp_path):
+    """The probe's case: rank 1 of `convert hf-to-mcore` SIGKILLed inside megatron's file writer.
+    (A killed rank 0's staging directory is removed at the next start: test_crash_recovery.py.)"""
+    token = f"job-{uuid.uuid4().hex}"
+    out = tmp_path / "converted"
+    cmd = _torchrun_cmd(["convert", "hf-to-mcore", "--hf", str(task_dir / "student"), "--out", str(out),
+                         "--tp", "2"], fault=("kill_mid_write", 0, 1))
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "MEGATRON_OPD_TEST_JOB": token})
+    lines, killed = [], threading.Event()
+
+    def read():
+        for line in proc.stderr:
+            lines.append(line)
+            if "fault drill: SIGKILL rank 1" in line:
+                killed.set()
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        assert killed.wait(300), "".join(lines)[-3000:]
+        deadline = time.monotonic() + 10
+        while _job_processes(token.encode()) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        survivors = _job_processes(token.encode())
+        assert survivors == [], [Path(f"/proc/{p}/cmdline").read_bytes() for p in survivors]
+        proc.wait(timeout=30)
+        reader.join(timeout=30)
+    finally:
+        for pid in _job_processes(token.encode()):
+            os.kill(pid, signal.SIGKILL)
+    stderr = "".join(lines)
+    assert proc.returncode != 0
+    pid = re.search(r"fault drill: SIGKILL rank 1 \(pid (\d+)\)", stderr).group(1)
+    # the survivor names the lost rank; torchrun's root cause is rank 1, not rank 0
+    assert re.search(rf"rank 0 stopped: lost rank 1 \(pid {pid} on \S+ has exited\)", stderr), stderr[-3000:]
+    root_cause = stderr[stderr.index("Root Cause"):][:600]
+    assert re.search(r"rank\s*:\s*1 ", root_cause), root_cause
+    # nothing published, and rank 0 removed its staging directory and lock on the way out
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
 # --- kill during checkpoint, resume ---------------------------------------------------------------
@@ -184,8 +244,7 @@ def test_sigkill_during_checkpoint_write_resumes_from_previous_and_continues_ide
         task_dir, tmp_path, reference_run):
     run = tmp_path / "run"
     common = CKPT_EVERY_STEP
-    killed = _torchrun(["train", *base_overrides(task_dir, run, 3), *common, "train.inject_fault=kill_in_checkpoint",
-                        "train.inject_fault_step=2", "train.inject_fault_rank=0"])
+    killed = _torchrun(["train", *base_overrides(task_dir, run, 3), *common], fault=("kill_in_checkpoint", 2, 0))
     assert killed.returncode != 0
     ckpts = run / "checkpoints"
     assert (ckpts / "latest").read_text().strip() == "step_00000001"  # step 2 never published
@@ -207,8 +266,8 @@ def test_torchrun_restart_resumes_from_the_last_checkpoint(task_dir, tmp_path, r
     """A rank raising in step 2 with --max-restarts=1: torchrun restarts the job, which resumes
     from step 1's checkpoint and finishes with the uninterrupted run's losses."""
     run = tmp_path / "run"
-    proc = _torchrun(["train", *base_overrides(task_dir, run, 3), *CKPT_EVERY_STEP, "train.inject_fault=raise",
-                      "train.inject_fault_step=1", "train.inject_fault_rank=1"], max_restarts=1, timeout=400)
+    proc = _torchrun(["train", *base_overrides(task_dir, run, 3), *CKPT_EVERY_STEP], fault=("raise", 1, 1),
+                     max_restarts=1, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "injected fault" in proc.stderr and "resumed from" in proc.stderr
     a, b = losses(reference_run), losses(run)
@@ -219,22 +278,19 @@ def test_torchrun_restart_resumes_from_the_last_checkpoint(task_dir, tmp_path, r
 # --- checkpoint integrity -------------------------------------------------------------------------
 
 @pytest.mark.vllm
-@pytest.mark.parametrize("damage", ["flip_byte", "truncate"])
-def test_damaged_checkpoint_is_refused_naming_the_file(task_dir, tmp_path, reference_run, damage):
+def test_damaged_checkpoint_is_refused_naming_the_file(task_dir, tmp_path, reference_run):
+    """A resumed job refuses a corrupted checkpoint file, naming it (truncated and missing files:
+    test_checkpoint_files.py)."""
     run = tmp_path / "run"
     shutil.copytree(reference_run, run)
     ckpt = run / "checkpoints" / "step_00000003"
     victim = sorted((ckpt / "model").glob("*.distcp"))[0]
     data = bytearray(victim.read_bytes())
-    if damage == "flip_byte":
-        data[len(data) // 2] ^= 0xFF
-    else:
-        data = data[: len(data) - 100]
+    data[len(data) // 2] ^= 0xFF
     victim.write_bytes(bytes(data))
     proc = _torchrun(["train", *base_overrides(task_dir, run, 4), *CKPT_EVERY_STEP])
     assert proc.returncode != 0
-    assert str(victim) in proc.stderr
-    assert ("corrupted" if damage == "flip_byte" else "truncated") in proc.stderr
+    assert str(victim) in proc.stderr and "corrupted" in proc.stderr
 
 
 @pytest.mark.vllm
@@ -266,13 +322,15 @@ def test_training_checkpoint_exports_to_hf(task_dir, tmp_path, reference_run):
 
 # --- numerical guard ------------------------------------------------------------------------------
 
-def _nan_run(task_root: str, run_dir: str, limit: int) -> dict:
-    from megatron_opd.config import load_config
-    from megatron_opd.train.loop import NonFiniteError, Trainer
+def _nan_run(task_root: str, run_dir: str) -> dict:
+    from fault_drills import inject
 
-    ov = base_overrides(Path(task_root), Path(run_dir), 3) + [
-        "train.inject_fault=nan", "train.inject_fault_step=1", "train.inject_fault_rank=1",
-        f"train.max_nonfinite_steps={limit}"]
+    from megatron_opd.config import load_config
+    from megatron_opd.train.loop import Trainer
+    from megatron_opd.train.optim import NonFiniteError
+
+    inject("nan", steps=(1, 3, 4), rank=1)
+    ov = base_overrides(Path(task_root), Path(run_dir), 5) + ["train.max_nonfinite_steps=2"]
     trainer = Trainer(load_config(None, ov))
     try:
         trainer.train()
@@ -286,38 +344,38 @@ def _nan_run(task_root: str, run_dir: str, limit: int) -> dict:
 
 @pytest.mark.vllm
 def test_nonfinite_gradient_skips_the_step_and_stops_after_the_limit(task_dir, tmp_path):
-    out = run_distributed(_nan_run, 2, str(task_dir), str(tmp_path / "a"), 2, timeout=600)
-    assert out[0] == {"stopped": False}
-    rows = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
-    by_step = {r["step"]: r for r in rows}
-    assert by_step[1]["skipped_steps"] == 0 and by_step[2]["skipped_steps"] == 1 and by_step[3]["skipped_steps"] == 1
-    out = run_distributed(_nan_run, 2, str(task_dir), str(tmp_path / "b"), 1, timeout=600)
+    """NaN gradients on one rank in steps 2, 4 and 5 with train.max_nonfinite_steps=2: step 2 is
+    skipped on every rank, step 3 trains again, and the second NaN step in a row stops the run."""
+    out = run_distributed(_nan_run, 2, str(task_dir), str(tmp_path), timeout=600)
     assert out[0] == {"stopped": True}
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert {r["step"]: r["skipped_steps"] for r in rows} == {1: 0, 2: 1, 3: 1, 4: 2}
 
 
 # --- layout dry-run -------------------------------------------------------------------------------
 
-def test_dry_run_of_a_64_gpu_recipe_prints_layout_and_memory(tmp_path):
+def test_dry_run_of_a_64_gpu_recipe_prints_layout_and_memory(capsys):
+    """The command line's dry run, in this process (it starts nothing distributed)."""
+    from megatron_opd.cli import main
+
     recipe = ROOT / "examples" / "llama3.1_8b_from_70b_tp8pp2.yaml"
     models = [f"student.path={ROOT / 'examples/model_configs/llama-3.1-8b'}",
               f"teacher.path={ROOT / 'examples/model_configs/llama-3.1-70b'}"]
-    proc = subprocess.run([sys.executable, "-m", "megatron_opd.cli", "train", "--config", str(recipe),
-                           "--dry-run", "--world-size", "64", *models], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    out = proc.stdout
+
+    def dry_run(world: int, *overrides: str) -> int:
+        return main(["train", "--config", str(recipe), "--dry-run", "--world-size", str(world), *models, *overrides])
+
+    assert dry_run(64) == 0
+    out = capsys.readouterr().out
     assert "student: tp=8 pp=1 dp=8" in out and "teacher: tp=8 pp=2 dp=4" in out
     for column in ("parameters", "gradients", "optimizer", "activations", "logits", "total"):
         assert column in out
     assert "fits in 80 GiB" in out and "micro-batches of data.micro_batch_tokens=16384" in out
     assert "teacher signals kept on the host" in out
-    big = subprocess.run([sys.executable, "-m", "megatron_opd.cli", "train", "--config", str(recipe),
-                          "--dry-run", "--world-size", "64", *models, "rollout.kv_cache_gb=200",
-                          "loss.fused_linear=false", "train.host_memory_gb=256"],
-                         capture_output=True, text=True, timeout=120)
-    assert big.returncode == 1, big.stderr
-    assert "DOES NOT FIT in 80 GiB" in big.stdout and "to fit: a smaller rollout.kv_cache_gb" in big.stdout
-    assert "DOES NOT FIT in 256 GiB (train.host_memory_gb)" in big.stdout
-    assert "to fit: loss.fused_linear=true" in big.stdout
-    bad = subprocess.run([sys.executable, "-m", "megatron_opd.cli", "train", "--config", str(recipe),
-                          "--dry-run", "--world-size", "60", *models], capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and "does not divide the world size 60" in bad.stderr
+    assert dry_run(64, "rollout.kv_cache_gb=200", "loss.fused_linear=false", "train.host_memory_gb=256") == 1
+    big = capsys.readouterr().out
+    assert "DOES NOT FIT in 80 GiB" in big and "to fit: a smaller rollout.kv_cache_gb" in big
+    assert "DOES NOT FIT in 256 GiB (train.host_memory_gb)" in big
+    assert "to fit: loss.fused_linear=true" in big
+    assert dry_run(60) == 2
+    assert "does not divide the world size 60" in capsys.readouterr().err

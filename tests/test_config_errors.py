@@ -50,20 +50,47 @@ def test_tp_pp_must_divide_world_size():
 
 
 def test_cpu_refuses_what_megatron_cannot_do_there(tmp_path):
-    """Without CUDA: bf16 parameters and the distributed optimizer are
-    refused naming the setting (megatron-core would fail later, or silently misbehave)."""
+    """Without CUDA: the distributed optimizer is refused naming the setting (megatron-core would
+    fail later, or silently misbehave); fp16 is refused everywhere."""
     import torch
 
     from megatron_opd.models.config import transformer_config
     from megatron_opd.parallel import cuda_available
-    from megatron_opd.train.optim import OptimConfig
+    from megatron_opd.config import OptimConfig
 
     if cuda_available():
         pytest.skip("these refusals apply without CUDA only")
     arch = ArchConfig.from_hf_dir(_write(tmp_path))
-    with pytest.raises(ValueError, match=r"params_dtype=torch.bfloat16 needs CUDA; on CPU use fp32"):
-        transformer_config(arch, tp=1, pp=1, params_dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=r"params_dtype=torch.float16 is not supported \(supported: fp32"):
+        transformer_config(arch, tp=1, pp=1, params_dtype=torch.float16)
     with pytest.raises(ValueError, match=r"optim.use_distributed_optimizer=true needs CUDA"):
-        OptimConfig(use_distributed_optimizer=True).validate()
+        OptimConfig(use_distributed_optimizer=True).check_device()
     config = transformer_config(arch, tp=1, pp=1, params_dtype=torch.float32)
     assert config.batch_p2p_comm is False and config.params_dtype == torch.float32
+
+
+def test_model_dtype_names_the_field():
+    from megatron_opd.config import load_config
+
+    base = ["student.path=s", "teacher.path=t", "data.train_path=d"]
+    load_config(None, base + ["student.dtype=bf16", "teacher.dtype=fp32"]).validate()
+    with pytest.raises(ValueError, match=r"teacher.dtype must be one of fp32, bf16, got 'fp16'"):
+        load_config(None, base + ["teacher.dtype=fp16"]).validate()
+
+
+def test_mismatch_threshold_follows_the_student_dtype_unless_given():
+    import torch
+
+    from megatron_opd.config import MISMATCH_THRESHOLDS, load_config
+
+    base = ["student.path=s", "teacher.path=t", "data.train_path=d"]
+    auto = load_config(None, base).rollout
+    assert auto.mismatch_threshold == "auto"
+    assert auto.mismatch_threshold_for(torch.float32) == MISMATCH_THRESHOLDS[torch.float32] == 1e-3
+    assert auto.mismatch_threshold_for(torch.bfloat16) == MISMATCH_THRESHOLDS[torch.bfloat16]
+    assert load_config(None, base + ["rollout.mismatch_threshold=0.02"]).rollout.mismatch_threshold_for(
+        torch.bfloat16) == 0.02
+    assert load_config(None, base + ["rollout.mismatch_threshold=null"]).rollout.mismatch_threshold_for(
+        torch.float32) is None
+    with pytest.raises(ValueError, match=r"rollout.mismatch_threshold must be a number, auto or null, got 'often'"):
+        load_config(None, base + ["rollout.mismatch_threshold=often"]).validate()

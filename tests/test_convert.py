@@ -24,7 +24,7 @@ def read_hf_tensors(path) -> dict:
 
 def _round_trips(pairs: list, work: str) -> None:
     from megatron_opd import parallel
-    from megatron_opd.convert import hf_to_mcore, mcore_to_hf
+    from megatron_opd.checkpoint.convert import hf_to_mcore, mcore_to_hf
 
     for name, hf_dir in pairs:
         hf_to_mcore(hf_dir, f"{work}/{name}-mcore", layout=parallel.ParallelLayout(2, 2))
@@ -45,6 +45,7 @@ def converted(tiny_models, tmp_path_factory):
     return work, models
 
 
+@pytest.mark.slow
 def test_round_trip_is_bit_exact_with_same_config(converted):
     work, models = converted
     for name, src in models.items():
@@ -61,6 +62,7 @@ def test_round_trip_is_bit_exact_with_same_config(converted):
     assert not [p for p in work.iterdir() if p.name.startswith(".staging-")]
 
 
+@pytest.mark.slow
 def test_converted_checkpoint_loads_at_any_layout_with_same_logits(converted):
     work, models = converted
     names = ["llama_tied", "qwen2"]
@@ -73,6 +75,7 @@ def test_converted_checkpoint_loads_at_any_layout_with_same_logits(converted):
     assert all(v <= 1e-4 for v in diffs.values()), diffs
 
 
+@pytest.mark.slow
 def test_exported_model_matches_transformers_on_original(converted):
     from transformers import AutoModelForCausalLM
 
@@ -148,7 +151,7 @@ def sharded_source(tmp_path_factory):
                                   "unknown_model_type"])
 def test_malformed_hf_input_is_refused_before_writing(kind, sharded_source, tmp_path):
     from megatron_opd import parallel
-    from megatron_opd.convert import hf_to_mcore
+    from megatron_opd.checkpoint.convert import hf_to_mcore
 
     expected = _break(kind, sharded_source, tmp_path / "bad")
     out = tmp_path / "out"
@@ -161,7 +164,7 @@ def test_malformed_hf_input_is_refused_before_writing(kind, sharded_source, tmp_
 
 def test_existing_output_is_refused_without_force(tiny_models, tmp_path):
     from megatron_opd import parallel
-    from megatron_opd.convert import hf_to_mcore, mcore_to_hf
+    from megatron_opd.checkpoint.convert import hf_to_mcore, mcore_to_hf
 
     out = tmp_path / "out"
     out.mkdir()
@@ -192,7 +195,7 @@ def _vllm_vs_megatron(hf_dir: str, mcore_dir: str) -> float:
     from megatron_opd.checkpoint.load import load_model
     from megatron_opd.models.config import ArchConfig
     from megatron_opd.rollout.engine import RolloutEngine
-    from megatron_opd.score import score_sequences
+    from megatron_opd.commands.score import score_sequences
 
     mp = parallel.initialize_global_model_parallel(parallel.ParallelLayout(1, 1))
     seqs = torch.randint(0, 300, (4, 12), generator=torch.Generator().manual_seed(2)).tolist()

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megatron_opd.cpu_compat import CUDA_LITERAL_MODULES
+from megatron_opd.cpu_compat import CUDA_LITERAL_MODULES, FLOAT16_TYPE_CHECK
 from megatron_opd.testing.multiprocess import run_distributed
 
 # Files with a literal device="cuda" that no CPU code path of ours reaches (FSDP, CUDA graphs,
@@ -42,6 +42,16 @@ def test_every_hard_coded_cuda_allocation_is_routed_or_known_unreached():
     assert not unknown, f"new hard-coded device='cuda' in megatron-core files: {unknown}"
 
 
+def test_bf16_optimizer_still_sorts_parameters_by_cuda_type_name():
+    """The bf16 shim exists for this check in megatron's bf16 optimizer (tests/test_bf16.py runs
+    the shimmed optimizer for real)."""
+    import inspect
+
+    from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
+
+    assert FLOAT16_TYPE_CHECK in inspect.getsource(Float16OptimizerWithFloat16Params.__init__)
+
+
 def _exercise_shims(model_dir: str, ckpt_dir: str) -> dict:
     """TP2 training step with dropout and activation recompute, clipping, and a dist checkpoint
     save/load: every shimmed path runs for real."""
@@ -51,7 +61,8 @@ def _exercise_shims(model_dir: str, ckpt_dir: str) -> dict:
     from megatron_opd.checkpoint.hf_weights import load_hf_weights
     from megatron_opd.losses import token_logprobs
     from megatron_opd.models import ArchConfig, build_model
-    from megatron_opd.train.optim import OptimConfig, forward_backward, make_trainable, optimizer_step
+    from megatron_opd.config import OptimConfig
+    from megatron_opd.train.optim import forward_backward, optimizer_step
 
     assert cpu_compat.is_applied()
     assert torch.cuda.current_device() == "cpu"
@@ -64,7 +75,7 @@ def _exercise_shims(model_dir: str, ckpt_dir: str) -> dict:
         parallel.seed(7, mp)
         model = build_model(arch, mp, recompute=recompute, config_extra={"hidden_dropout": 0.1})
         load_hf_weights(model, model_dir)
-        t = make_trainable(model, OptimConfig(lr=1e-3, clip_grad=0.01))
+        t = OptimConfig(lr=1e-3, clip_grad=0.01).build(model, total_steps=1)
 
         def output_fn(logits, b):
             lp = token_logprobs(logits[:, :-1], b["input_ids"][:, 1:], vocab_size=300, tp_group=mp.tp_group)

@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from megatron_opd.train.data import (Sequence, block_causal_mask, check_tokenizers, load_prompts, micro_batch,
+from megatron_opd.models.packing import block_causal_mask
+from megatron_opd.train.data import (Sequence, check_tokenizers, load_prompts, micro_batch,
                                      pack_sequences, step_prompt_indices)
 
 CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }}\n{% endfor %}"

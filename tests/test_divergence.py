@@ -18,6 +18,7 @@ import torch.distributed as dist
 from megatron_opd.losses import (sampled_token_reverse_kl, token_logprobs, topk_logprobs,
                                  vocab_parallel_divergence)
 from megatron_opd.testing.multiprocess import run_distributed
+from megatron_opd.testing.memory import peak_extra_bytes
 
 KIND_BETAS = [("forward_kl", 0.5), ("reverse_kl", 0.5)] + [("jsd", b) for b in (0.0, 0.1, 0.5, 0.9, 1.0)]
 # Each distinct formula once (jsd at beta 0 / 1 is forward / reverse KL), for the costlier sweeps.
@@ -29,14 +30,7 @@ FP32_TOL = 1e-5
 BF16_GRAD_TOL = 1e-2  # the gradient is rounded to bf16 (8 bits of mantissa) on the way out
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The tensors here are tiny: one intra-op thread, since OpenMP regions stall for milliseconds
-    whenever the machine's cores are busy with other work."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------- the float64 reference, unsharded
@@ -394,19 +388,44 @@ def run_checks(with_megatron: bool = True) -> dict:
 
 # ---------------------------------------------------------------- the tests (parent side)
 
+class PerWorld(dict):
+    """TP size -> every rank's results of ``checks``, run when first asked for: TP=1 in this
+    process (one thread, as in the spawned ranks), larger TP on spawned gloo ranks."""
+
+    def __init__(self, checks):
+        super().__init__()
+        self.checks = checks
+        self.failed: dict[int, BaseException] = {}  # a world that failed fails every test asking for it at once
+
+    def __missing__(self, world: int) -> list:
+        if world in self.failed:
+            raise self.failed[world]
+        try:
+            self[world] = self._run(world)
+        except Exception as e:
+            self.failed[world] = e
+            raise
+        return self[world]
+
+    def _run(self, world: int) -> list:
+        if world > 1:
+            return run_distributed(self.checks, world)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return [self.checks()]
+        finally:
+            torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
-def runs() -> dict[int, list[dict]]:
-    """Per TP size, every rank's results: TP=1 in this process, TP=2 and TP=4 on spawned gloo ranks."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as in the spawned ranks; see one_thread
-    try:
-        local = run_checks()
-    finally:
-        torch.set_num_threads(threads)
-    return {1: [local], 2: run_distributed(run_checks, 2), 4: run_distributed(run_checks, 4)}
+def runs() -> PerWorld:
+    return PerWorld(run_checks)
 
 
-WORLDS = (1, 2, 4)
+# TP=4 (four spawned ranks) only in the whole suite, not in the quick tier.
+TP4 = pytest.param(4, marks=pytest.mark.slow)
+WORLDS = (1, 2, TP4)
 
 
 def _assert_within(per_rank: list[list], value_tol: float, grad_tol: float, what: str) -> None:
@@ -447,13 +466,13 @@ def test_finite_at_low_temperature_and_extreme_logits(runs, world):
         assert not r["extreme"], f"TP={world} rank {rank}: non-finite for {r['extreme']}"
 
 
-@pytest.mark.parametrize("world", (2, 4))
+@pytest.mark.parametrize("world", (2, TP4))
 def test_collectives_per_chunk_are_the_documented_ones(runs, world):
     for rank, r in enumerate(runs[world]):
         assert not r["collectives"], f"TP={world} rank {rank}:\n" + "\n".join(r["collectives"])
 
 
-@pytest.mark.parametrize("world", (2, 4))
+@pytest.mark.parametrize("world", (2, TP4))
 def test_forward_kl_to_one_hot_teacher_is_megatron_cross_entropy(runs, world):
     for rank, r in enumerate(runs[world]):
         ev, eg = r["megatron_ce"]
@@ -501,20 +520,6 @@ def test_gradient_nonzero_iff_distributions_differ(kind, beta):
                 assert out.abs().max() < 1e-6 and x.grad.abs().max() < 1e-6, (temperature, out)
 
 
-def _peak_live_bytes(fn) -> int:
-    """Peak bytes of tensors allocated (and not yet freed) while ``fn`` runs, from profiler events."""
-    cpu = [torch.profiler.ProfilerActivity.CPU]
-    with torch.profiler.profile(activities=cpu, profile_memory=True) as prof:
-        fn()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    live = peak = 0
-    for e in events:
-        live += e.nbytes()
-        peak = max(peak, live)
-    return peak
-
-
 @pytest.mark.parametrize("support", ["full", "teacher_topk"])
 def test_extra_memory_is_per_chunk_not_per_token(support):
     """Peak memory of forward + backward minus the gradient is the same for 4x the tokens."""
@@ -526,7 +531,7 @@ def test_extra_memory_is_per_chunk_not_per_token(support):
         t = torch.randn(num_tokens, vocab, generator=g)
         kw = dict(kind="jsd", beta=0.5, chunk_size=chunk, support=support,
                   top_k=None if support == "full" else 8)
-        peak = _peak_live_bytes(lambda: vocab_parallel_divergence(s, t, **kw).sum().backward())
+        peak = peak_extra_bytes(lambda: vocab_parallel_divergence(s, t, **kw).sum().backward())
         extra[num_tokens] = peak - s.numel() * s.element_size()
     chunk_bytes = chunk * vocab * 4
     assert extra[64] < 8 * chunk_bytes, extra

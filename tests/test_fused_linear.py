@@ -16,15 +16,15 @@ import math
 import pytest
 import torch
 import torch.distributed as dist
-from test_divergence import (DISTINCT_KINDS, KIND_BETAS, LEAD, TEMPERATURES, RecordCollectives,
-                             expected_collectives, geometries, reference_divergence, reference_log_softmax,
-                             rel_err)
+from test_divergence import (DISTINCT_KINDS, KIND_BETAS, LEAD, TEMPERATURES, TP4, WORLDS, PerWorld,
+                             RecordCollectives, expected_collectives, geometries, reference_divergence,
+                             reference_log_softmax, rel_err)
 
 from megatron_opd.losses import (fused_linear_divergence, fused_linear_divergence_sum,
                                  fused_linear_token_logprobs, fused_linear_topk_logprobs,
                                  vocab_parallel_divergence)
 from megatron_opd.losses import vocab_parallel
-from megatron_opd.testing.multiprocess import run_distributed
+from megatron_opd.testing.memory import peak_extra_bytes
 
 HIDDEN, TEACHER_HIDDEN = 6, 9  # neither divides the other nor any vocabulary here
 FP32_TOL = 1e-5
@@ -35,12 +35,7 @@ BF16_VALUE_TOL = 1e-5  # against the reference on the same bf16-rounded logits
 BF16_GRAD_TOL = 1.5e-2  # bf16 hidden states and weights, dZ rounded to bf16 for dH (measured <= 6e-3)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------- problems and comparison
@@ -311,17 +306,9 @@ def run_checks() -> dict:
 # ---------------------------------------------------------------- the tests (parent side)
 
 @pytest.fixture(scope="module")
-def runs() -> dict[int, list[dict]]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        local = run_checks()
-    finally:
-        torch.set_num_threads(threads)
-    return {1: [local], 2: run_distributed(run_checks, 2), 4: run_distributed(run_checks, 4)}
+def runs() -> PerWorld:
+    return PerWorld(run_checks)
 
-
-WORLDS = (1, 2, 4)
 
 
 def _assert_within(per_rank: list[list], value_tol: float, grad_tol: float, what: str) -> None:
@@ -361,7 +348,7 @@ def test_hidden_gradient_shares_and_sequence_parallel(runs, world):
                    f"TP={world} hidden grad")
 
 
-@pytest.mark.parametrize("world", (2, 4))
+@pytest.mark.parametrize("world", (2, TP4))
 def test_collectives_are_the_documented_ones(runs, world):
     for rank, r in enumerate(runs[world]):
         assert not r["collectives"], f"TP={world} rank {rank}:\n" + "\n".join(r["collectives"])
@@ -439,19 +426,6 @@ def test_equals_the_logits_version_on_the_same_logits():
     torch.testing.assert_close(x.grad, z.grad @ w, rtol=1e-5, atol=1e-6)
 
 
-def _peak_live_bytes(fn) -> int:
-    cpu = [torch.profiler.ProfilerActivity.CPU]
-    with torch.profiler.profile(activities=cpu, profile_memory=True) as prof:
-        fn()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    live = peak = 0
-    for e in events:
-        live += e.nbytes()
-        peak = max(peak, live)
-    return peak
-
-
 @pytest.mark.parametrize("summed", [False, True])
 @pytest.mark.parametrize("support", ["full", "teacher_topk"])
 def test_extra_memory_is_per_chunk_not_per_token(support, summed):
@@ -470,7 +444,7 @@ def test_extra_memory_is_per_chunk_not_per_token(support, summed):
             step = lambda: fused_linear_divergence_sum(h, wx, h_t, w_t, **kw)[0].backward()  # noqa: E731
         else:
             step = lambda: fused_linear_divergence(h, wx, h_t, w_t, **kw).sum().backward()  # noqa: E731
-        peak = _peak_live_bytes(step)
+        peak = peak_extra_bytes(step)
         # The gradients, and the summed version's copies scaled by the incoming gradient.
         extra[num_tokens] = peak - (h.numel() + w.numel()) * 4 * (2 if summed else 1)
     chunk_bytes = chunk * vocab * 4

@@ -4,7 +4,6 @@ DDP accumulates, the metrics and a whole OPD run's loss curve are those of the l
 
 from __future__ import annotations
 
-import contextlib
 import math
 import random
 from pathlib import Path
@@ -40,7 +39,7 @@ def models(tmp_path_factory):
 def _micro_batches(vocab: int) -> list[dict]:
     """Packed sequences with masked tool tokens, rollout log-probs, on- and off-policy samples and
     per-sample weights."""
-    from megatron_opd.train.data import Sequence, micro_batch, pack_sequences
+    from megatron_opd.train.data import Sequence, pack_micro_batches
 
     rng = random.Random(0)
     seqs = []
@@ -53,8 +52,7 @@ def _micro_batches(vocab: int) -> list[dict]:
         seqs.append(Sequence(prompt_index=i, sample_index=0, tokens=tokens, prompt_len=prompt,
                              completion_mask=mask, rollout_logprobs=rollout, on_policy=i % 3 != 0,
                              weight=(0.5, 1.0, 2.0)[i % 3]))
-    packs = pack_sequences(seqs, budget=40)
-    return [dict(micro_batch(seqs, idx, device="cpu"), index=m) for m, idx in enumerate(packs)]
+    return pack_micro_batches(seqs, budget=40, device="cpu")
 
 
 def _grads_and_metrics(student_dir: str, teacher_dir: str, tp: int, pp: int, teacher_pp: int) -> dict:
@@ -62,42 +60,36 @@ def _grads_and_metrics(student_dir: str, teacher_dir: str, tp: int, pp: int, tea
     forward/backward over the micro-batches, and the summed metrics."""
     from megatron_opd import parallel
     from megatron_opd.checkpoint.load import load_model
-    from megatron_opd.config import LossConfig
+    from megatron_opd.config import LossConfig, OptimConfig
     from megatron_opd.parallel import ParallelLayout
-    from megatron_opd.pipeline import final_hidden_states, output_weight
-    from megatron_opd.train.objective import OutputHeads, micro_batch_loss, teacher_need
-    from megatron_opd.train.optim import OptimConfig, forward_backward, make_trainable
-    from megatron_opd.train.teacher import MegatronTeacher
+    from megatron_opd.teacher.megatron import MegatronTeacher
+    from megatron_opd.teacher.signals import Need
+    from megatron_opd.train.optim import forward_backward
 
     torch.set_num_threads(1)
     mp = parallel.initialize_global_model_parallel(ParallelLayout(tp, pp), what="student")
     student = load_model(student_dir, mp, seed=1)
-    trainable = make_trainable(student, OptimConfig(lr=1e-3))
-    vocab = student.arch.vocab_size
-    mbs = _micro_batches(vocab)
+    trainable = OptimConfig(lr=1e-3).build(student, total_steps=1)
+    mbs = _micro_batches(student.arch.vocab_size)
     teachers = {}
     out = {}
     for o, (fields, teacher_temperature) in enumerate(OBJECTIVES):
         for fused in (False, True):
             loss = LossConfig(**fields, fused_linear=fused)
-            need = teacher_need(loss)
-            key = (need, teacher_temperature)
+            key = (loss.teacher_need, teacher_temperature)
             if key not in teachers:
-                teacher = MegatronTeacher(teacher_dir, ParallelLayout(tp, teacher_pp), need=need, top_k=4,
-                                          temperature=teacher_temperature, seed=1)
-                teachers[key] = (teacher, teacher.lm_head_for(mp) if need == "hidden" else None)
-            teacher, teacher_head = teachers[key]
+                teacher = MegatronTeacher(teacher_dir, ParallelLayout(tp, teacher_pp), need=loss.teacher_need,
+                                          top_k=4, temperature=teacher_temperature, seed=1)
+                teachers[key] = (teacher, teacher.output_weight(mp) if loss.teacher_need == Need.HIDDEN else None)
+            teacher, teacher_weight = teachers[key]
             signals = teacher.signals(mbs, mp)
-            heads = OutputHeads(output_weight(student), teacher_head) if fused and mp.is_last_stage else None
+            objective = loss.build(student, teacher_output_weight=teacher_weight,
+                                   teacher_temperature=teacher_temperature, rollout_temperature=1.0)
 
-            def output_fn(output, batch, loss=loss, heads=heads, signals=signals):
-                loss_sum, n, metrics = micro_batch_loss(
-                    output, batch, signals[batch["index"]], loss=loss, vocab_size=vocab, tp_group=mp.tp_group,
-                    rollout_temperature=1.0, teacher_temperature=teacher_temperature, heads=heads)
-                metrics["loss_sum"] = loss_sum.detach().clone()
-                return loss_sum, n, metrics
+            def output_fn(output, batch, objective=objective, signals=signals):
+                return objective(output, batch, signals[batch["index"]])
 
-            with final_hidden_states(student) if fused else contextlib.nullcontext():
+            with objective.outputs():
                 outputs = forward_backward(trainable, mbs, output_fn)
             grads = {name: p.main_grad.clone() for name, p in student.module.named_parameters()}
             metrics = {k: sum(float(m[k]) for m in outputs if k in m) for k in METRICS}
@@ -122,6 +114,7 @@ def _compare(per_rank: list[dict]) -> list[str]:
     return problems
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tp,pp,teacher_pp", [(2, 1, 1), (1, 2, 1)])
 def test_fused_training_step_gives_the_logits_gradients(models, tp, pp, teacher_pp):
     """TP=2: the vocab-parallel loss on both ranks, tied embeddings used by the loss directly.
@@ -132,30 +125,6 @@ def test_fused_training_step_gives_the_logits_gradients(models, tp, pp, teacher_
                                teacher_pp, timeout=600)
     problems = _compare(per_rank)
     assert not problems, "\n".join(problems)
-
-
-def _hidden_states_round_trip(model_dir: str, tp: int) -> float:
-    """Logits minus (final hidden states @ output weight), through the pipeline runner."""
-    from megatron_opd import parallel
-    from megatron_opd.checkpoint.load import load_model
-    from megatron_opd.pipeline import final_hidden_states, output_weight, run_schedule
-
-    mp = parallel.initialize_global_model_parallel(parallel.ParallelLayout(tp, 1), what="student")
-    model = load_model(model_dir, mp, seed=1)
-    ids = torch.randint(0, model.arch.vocab_size, (1, 11), generator=torch.Generator().manual_seed(0))
-    mb = {"input_ids": ids, "position_ids": torch.arange(11).view(1, 11)}
-    logits = run_schedule(model, [mb], lambda z, b: z.clone(), forward_only=True)[0]
-    with final_hidden_states(model):
-        hidden = run_schedule(model, [mb], lambda z, b: z.clone(), forward_only=True)[0]
-    after = run_schedule(model, [mb], lambda z, b: z.clone(), forward_only=True)[0]
-    assert hidden.shape == (1, 11, model.config.hidden_size) and torch.equal(after, logits)
-    return (logits - hidden @ output_weight(model).t()).abs().max().item()
-
-
-def test_final_hidden_states_times_output_weight_are_the_logits(models):
-    """The bypass returns the output layer's input (after the final norm) and is undone after."""
-    errs = run_distributed(_hidden_states_round_trip, 2, models["student"], 2, timeout=300)
-    assert max(errs) < 1e-5, errs
 
 
 # ---------------------------------------------------------------- a whole run, with vLLM rollouts
@@ -177,13 +146,12 @@ def _runs(root: str, work: str, steps: int) -> None:
 
 
 @pytest.mark.vllm
-def test_demo_run_loss_curve_is_the_logits_one(tmp_path):
+def test_demo_run_loss_curve_is_the_logits_one(task_dir, tmp_path):
     """The tiny demo task at TP=2 (rollouts by vLLM, teacher in process), 3 steps: losses, grad
     norms and trainer-vs-rollout mismatches equal to float tolerance."""
-    from megatron_opd.testing.tiny_task import losses, make_task_dir
+    from megatron_opd.testing.tiny_task import losses
 
-    root = make_task_dir(tmp_path / "task", num_train=200)
-    run_distributed(_runs, 2, str(root), str(tmp_path), 3, timeout=900)
+    run_distributed(_runs, 2, str(task_dir), str(tmp_path), 3, timeout=900)
     ref, fused = losses(tmp_path / "fused_False"), losses(tmp_path / "fused_True")
     assert sorted(ref) == sorted(fused) == [1, 2, 3]
     for step in ref:

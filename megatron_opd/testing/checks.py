@@ -5,6 +5,10 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from megatron_opd import parallel
+from megatron_opd.checkpoint.load import load_model
+from megatron_opd.models.schedule import run_schedule
+
 
 def gathered_logits(model, logits: torch.Tensor) -> torch.Tensor:
     """Full-vocabulary logits from TP shards (tests only: production code never does this)."""
@@ -21,10 +25,6 @@ def logits_vs_transformers(models: dict, layouts: list, *, seq_len: int = 13) ->
     megatron model from another checkpoint (e.g. a converted one) and compare with ``hf_dir``.
     """
     from transformers import AutoModelForCausalLM
-
-    from megatron_opd import parallel
-    from megatron_opd.checkpoint.load import load_model
-    from megatron_opd.pipeline import run_schedule
 
     torch.manual_seed(0)
     ids = torch.randint(0, 300, (2, seq_len))

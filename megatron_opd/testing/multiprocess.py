@@ -9,8 +9,10 @@ import time
 import traceback
 from typing import Any, Callable
 
+import torch
 import torch.multiprocessing as mp
 
+from megatron_opd import parallel
 from megatron_opd.utils import free_port
 
 
@@ -26,11 +28,7 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, kw
         "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_WORLD_SIZE": str(world_size),
     })
     try:
-        import torch
-
         torch.set_num_threads(num_threads)
-        from megatron_opd import parallel
-
         parallel.init_distributed()
         try:
             out = fn(*args, **kwargs)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -103,9 +102,3 @@ def make_sentencepiece_tokenizer(out_dir: str | Path, *, vocab_size: int = 300,
     tok = LlamaTokenizer.from_pretrained(str(out_dir))
     tok.save_pretrained(str(out_dir))
     return out_dir
-
-
-def write_jsonl(path: str | Path, rows: list[dict]) -> Path:
-    path = Path(path)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path

@@ -6,12 +6,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from megatron_opd.tasks import arithmetic as task
+from megatron_opd.utils import read_jsonl
+
 
 def make_task_dir(root: str | Path, *, num_train: int = 2000) -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
-
-    from megatron_opd.tasks import arithmetic as task
 
     root = Path(root)
     task.write_datasets(root, num_train=num_train, num_eval=64)
@@ -43,5 +44,5 @@ def base_overrides(root: str | Path, run_dir: str | Path, steps: int) -> list[st
 
 def losses(run_dir: str | Path) -> dict:
     """step -> (loss, grad_norm, trainer-vs-rollout mismatch) from a run's metrics.jsonl."""
-    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    rows = [row for _, row in read_jsonl(Path(run_dir) / "metrics.jsonl")]
     return {r["step"]: (r["loss"], r["grad_norm"], r.get("rollout/logprob_abs_diff_max")) for r in rows if "loss" in r}

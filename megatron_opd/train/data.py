@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from megatron_opd.models.packing import pack_lengths, packed_inputs
+from megatron_opd.utils import read_jsonl
 
 
 @dataclass
@@ -20,9 +22,7 @@ class PromptRecord:
 
 
 def _read_rows(path: Path) -> list[tuple[int, dict]]:
-    if not path.is_file():
-        raise ValueError(f"{path}: data file does not exist")
-    if path.suffix == ".parquet":
+    if path.suffix == ".parquet" and path.is_file():
         try:
             import pyarrow.parquet as pq
         except ImportError:
@@ -30,19 +30,7 @@ def _read_rows(path: Path) -> list[tuple[int, dict]]:
         # columns are shared by every row: a field a row does not have is null there
         return [(i + 1, {k: v for k, v in row.items() if v is not None})
                 for i, row in enumerate(pq.read_table(path).to_pylist())]
-    rows = []
-    with path.open() as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{lineno}: each line must be a JSON object")
-            rows.append((lineno, row))
-    return rows
+    return read_jsonl(path, what="data file")
 
 
 def _ids(value, where: str, vocab_size: int) -> list[int]:
@@ -106,6 +94,26 @@ def load_prompts(path: str | Path, tokenizer, *, vocab_size: int, max_prompt_tok
     return records
 
 
+def load_tokenizer(path: str | Path):
+    """The HF tokenizer stored with a model (None if there is none: token-id data only)."""
+    from transformers import AutoTokenizer
+
+    p = Path(path)
+    if not any((p / f).exists() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+        return None
+    return AutoTokenizer.from_pretrained(str(p))
+
+
+def eos_token_ids(hf_config: dict, tokenizer) -> list[int]:
+    """The ids that end a completion: the model config's ``eos_token_id``, else the tokenizer's."""
+    eos = hf_config.get("eos_token_id")
+    if eos is None and tokenizer is not None:
+        eos = tokenizer.eos_token_id
+    if eos is None:
+        return []
+    return list(eos) if isinstance(eos, list) else [eos]
+
+
 def check_tokenizers(student, teacher, *, student_vocab: int, teacher_vocab: int) -> None:
     """Refuse a teacher whose token ids disagree with the student's over the shared vocabulary.
 
@@ -143,6 +151,27 @@ def step_prompt_indices(num_records: int, *, step: int, prompts_per_step: int, s
     return out
 
 
+@dataclass(frozen=True)
+class StepPrompts:
+    """Which prompts each step trains on, and which of them are sampled on-policy: a fraction
+    ``lmbda`` of the step's prompts, drawn from the step's own seed (resuming needs only the step)."""
+
+    records: list[PromptRecord]
+    per_step: int
+    seed: int
+    shuffle: bool = True
+    lmbda: float = 1.0
+
+    def for_replica(self, step: int, *, dp_rank: int, dp_size: int) -> tuple[list[PromptRecord], list[bool]]:
+        """Data-parallel replica ``dp_rank``'s share of ``step``'s prompts, and their on-policy flags."""
+        indices = step_prompt_indices(len(self.records), step=step, prompts_per_step=self.per_step,
+                                      seed=self.seed, shuffle=self.shuffle)
+        g = torch.Generator().manual_seed(self.seed * 7919 + step)
+        flags = (torch.rand(len(indices), generator=g) < self.lmbda).tolist()
+        mine = range(dp_rank, len(indices), dp_size)
+        return [self.records[indices[i]] for i in mine], [flags[i] for i in mine]
+
+
 # --- packing ------------------------------------------------------------------------------------
 
 @dataclass
@@ -166,39 +195,9 @@ class Sequence:
 
 
 def pack_sequences(seqs: list[Sequence], *, budget: int) -> list[list[int]]:
-    """Group sequence indices into micro-batches of at most ``budget`` tokens (first-fit
-    decreasing); a longer sequence gets a micro-batch of its own."""
-    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i].tokens))
-    bins: list[list[int]] = []
-    sizes: list[int] = []
-    for i in order:
-        n = len(seqs[i].tokens)
-        for b, size in enumerate(sizes):
-            if size + n <= budget:
-                bins[b].append(i)
-                sizes[b] += n
-                break
-        else:
-            bins.append([i])
-            sizes.append(n)
-    return [sorted(b) for b in bins]
-
-
-def block_causal_mask(lengths: list[int], *, sliding_window: int | None = None) -> torch.Tensor:
-    """``[1, 1, L, L]`` bool, True where attention is blocked: causal within each packed sequence,
-    nothing across sequences (and beyond a sliding window, if any)."""
-    total = sum(lengths)
-    seq_id = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
-    pos = torch.arange(total)
-    allowed = (seq_id[:, None] == seq_id[None, :]) & (pos[None, :] <= pos[:, None])
-    if sliding_window is not None:
-        allowed &= pos[:, None] - pos[None, :] < sliding_window
-    return ~allowed.view(1, 1, total, total)
-
-
-def packed_positions(lengths: list[int], *, device) -> torch.Tensor:
-    """``[1, L]`` positions of a packed row: every sequence counts from 0."""
-    return torch.cat([torch.arange(n, device=device) for n in lengths]).view(1, -1)
+    """Group sequence indices into micro-batches of at most ``budget`` tokens (see
+    :func:`pack_lengths`)."""
+    return pack_lengths([len(s.tokens) for s in seqs], budget=budget)
 
 
 def micro_batch(seqs: list[Sequence], indices: list[int], *, device,
@@ -219,10 +218,8 @@ def micro_batch(seqs: list[Sequence], indices: list[int], *, device,
         rollout.extend([0.0] * (s.prompt_len - 1) + list(lp) + [0.0])
         weights.extend([s.weight] * n)
         onpol.extend([float(s.on_policy and s.rollout_logprobs is not None)] * n)
-    L = len(tokens)
     batch = {
         "input_ids": torch.tensor([tokens], device=device),
-        "position_ids": packed_positions(lengths, device=device),
         "targets": torch.tensor([targets], device=device),
         "loss_mask": torch.tensor([mask], dtype=torch.float32, device=device),
         "rollout_logprobs": torch.tensor([rollout], dtype=torch.float32, device=device),
@@ -231,6 +228,13 @@ def micro_batch(seqs: list[Sequence], indices: list[int], *, device,
         "lengths": lengths,
         "seq_indices": list(indices),
     }
-    if len(lengths) > 1 or sliding_window is not None:
-        batch["attention_mask"] = block_causal_mask(lengths, sliding_window=sliding_window).to(device)
+    batch.update(packed_inputs(lengths, device=device, sliding_window=sliding_window))
     return batch
+
+
+def pack_micro_batches(seqs: list[Sequence], *, budget: int, device,
+                       sliding_window: int | None = None) -> list[dict]:
+    """``seqs`` packed into micro-batches of at most ``budget`` tokens (see :func:`pack_sequences`),
+    each carrying its ``index`` in the step (teacher signals are looked up by it)."""
+    return [dict(micro_batch(seqs, idx, device=device, sliding_window=sliding_window), index=m)
+            for m, idx in enumerate(pack_sequences(seqs, budget=budget))]

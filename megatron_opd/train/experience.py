@@ -1,6 +1,6 @@
-"""A step's training sequences for one data-parallel replica: on-policy rollouts from the student's
-engines (spread over the replica's ranks, multi-turn with an environment), off-policy completions
-from the dataset or from the teacher's engine."""
+"""A step's training sequences for one data-parallel replica: its share of the step's prompts,
+on-policy rollouts from the student's engines (spread over the replica's ranks, multi-turn with an
+environment), off-policy completions from the dataset or from the teacher's engine."""
 
 from __future__ import annotations
 
@@ -8,10 +8,9 @@ from dataclasses import replace
 
 import torch.distributed as dist
 
-from megatron_opd.config import RolloutConfig
 from megatron_opd.parallel import ModelParallel
 from megatron_opd.rollout.engine import RolloutEngine, SamplingConfig
-from megatron_opd.train.data import PromptRecord, Sequence
+from megatron_opd.train.data import PromptRecord, Sequence, StepPrompts
 
 
 def _sample_turns(engine: RolloutEngine, records: list[PromptRecord], sampling: SamplingConfig, *,
@@ -95,33 +94,39 @@ def _weight(record: PromptRecord, weight_field: str) -> float:
     return float(record.metadata[weight_field])
 
 
-def sampling_for_step(cfg: RolloutConfig, *, seed: int, step: int, stop_token_ids: list[int]) -> SamplingConfig:
-    return SamplingConfig(n=cfg.n, temperature=cfg.temperature, top_p=cfg.top_p,
-                          max_new_tokens=cfg.max_new_tokens, stop_token_ids=tuple(stop_token_ids),
-                          seed=seed * 1_000_033 + step)
+class Rollouts:
+    """This replica's training sequences of each step (identical on every rank of the replica).
 
+    ``rollout``: the ``rollout`` config section (sampling, off-policy source, turns);
+    ``teacher_engine``: the teacher's engine when off-policy samples come from the teacher.
+    """
 
-def build_sequences(records: list[PromptRecord], on_policy: list[bool], *, cfg: RolloutConfig,
-                    step: int, seed: int, stop_token_ids: list[int], student_engine: RolloutEngine | None,
-                    teacher_engine: RolloutEngine | None, mp: ModelParallel, environment,
-                    max_total_tokens: int, weight_field: str = "") -> list[Sequence]:
-    """All of this replica's sequences for ``step`` (identical on every rank of the replica)."""
-    sampling = sampling_for_step(cfg, seed=seed, step=step, stop_token_ids=stop_token_ids)
-    onp = [r for r, flag in zip(records, on_policy) if flag]
-    off = [r for r, flag in zip(records, on_policy) if not flag]
-    seqs = distributed_rollouts(student_engine, onp, sampling, mp, environment=environment,
-                                max_turns=cfg.max_turns, max_total_tokens=max_total_tokens) if onp else []
-    for s in seqs:
-        s.weight = _weight(next(r for r in onp if r.index == s.prompt_index), weight_field)
-    if off:
-        if cfg.offpolicy_source == "dataset":
-            seqs += offpolicy_from_dataset(off, weight_field=weight_field)
-        else:
-            teacher_seqs = distributed_rollouts(teacher_engine, off, sampling, mp, environment=environment,
-                                                max_turns=cfg.max_turns, max_total_tokens=max_total_tokens)
+    def __init__(self, rollout, prompts: StepPrompts, *, mp: ModelParallel, student_engine: RolloutEngine,
+                 teacher_engine: RolloutEngine | None, environment, stop_token_ids: list[int],
+                 max_total_tokens: int, weight_field: str = ""):
+        self.rollout, self.prompts, self.mp = rollout, prompts, mp
+        self.student_engine, self.teacher_engine = student_engine, teacher_engine
+        self.environment, self.stop_token_ids, self.max_total_tokens = environment, stop_token_ids, max_total_tokens
+        self.weight_field = weight_field
+
+    def for_step(self, step: int) -> list[Sequence]:
+        records, on_policy = self.prompts.for_replica(step, dp_rank=self.mp.dp_rank, dp_size=self.mp.dp_size)
+        sampling = self.rollout.sampling(seed=self.prompts.seed, step=step, stop_token_ids=self.stop_token_ids)
+        onp = [r for r, flag in zip(records, on_policy) if flag]
+        off = [r for r, flag in zip(records, on_policy) if not flag]
+        seqs = self._sample(self.student_engine, onp, sampling) if onp else []
+        for s in seqs:
+            s.weight = _weight(next(r for r in onp if r.index == s.prompt_index), self.weight_field)
+        if off and self.rollout.offpolicy_source == "dataset":
+            seqs += offpolicy_from_dataset(off, weight_field=self.weight_field)
+        elif off:
+            teacher_seqs = self._sample(self.teacher_engine, off, sampling)
             for s in teacher_seqs:
                 s.on_policy = False
                 s.rollout_logprobs = None  # the teacher's, not the student's: no mismatch metric
             seqs += teacher_seqs
-    return seqs
+        return seqs
 
+    def _sample(self, engine: RolloutEngine, records: list[PromptRecord], sampling: SamplingConfig) -> list[Sequence]:
+        return distributed_rollouts(engine, records, sampling, self.mp, environment=self.environment,
+                                    max_turns=self.rollout.max_turns, max_total_tokens=self.max_total_tokens)

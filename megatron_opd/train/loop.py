@@ -1,333 +1,197 @@
-"""The OPD loop: rollouts -> teacher -> student update -> weight sync, with checkpoints that resume
-exactly, metrics, evaluation."""
+"""The OPD loop: every step is rollout -> teacher signals -> student update -> weight sync ->
+metrics; around it evaluation, checkpoints that resume exactly, and logging."""
 
 from __future__ import annotations
 
 import contextlib
-import math
-import os
-import signal
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from megatron_opd import parallel
+from megatron_opd.checkpoint.load import load_model, model_arch
 from megatron_opd.config import Config
-from megatron_opd.parallel import ParallelLayout
-from megatron_opd.pipeline import final_hidden_states, gather_sequence_parallel, output_weight
 from megatron_opd.rollout.consistency import check_mismatch
 from megatron_opd.rollout.engine import RolloutEngine
-from megatron_opd.rollout.sync import WeightSync
-from megatron_opd.train import checkpointing
-from megatron_opd.train.data import (check_tokenizers, load_prompts, micro_batch, pack_sequences,
-                                     step_prompt_indices)
+from megatron_opd.rollout.sync import SyncStats, WeightSync
+from megatron_opd.teacher.signals import Need, Teacher, TeacherSignal
+from megatron_opd.train.data import (StepPrompts, check_tokenizers, eos_token_ids, load_prompts, load_tokenizer,
+                                     pack_micro_batches)
 from megatron_opd.train.environments import make_environment
 from megatron_opd.train.evaluation import count_correct
-from megatron_opd.train.experience import build_sequences
-from megatron_opd.train.metrics import MetricsLogger
-from megatron_opd.train.objective import OutputHeads, micro_batch_loss, teacher_need
-from megatron_opd.train.optim import OptimConfig, Trainable, forward_backward, make_trainable, optimizer_step
-from megatron_opd.utils import log0
+from megatron_opd.train.experience import Rollouts
+from megatron_opd.train.metrics import step_metrics
+from megatron_opd.train.optim import NonFiniteGuard, forward_backward
 
 
-class NonFiniteError(RuntimeError):
-    """Too many consecutive steps with a non-finite loss or gradient."""
+class PhaseTimer:
+    """Wall-clock seconds of a step's phases (``time/<phase>_s``) and of the whole step."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str):
+        begin = time.perf_counter()
+        yield
+        self.seconds[f"time/{phase}_s"] = time.perf_counter() - begin
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
 
 
-def learning_rate(cfg: Config, step: int) -> float:
-    """Linear warmup to ``optim.lr``, then cosine / linear decay to ``optim.min_lr`` (or constant)."""
-    o = cfg.optim
-    if o.warmup_steps and step < o.warmup_steps:
-        return o.lr * (step + 1) / o.warmup_steps
-    if o.decay == "constant":
-        return o.lr
-    span = max(1, cfg.train.steps - o.warmup_steps)
-    frac = min(1.0, (step - o.warmup_steps) / span)
-    if o.decay == "linear":
-        return o.min_lr + (o.lr - o.min_lr) * (1 - frac)
-    return o.min_lr + 0.5 * (o.lr - o.min_lr) * (1 + math.cos(math.pi * frac))
-
-
-def _tokenizer(path: str):
-    """The HF tokenizer stored with a model (None if there is none: token-id data only)."""
-    from transformers import AutoTokenizer
-
-    p = Path(path)
-    if not any((p / f).exists() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
-        return None
-    return AutoTokenizer.from_pretrained(str(p))
+@dataclass
+class StudentUpdate:
+    outputs: list[dict]  # the objective's metrics of each micro-batch (last stage; [] elsewhere)
+    lr: float
+    grad_norm: float | None
 
 
 class Trainer:
-    """Builds everything from a validated :class:`Config` (collective: all ranks) and trains."""
+    """Builds everything from a :class:`Config` (collective: all ranks) and trains."""
 
     def __init__(self, cfg: Config, *, engine: RolloutEngine | None = None):
         """``engine`` reuses a running student engine (same architecture), e.g. across runs in
         one process; by default one is started."""
-        from megatron_opd.checkpoint.load import load_model
-
         self.cfg = cfg
         parallel.init_distributed()
-        world = dist.get_world_size()
-        cfg.validate(world_size=world)
+        cfg.validate(world_size=dist.get_world_size())
+        # Everything a user can get wrong, before any model is built or loaded.
+        cfg.check_inputs()
+        cfg.check_models(model_arch(cfg.student.path), model_arch(cfg.teacher.path) if cfg.teacher.path else None)
         self.run_dir = Path(cfg.train.run_dir)
-        self.mp = parallel.initialize_global_model_parallel(ParallelLayout(cfg.student.tp, cfg.student.pp),
-                                                            what="student")
-        if cfg.train.prompts_per_step < self.mp.dp_size:
-            raise ValueError(f"train.prompts_per_step={cfg.train.prompts_per_step} is smaller than the "
-                             f"student's data-parallel size {self.mp.dp_size}")
-        self.student = load_model(cfg.student.path, self.mp, seed=cfg.train.seed)
+        self.mp = parallel.initialize_global_model_parallel(cfg.student.layout, what="student")
+        self.student = load_model(cfg.student.path, self.mp, seed=cfg.train.seed,
+                                  params_dtype=cfg.student.params_dtype)
         self.arch = self.student.arch
-        o = cfg.optim
-        self.trainable: Trainable = make_trainable(self.student, OptimConfig(
-            lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay, adam_beta1=o.adam_beta1,
-            adam_beta2=o.adam_beta2, adam_eps=o.adam_eps, clip_grad=o.clip_grad,
-            use_distributed_optimizer=o.use_distributed_optimizer))
-        self.tokenizer = _tokenizer(cfg.student.path)
-        self.need = teacher_need(cfg.loss)
-        self._build_teacher()
+        self.trainable = cfg.optim.build(self.student, total_steps=cfg.train.steps)
+        self.tokenizer = load_tokenizer(cfg.student.path)
+        self.teacher = self._build_teacher()
         # A loss fused with the output layers needs the teacher's output-layer shard on the
         # student's last stage (once: the teacher is frozen).
-        self.teacher_lm_head = self.teacher.lm_head_for(self.mp) if self.need == "hidden" else None
-        self.stop_ids = list(cfg.rollout.stop_token_ids) or self._eos_ids()
-        self.records = load_prompts(cfg.data.train_path, self.tokenizer, vocab_size=self.arch.vocab_size,
-                                    max_prompt_tokens=cfg.data.max_prompt_tokens)
-        self.eval_records = (load_prompts(cfg.data.eval_path, self.tokenizer, vocab_size=self.arch.vocab_size,
-                                          max_prompt_tokens=cfg.data.max_prompt_tokens)
-                             if cfg.data.eval_path else [])
-        if cfg.eval.num_prompts:
-            self.eval_records = self.eval_records[: cfg.eval.num_prompts]
-        self.environment = make_environment(cfg.rollout.environment)
-        r = cfg.rollout
-        self.max_total_tokens = min(self.arch.max_position_embeddings,
-                                    cfg.data.max_prompt_tokens + r.max_turns * r.max_new_tokens * 2)
-        # Engines after the trainer's groups exist, on every rank at the same point (vLLM joins
-        # the world group collectively).
-        self.engine = engine or RolloutEngine(self.arch, kv_cache_bytes=int(r.kv_cache_gb * (1 << 30)),
-                                              max_model_len=self.max_total_tokens, seed=cfg.train.seed)
-        self._own_engine = engine is None
-        self.sync = WeightSync(self.student, bucket_bytes=int(r.bucket_mb * (1 << 20)))
-        self.teacher_engine = None
-        if r.lmbda < 1.0 and r.offpolicy_source == "teacher":
-            if self.teacher is None:
-                raise ValueError("rollout.offpolicy_source=teacher needs an in-process teacher (teacher.path)")
-            self.teacher_engine = RolloutEngine(self.teacher.arch, kv_cache_bytes=int(r.kv_cache_gb * (1 << 30)),
-                                                max_model_len=self.max_total_tokens, seed=cfg.train.seed + 1)
-            WeightSync(self.teacher.model, bucket_bytes=int(r.bucket_mb * (1 << 20))).sync(self.teacher_engine)
-        self.start_step = 0
-        self.nonfinite_in_a_row = 0
-        self.nonfinite_total = 0
-        self._resume()
+        teacher_weight = self.teacher.output_weight(self.mp) if self.teacher.need == Need.HIDDEN else None
+        self.objective = cfg.loss.build(self.student, teacher_output_weight=teacher_weight,
+                                        teacher_temperature=cfg.teacher.temperature,
+                                        rollout_temperature=cfg.rollout.temperature)
+        self.stop_ids = list(cfg.rollout.stop_token_ids) or eos_token_ids(self.arch.hf_config, self.tokenizer)
+        self._start_rollouts(engine)
+        self.checkpointer = cfg.checkpoint.build(self.run_dir, config_yaml=cfg.to_yaml(),
+                                                 tokenizer_src=cfg.student.path)
+        state = self.checkpointer.restore(self.trainable) or {}
+        self.start_step = int(state.get("step", 0))
+        self.guard = NonFiniteGuard(max_in_a_row=cfg.train.max_nonfinite_steps,
+                                    skipped=int(state.get("skipped_steps", 0)))
         self.sync.sync(self.engine)
-        self.logger = MetricsLogger(self.run_dir, total_steps=cfg.train.steps, start_step=self.start_step,
-                                    tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb,
-                                    wandb_project=cfg.logging.wandb_project,
-                                    progress_bar=cfg.logging.progress_bar, config=cfg.to_dict())
+        self.logger = cfg.logging.build(self.run_dir, total_steps=cfg.train.steps, start_step=self.start_step,
+                                        config=cfg.to_dict())
         if dist.get_rank() == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(cfg.to_yaml())
 
     # --- set-up -------------------------------------------------------------------------------
 
-    def _build_teacher(self) -> None:
+    def _build_teacher(self) -> Teacher:
         cfg = self.cfg
-        self.teacher = None
-        self.served = None
-        if cfg.teacher.served_url:
-            from megatron_opd.rollout.served_teacher import ServedTeacher
-            from megatron_opd.train.teacher import ServedTeacherSource
+        teacher = cfg.teacher.build(need=cfg.loss.teacher_need, top_k=cfg.loss.top_k,
+                                    vocab_size=self.arch.vocab_size, seed=cfg.train.seed)
+        if teacher.model is not None:
+            check_tokenizers(self.tokenizer, load_tokenizer(cfg.teacher.path), student_vocab=self.arch.vocab_size,
+                             teacher_vocab=teacher.model.arch.vocab_size)
+        return teacher
 
-            # vocab_size: an out-of-vocabulary id would take the server's engine down
-            client = ServedTeacher(cfg.teacher.served_url, model=cfg.teacher.served_model or None,
-                                   top_k=cfg.loss.top_k, timeout=cfg.teacher.served_timeout_s,
-                                   max_concurrency=cfg.teacher.served_concurrency,
-                                   vocab_size=self.arch.vocab_size)
-            self.served = ServedTeacherSource(client, need=self.need, top_k=cfg.loss.top_k)
-            return
-        from megatron_opd.train.teacher import MegatronTeacher
+    def _start_rollouts(self, engine: RolloutEngine | None) -> None:
+        """The prompts, the engines (after the trainer's groups exist, on every rank at the same
+        point: vLLM joins the world group collectively) and the weight sync into them."""
+        cfg, r = self.cfg, self.cfg.rollout
+        records, self.eval_records = self._load_prompts()
+        environment = make_environment(r.environment)
+        max_total_tokens = min(self.arch.max_position_embeddings,
+                               cfg.data.max_prompt_tokens + r.max_turns * r.max_new_tokens * 2)
+        self.engine = engine or r.start_engine(self.arch, dtype=cfg.student.params_dtype,
+                                               max_model_len=max_total_tokens, seed=cfg.train.seed)
+        self._own_engine = engine is None
+        self.sync = WeightSync(self.student, bucket_bytes=r.bucket_bytes)
+        self.teacher_engine = None
+        if r.uses_teacher_samples:  # the teacher is in process (Config.validate)
+            self.teacher_engine = r.start_engine(self.teacher.model.arch, dtype=cfg.teacher.params_dtype,
+                                                 max_model_len=max_total_tokens, seed=cfg.train.seed + 1)
+            WeightSync(self.teacher.model, bucket_bytes=r.bucket_bytes).sync(self.teacher_engine)
+        prompts = StepPrompts(records, per_step=cfg.train.prompts_per_step, seed=cfg.train.seed,
+                              shuffle=cfg.data.shuffle, lmbda=r.lmbda)
+        self.rollouts = Rollouts(r, prompts, mp=self.mp, student_engine=self.engine,
+                                 teacher_engine=self.teacher_engine, environment=environment,
+                                 stop_token_ids=self.stop_ids, max_total_tokens=max_total_tokens,
+                                 weight_field=cfg.loss.weight_field)
 
-        self.teacher = MegatronTeacher(cfg.teacher.path, ParallelLayout(cfg.teacher.tp, cfg.teacher.pp),
-                                       need=self.need, top_k=cfg.loss.top_k,
-                                       temperature=cfg.teacher.temperature, seed=cfg.train.seed)
-        check_tokenizers(self.tokenizer, _tokenizer(cfg.teacher.path), student_vocab=self.arch.vocab_size,
-                         teacher_vocab=self.teacher.arch.vocab_size)
+    def _load_prompts(self) -> tuple[list, list]:
+        d = self.cfg.data
 
-    def _eos_ids(self) -> list[int]:
-        eos = self.arch.hf_config.get("eos_token_id")
-        if eos is None and self.tokenizer is not None:
-            eos = self.tokenizer.eos_token_id
-        if eos is None:
-            return []
-        return list(eos) if isinstance(eos, list) else [eos]
+        def load(path):
+            return load_prompts(path, self.tokenizer, vocab_size=self.arch.vocab_size,
+                                max_prompt_tokens=d.max_prompt_tokens)
 
-    def _resume(self) -> None:
-        c = self.cfg.checkpoint
-        path = None
-        if c.resume == "auto":
-            path = checkpointing.latest_checkpoint(self.run_dir)
-        elif c.resume != "none":
-            path = Path(c.resume)
-        if path is None:
-            return
-        state = checkpointing.load_checkpoint(self.trainable, path, verify=c.verify)
-        self.start_step = int(state["step"])
-        self.nonfinite_total = int(state.get("skipped_steps", 0))
-        log0(f"resumed from {path} at step {self.start_step}")
+        records = load(d.train_path)
+        eval_records = load(d.eval_path) if d.eval_path else []
+        if self.cfg.eval.num_prompts:
+            eval_records = eval_records[: self.cfg.eval.num_prompts]
+        return records, eval_records
 
     # --- one step -------------------------------------------------------------------------------
 
     def step(self, step: int) -> dict:
-        cfg, mp = self.cfg, self.mp
-        times = {}
-        t0 = time.perf_counter()
-        indices = step_prompt_indices(len(self.records), step=step, prompts_per_step=cfg.train.prompts_per_step,
-                                      seed=cfg.train.seed, shuffle=cfg.data.shuffle)
-        g = torch.Generator().manual_seed(cfg.train.seed * 7919 + step)
-        flags = (torch.rand(len(indices), generator=g) < cfg.rollout.lmbda).tolist()
-        mine = list(range(mp.dp_rank, len(indices), mp.dp_size))
-        records = [self.records[indices[i]] for i in mine]
-        seqs = build_sequences(records, [flags[i] for i in mine], cfg=cfg.rollout, step=step, seed=cfg.train.seed,
-                               stop_token_ids=self.stop_ids, student_engine=self.engine,
-                               teacher_engine=self.teacher_engine, mp=mp, environment=self.environment,
-                               max_total_tokens=self.max_total_tokens, weight_field=cfg.loss.weight_field)
-        times["time/rollout_s"] = time.perf_counter() - t0
+        """rollout -> teacher signals -> student update -> weight sync -> metrics."""
+        timer = PhaseTimer()
+        with timer("rollout"):
+            seqs = self.rollouts.for_step(step)
+            self._engines("sleep")  # two-phase memory: the engines' GPU memory is the update's
+        with timer("teacher"):
+            micro_batches = pack_micro_batches(seqs, budget=self.cfg.data.micro_batch_tokens,
+                                               device=parallel.device(), sliding_window=self.arch.sliding_window)
+            signals = self.teacher.signals(micro_batches, self.mp)
+        with timer("student"):
+            update = self.update_student(step, micro_batches, signals)
+        with timer("sync"):
+            self._engines("wake_up")
+            synced = self.sync.sync(self.engine)
+        return self._metrics(seqs, update, synced, timer)
 
-        t1 = time.perf_counter()
-        device = parallel.device()
-        packs = pack_sequences(seqs, budget=cfg.data.micro_batch_tokens)
-        mbs = []
-        for m, idx in enumerate(packs):
-            mb = micro_batch(seqs, idx, device=device, sliding_window=self.arch.sliding_window)
-            mb["index"] = m
-            mbs.append(mb)
-        if self.served is not None:
-            signals = self.served.signals(mbs, mp, [[seqs[i].tokens for i in idx] for idx in packs])
-        else:
-            signals = self.teacher.signals(mbs, mp)
-        times["time/teacher_s"] = time.perf_counter() - t1
+    def _engines(self, action: str) -> None:
+        """``sleep`` or ``wake_up`` every rollout engine (vLLM's sleep mode on GPUs; no-op on CPU)."""
+        for engine in (self.engine, self.teacher_engine):
+            if engine is not None:
+                getattr(engine, action)()
 
-        t2 = time.perf_counter()
-        vocab = self.arch.vocab_size
-        fused = cfg.loss.fused_linear
-        heads = None
-        if fused and mp.is_last_stage:
-            heads = OutputHeads(output_weight(self.student), self.teacher_lm_head,
-                                reduce_hidden_grad=not self.student.config.sequence_parallel)
+    def update_student(self, step: int, micro_batches: list[dict],
+                       signals: list[TeacherSignal | None]) -> StudentUpdate:
+        """Forward and backward through the pipeline schedule, then the optimizer step if the
+        losses and gradients of every rank are finite."""
+        lr = self.trainable.set_learning_rate(step)
+        outputs = self._forward_backward(micro_batches, signals)
+        grad_norm = self.guard.step(self.trainable, outputs, step=step)
+        return StudentUpdate(outputs, lr, grad_norm)
 
-        def output_fn(output, batch):
-            if fused:  # the final hidden states [1, L, h] instead of logits
-                output = gather_sequence_parallel(output, self.student)
-            loss_sum, n, metrics = micro_batch_loss(
-                output, batch, signals[batch["index"]], loss=cfg.loss, vocab_size=vocab,
-                tp_group=mp.tp_group, rollout_temperature=cfg.rollout.temperature,
-                teacher_temperature=cfg.teacher.temperature, heads=heads)
-            metrics["loss_sum"] = loss_sum.detach().clone()
-            return loss_sum, n, metrics
+    def _forward_backward(self, micro_batches: list[dict], signals: list[TeacherSignal | None]) -> list[dict]:
+        def loss_fn(output, batch):
+            return self.objective(output, batch, signals[batch["index"]])
 
-        lr = learning_rate(cfg, step)
-        for group in self.trainable.optimizer.param_groups:
-            group["lr"] = lr
-        with final_hidden_states(self.student) if fused else contextlib.nullcontext():
-            outputs = forward_backward(self.trainable, mbs, output_fn)
-        self._fault_drill(step, "raise")
-        if self._fault_drill(step, "nan"):
-            next(iter(self.student.module.parameters())).main_grad.fill_(float("nan"))
-        finite = self._grads_finite(outputs)
-        grad_norm = float("nan")
-        if finite:
-            applied, grad_norm = optimizer_step(self.trainable)
-            finite = applied and grad_norm is not None and math.isfinite(grad_norm)
-        if finite:
-            self.nonfinite_in_a_row = 0
-        else:
-            self.nonfinite_in_a_row += 1
-            self.nonfinite_total += 1
-            self.trainable.ddp.zero_grad_buffer()
-            self.trainable.optimizer.zero_grad()
-            log0(f"step {step}: non-finite loss or gradient; update skipped "
-                 f"({self.nonfinite_in_a_row} in a row)")
-            if self.nonfinite_in_a_row >= cfg.train.max_nonfinite_steps:
-                raise NonFiniteError(f"{self.nonfinite_in_a_row} consecutive steps with a non-finite loss "
-                                     f"or gradient (train.max_nonfinite_steps={cfg.train.max_nonfinite_steps})")
-        times["time/student_s"] = time.perf_counter() - t2
+        with self.objective.outputs():
+            return forward_backward(self.trainable, micro_batches, loss_fn)
 
-        t3 = time.perf_counter()
-        sync_stats = self.sync.sync(self.engine)
-        times["time/sync_s"] = time.perf_counter() - t3
-        elapsed = time.perf_counter() - t0
-        metrics = self._reduce_metrics(outputs, seqs)
-        metrics.update(times)
-        metrics.update({"lr": lr, "grad_norm": grad_norm, "skipped_steps": float(self.nonfinite_total),
-                        "sync/bytes_per_s": sync_stats.bytes_per_second,
+    def _metrics(self, seqs, update: StudentUpdate, synced: SyncStats, timer: PhaseTimer) -> dict:
+        elapsed = timer.elapsed()
+        metrics = step_metrics(update.outputs, seqs, self.mp)
+        metrics.update(timer.seconds)
+        metrics.update({"lr": update.lr, "grad_norm": update.grad_norm, "skipped_steps": float(self.guard.skipped),
+                        "sync/bytes_per_s": synced.bytes_per_second,
                         "tokens_per_s": metrics.pop("_tokens") / elapsed, "time/step_s": elapsed})
         check_mismatch(metrics.get("rollout/logprob_abs_diff_max", 0.0),
-                       threshold=cfg.rollout.mismatch_threshold, version=self.engine.version - 1)
+                       threshold=self.cfg.rollout.mismatch_threshold_for(self.cfg.student.params_dtype),
+                       version=self.engine.version - 1)
         return metrics
-
-    def _fault_drill(self, step: int, kind: str) -> bool:
-        """True (or raise, for "raise") when the configured fault drill fires here. It fires in a
-        job's first attempt only, so that a torchrun restart (--max-restarts) shows the recovery."""
-        t = self.cfg.train
-        if t.inject_fault != kind or t.inject_fault_step != step or dist.get_rank() != t.inject_fault_rank:
-            return False
-        if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
-            return False
-        if kind == "raise":
-            raise RuntimeError(f"injected fault (train.inject_fault=raise) at step {step} on rank {dist.get_rank()}")
-        return True
-
-    def _grads_finite(self, outputs) -> bool:
-        """All ranks agree whether every gradient (and the loss) is finite."""
-        ok = torch.ones(1)
-        for o in outputs:
-            if not torch.isfinite(o["loss_sum"]).all():
-                ok.zero_()
-        for p in self.student.module.parameters():
-            g = getattr(p, "main_grad", None)
-            if g is not None and not torch.isfinite(g).all():
-                ok.zero_()
-                break
-        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-        return bool(ok.item())
-
-    def _reduce_metrics(self, outputs: list[dict], seqs) -> dict:
-        mp = self.mp
-        contributes = mp.is_last_stage and mp.tp_rank == 0
-        keys = ["loss_sum", "divergence_sum", "loss_tokens", "mismatch_sum", "mismatch_tokens", "topk_overlap_sum",
-                "topk_mass_overlap_sum"]
-        sums = torch.zeros(len(keys) + 4, dtype=torch.float64)
-        mx = torch.zeros(1, dtype=torch.float64)
-        if contributes:
-            for o in outputs:
-                for j, k in enumerate(keys):
-                    if k in o:
-                        sums[j] += float(o[k])
-                if "mismatch_max" in o:
-                    mx[0] = max(mx[0].item(), float(o["mismatch_max"]))
-        if mp.tp_rank == 0 and mp.pp_rank == 0:  # one rank per replica counts the sequences
-            completion = sum(s.completion_len for s in seqs)
-            tool = sum(s.completion_len - sum(s.completion_mask) for s in seqs)
-            sums[len(keys)] = completion
-            sums[len(keys) + 1] = tool
-            sums[len(keys) + 2] = len(seqs)
-            sums[len(keys) + 3] = sum(len(s.tokens) for s in seqs)
-        dist.all_reduce(sums)
-        dist.all_reduce(mx, op=dist.ReduceOp.MAX)
-        s = dict(zip(keys, sums.tolist()))
-        completion, tool, nseq, total_tokens = sums[len(keys):].tolist()
-        tokens = max(s["loss_tokens"], 1.0)
-        out = {"loss": s["loss_sum"] / tokens, "divergence": s["divergence_sum"] / tokens,
-               "response_length": completion / max(nseq, 1), "masked_tool_fraction": tool / max(completion, 1),
-               "loss_tokens": s["loss_tokens"], "_tokens": total_tokens}
-        if s["topk_overlap_sum"]:
-            out["topk_overlap"] = s["topk_overlap_sum"] / tokens
-            out["topk_mass_overlap"] = s["topk_mass_overlap_sum"] / tokens
-        if s["mismatch_tokens"]:
-            out["rollout/logprob_abs_diff_max"] = mx.item()
-            out["rollout/logprob_abs_diff_mean"] = s["mismatch_sum"] / s["mismatch_tokens"]
-        return out
 
     # --- evaluation, checkpoints, the run --------------------------------------------------------
 
@@ -336,61 +200,40 @@ class Trainer:
         e = self.cfg.eval
         if not self.eval_records:
             return {}
-        rank, world = dist.get_rank(), dist.get_world_size()
-        mine = self.eval_records[rank::world]
+        mine = self.eval_records[dist.get_rank()::dist.get_world_size()]
         correct = count_correct(self.engine, mine, self.tokenizer, metric=e.metric,
                                 max_new_tokens=e.max_new_tokens, stop_token_ids=self.stop_ids)
-        counts = torch.tensor([float(correct), float(len(mine))], dtype=torch.float64)
+        counts = torch.tensor([float(correct), float(len(mine))], dtype=torch.float64, device=parallel.device())
         dist.all_reduce(counts)
         return {"eval/accuracy": counts[0].item() / max(counts[1].item(), 1.0)}
 
     def save(self, step: int) -> Path:
-        c = self.cfg.checkpoint
-
-        def drill():
-            if self._fault_drill(step, "kill_in_checkpoint"):
-                os.kill(os.getpid(), signal.SIGKILL)
-
-        path = checkpointing.save_checkpoint(self.trainable, run_dir=self.run_dir, step=step,
-                                             config_yaml=self.cfg.to_yaml(),
-                                             extra_state={"skipped_steps": self.nonfinite_total},
-                                             keep_last=c.keep_last, tokenizer_src=self.cfg.student.path,
-                                             mid_write=drill)
-        log0(f"saved {path}")
-        return path
+        return self.checkpointer.save(self.trainable, step, extra_state={"skipped_steps": self.guard.skipped})
 
     def train(self) -> dict:
         cfg = self.cfg
         last = {}
         if cfg.eval.every and self.start_step == 0 and self.eval_records:
-            ev = self.evaluate()
-            self.logger.log(0, ev)
-            last.update(ev)
-        step = self.start_step
+            last = self.evaluate()
+            self.logger.log(0, last)
         for step in range(self.start_step, cfg.train.steps):
             metrics = self.step(step)
             done = step + 1
-            if cfg.eval.every and (done % cfg.eval.every == 0 or done == cfg.train.steps):
+            if cfg.eval.due(done, cfg.train.steps):
                 metrics.update(self.evaluate())
             self.logger.log(done, metrics, console=done % cfg.logging.every == 0 or done == cfg.train.steps)
             self.logger.advance(1, loss=metrics["loss"])
             last = metrics
-            if cfg.checkpoint.every and done % cfg.checkpoint.every == 0 and done < cfg.train.steps:
+            if self.checkpointer.due(done, cfg.train.steps):
                 self.save(done)
         if self.start_step < cfg.train.steps:
             self.save(cfg.train.steps)
-        if cfg.checkpoint.export_hf:
-            self.export_hf(self.run_dir / "hf")
+        self.checkpointer.export(self.student)
         return last
-
-    def export_hf(self, out_dir: Path) -> None:
-        from megatron_opd.convert import write_hf_model
-
-        write_hf_model(self.student, out_dir, dtype=torch.float32, max_shard_bytes=5 * 10**9, force=True,
-                       tokenizer_src=self.cfg.student.path)
 
     def close(self) -> None:
         self.logger.close()
+        self.teacher.close()
         if self._own_engine:
             self.engine.close()
         if self.teacher_engine is not None:

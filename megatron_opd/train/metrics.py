@@ -1,5 +1,6 @@
-"""Run logging on rank 0: console lines, `metrics.jsonl` (one object per step), TensorBoard and
-optional wandb (offline works), plus a progress bar."""
+"""A step's metrics, reduced over the world by name, and run logging on rank 0: console lines,
+`metrics.jsonl` (one object per step), TensorBoard and optional wandb (offline works), plus a
+progress bar."""
 
 from __future__ import annotations
 
@@ -8,19 +9,87 @@ import math
 import sys
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
-from megatron_opd.utils import atomic_write_text
+from megatron_opd import parallel
+from megatron_opd.parallel import ModelParallel
+from megatron_opd.utils import atomic_write_text, log0
+
+# What the objective's metrics of each micro-batch are summed as (see train/objective.py).
+LOSS_SUMS = ("loss_sum", "divergence_sum", "loss_tokens", "mismatch_sum", "mismatch_tokens", "topk_overlap_sum",
+             "topk_mass_overlap_sum")
+SEQUENCE_SUMS = ("completion_tokens", "tool_tokens", "sequences", "tokens")
+
+
+def all_reduce_named(sums: dict[str, float], maxima: dict[str, float], *, names: tuple[str, ...],
+                     max_names: tuple[str, ...]) -> dict[str, float]:
+    """Sum ``sums`` and take the maximum of ``maxima`` over the world, by name: every rank passes
+    the same ``names`` / ``max_names`` (a name it has no value for counts as 0). One all-reduce each."""
+    device = parallel.device()
+    summed = torch.tensor([float(sums.get(k, 0.0)) for k in names], dtype=torch.float64, device=device)
+    peak = torch.tensor([float(maxima.get(k, 0.0)) for k in max_names], dtype=torch.float64, device=device)
+    dist.all_reduce(summed)
+    dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    return dict(zip(names + max_names, summed.tolist() + peak.tolist()))
+
+
+def step_metrics(outputs: list[dict], seqs: list, mp: ModelParallel) -> dict:
+    """Loss, divergence and the rollout metrics of a step over every replica, from the objective's
+    per-micro-batch sums (last stage, TP rank 0) and the replica's sequences (one rank each)."""
+    sums: dict[str, float] = {}
+    mismatch_max = 0.0
+    if mp.is_last_stage and mp.tp_rank == 0:
+        for o in outputs:
+            for k in LOSS_SUMS:
+                if k in o:
+                    sums[k] = sums.get(k, 0.0) + float(o[k])
+            if "mismatch_max" in o:
+                mismatch_max = max(mismatch_max, float(o["mismatch_max"]))
+    if mp.tp_rank == 0 and mp.pp_rank == 0:  # one rank per replica counts the sequences
+        completion = sum(s.completion_len for s in seqs)
+        sums.update(completion_tokens=completion, sequences=len(seqs), tokens=sum(len(s.tokens) for s in seqs),
+                    tool_tokens=sum(s.completion_len - sum(s.completion_mask) for s in seqs))
+    s = all_reduce_named(sums, {"mismatch_max": mismatch_max}, names=LOSS_SUMS + SEQUENCE_SUMS,
+                         max_names=("mismatch_max",))
+    tokens = max(s["loss_tokens"], 1.0)
+    out = {"loss": s["loss_sum"] / tokens, "divergence": s["divergence_sum"] / tokens,
+           "response_length": s["completion_tokens"] / max(s["sequences"], 1),
+           "masked_tool_fraction": s["tool_tokens"] / max(s["completion_tokens"], 1),
+           "loss_tokens": s["loss_tokens"], "_tokens": s["tokens"]}
+    if s["topk_overlap_sum"]:
+        out["topk_overlap"] = s["topk_overlap_sum"] / tokens
+        out["topk_mass_overlap"] = s["topk_mass_overlap_sum"] / tokens
+    if s["mismatch_tokens"]:
+        out["rollout/logprob_abs_diff_max"] = s["mismatch_max"]
+        out["rollout/logprob_abs_diff_mean"] = s["mismatch_sum"] / s["mismatch_tokens"]
+    return out
 
 
 def _drop_rows_after(jsonl: Path, step: int) -> None:
     """A resumed run continues the file from its checkpoint: rows of steps after it (logged by
-    a run that died before its next checkpoint) are dropped, so every step appears once."""
+    a run that died before its next checkpoint) are dropped, so every step appears once. A torn
+    last line (the run was killed while writing it) is dropped with a warning."""
     if not jsonl.is_file():
         return
     lines = jsonl.read_text().splitlines(keepends=True)
-    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
-    if len(kept) != len(lines):
+    kept = []
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            if lineno == len(lines):
+                log0(f"warning: {jsonl}:{lineno}: dropped a torn last line (the run stopped while "
+                     f"writing it): {line.strip()[:80]!r}")
+                continue
+            raise ValueError(f"{jsonl}:{lineno}: not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{jsonl}:{lineno}: expected a JSON object per line, got {line.strip()[:80]!r}")
+        if row.get("step", 0) <= step:
+            kept.append(line if line.endswith("\n") else line + "\n")
+    if kept != lines:
         atomic_write_text(jsonl, "".join(kept))
 
 

@@ -79,7 +79,8 @@ def run_schedule(model: ShardedModel | list, micro_batches: list[dict], output_f
     """Forward (and backward unless ``forward_only``) over ``micro_batches`` with PP and TP.
 
     Every rank of the model passes the same list of micro-batches (dicts with ``input_ids`` and
-    ``position_ids`` ``[b, s]`` plus whatever ``output_fn`` reads). Returns what ``output_fn``
+    ``position_ids`` ``[b, s]``, for a THD pack ``[1, t]`` with ``packed_seq_params``, plus
+    whatever ``output_fn`` reads). Returns what ``output_fn``
     produced per micro-batch on the last stage (training: the metrics dicts), ``[]`` elsewhere.
     ``ddp_module`` is the DDP-wrapped module when training with megatron's DDP.
     """
@@ -91,8 +92,13 @@ def run_schedule(model: ShardedModel | list, micro_batches: list[dict], output_f
     def forward_step(data_iterator, mod):
         batch = next(data_iterator)
         ids = batch["input_ids"] if model.mp.is_first_stage else None
-        with rope_positions(model, batch["position_ids"]):  # each packed sequence from 0
-            output = mod(ids, batch["position_ids"], batch.get("attention_mask"))
+        packed = batch.get("packed_seq_params")
+        if packed is not None:
+            # THD: attention and RoPE (positions from 0 per sequence) follow cu_seqlens
+            output = mod(ids, batch["position_ids"], None, packed_seq_params=packed)
+        else:
+            with rope_positions(model, batch["position_ids"]):  # each packed sequence from 0
+                output = mod(ids, batch["position_ids"], batch.get("attention_mask"))
 
         def loss_func(output_tensor, non_loss_data=False):
             return output_fn(output_tensor, batch)

@@ -1,6 +1,8 @@
 """Per-GPU memory estimate of a run's layout, for `megatron-opd train --dry-run --world-size N`.
 
-A planning estimate, not a measurement: parameter and optimizer bytes are exact for the layout;
+A planning estimate, not a measurement: parameter and optimizer bytes are exact for the layout and
+the models' dtypes (``student.dtype``, ``teacher.dtype``: fp32, or bf16 with fp32 main parameters
+in the optimizer; gradients are reduced in fp32 either way);
 activations follow Korthikanti et al. (2022) for a transformer layer with flash attention and
 sequence parallelism (about 34 bytes x tokens x hidden / TP per layer, for the micro-batches a
 1F1B pipeline keeps in flight); logits count the student's shard, its gradient and the chunked
@@ -11,7 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from megatron_opd.models.config import ArchConfig, padded_vocab_size
+from megatron_opd.models.config import ArchConfig, padded_vocab_size, params_dtype
+from megatron_opd.teacher.signals import Need
 
 GiB = 1 << 30
 
@@ -59,25 +62,36 @@ class MemoryRow:
         return self.parameters + self.gradients + self.optimizer + self.activations + self.logits + self.engine
 
 
+def bytes_per_parameter(dtype_name: str) -> int:
+    return params_dtype(dtype_name).itemsize
+
+
+def optimizer_bytes_per_parameter(dtype_name: str) -> int:
+    """Adam's two fp32 moments, plus the fp32 main copy of a bf16 parameter."""
+    return 8 + (4 if bytes_per_parameter(dtype_name) < 4 else 0)
+
+
 def estimate(cfg, student: ArchConfig, teacher: ArchConfig | None, *, world_size: int) -> list[MemoryRow]:
     """GiB per GPU for the busiest stage of the student and of the teacher."""
-    bpe = 2  # bf16 parameters on GPUs
+    bpe = bytes_per_parameter(cfg.student.dtype)
     s = cfg.student
     dp = world_size // (s.tp * s.pp)
     tokens = cfg.data.micro_batch_tokens
     worst = max(range(s.pp), key=lambda st: parameter_count(student, tp=s.tp, pp=s.pp, stage=st, ep=s.ep))
     p = parameter_count(student, tp=s.tp, pp=s.pp, stage=worst, ep=s.ep)
-    optimizer = p * (8 + 4)
+    per_param = optimizer_bytes_per_parameter(s.dtype)
+    optimizer = p * per_param
     if cfg.optim.use_distributed_optimizer:  # dense state sharded over dp, experts' over expert dp
         experts = expert_parameter_count(student, pp=s.pp, ep=s.ep, etp=s.tp)
         edp = world_size // (s.pp * s.ep * s.tp)
-        optimizer = (p - experts) * 12 / dp + experts * 12 / edp
+        optimizer = (p - experts) * per_param / dp + experts * per_param / edp
     in_flight = s.pp  # 1F1B keeps up to pp micro-batches of activations on the first stage
-    acts = 34 * tokens * student.hidden_size / s.tp * (student.num_layers // s.pp) * in_flight
+    # 34 bytes per token and hidden unit is Korthikanti's count for 2-byte activations.
+    acts = 34 * bpe / 2 * tokens * student.hidden_size / s.tp * (student.num_layers // s.pp) * in_flight
     if student.is_moe:
         # Per layer, each rank handles about top-k routed copies of its tokens (the EP ranks
         # exchange equal shares on average): the dispatched and combined hidden states and the
-        # experts' fc1 and activation outputs, bf16, split over TP (sequence parallel / expert TP).
+        # experts' fc1 and activation outputs, split over TP (sequence parallel / expert TP).
         per_copy = (2 * student.hidden_size + 3 * student.moe_ffn_hidden_size) / s.tp * bpe
         acts += tokens * student.moe_top_k * per_copy * (student.num_layers // s.pp) * in_flight
     v_local = padded_vocab_size(student.vocab_size, s.tp) // s.tp
@@ -93,6 +107,7 @@ def estimate(cfg, student: ArchConfig, teacher: ArchConfig | None, *, world_size
                       optimizer / GiB, acts / GiB, logits / GiB, engine / GiB)]
     if teacher is not None and cfg.teacher.path:
         t = cfg.teacher
+        bpe = bytes_per_parameter(t.dtype)
         tw = max(range(t.pp), key=lambda st: parameter_count(teacher, tp=t.tp, pp=t.pp, stage=st, ep=t.ep))
         tp_params = parameter_count(teacher, tp=t.tp, pp=t.pp, stage=tw, ep=t.ep)
         t_acts = 2 * tokens * teacher.hidden_size * bpe / t.tp * 4  # forward only: a few live layers
@@ -142,16 +157,14 @@ def step_tokens_per_replica(cfg, *, world_size: int) -> int:
 
 def teacher_signal_bytes_per_token(cfg, student: ArchConfig, teacher: ArchConfig | None) -> tuple[float, str]:
     """Host bytes per token a student last-stage rank keeps of the teacher between the phases."""
-    from megatron_opd.train.objective import teacher_need
-
-    bpe = 2
-    need = teacher_need(cfg.loss)
-    if need == "token":
+    bpe = bytes_per_parameter(cfg.teacher.dtype)
+    need = cfg.loss.teacher_need
+    if need == Need.TOKEN:
         return 4, "log-probs of the sampled tokens"
-    if need == "topk":
+    if need == Need.TOPK:
         return cfg.loss.top_k * 12, f"top-{cfg.loss.top_k} ids and log-probs"
     width = (teacher or student)
-    if need == "hidden":
+    if need == Need.HIDDEN:
         return width.hidden_size * bpe, "final hidden states (loss.fused_linear)"
     return padded_vocab_size(width.vocab_size, cfg.teacher.tp) // cfg.teacher.tp * bpe, "logit shards"
 

@@ -1,8 +1,9 @@
 """HF <-> megatron-core checkpoint conversion, bit-exact, at any TP/PP/EP (run under torchrun).
 
 hf-to-mcore: each rank reads only the slices it owns, then all ranks write one dist checkpoint.
-mcore-to-hf: the checkpoint is loaded at the launch layout, and HF tensors stream, one at a time,
-to rank 0, which writes safetensors shards. Outputs are staged and renamed into place when
+mcore-to-hf: the checkpoint is loaded at the launch layout, and HF tensors stream bucket by bucket
+out of the resharding executor that also feeds the rollout engines (so an export holds exactly the
+weights an engine gets); rank 0 writes safetensors shards. Outputs are staged and renamed into place when
 complete; validation errors come before anything is written.
 """
 
@@ -16,12 +17,15 @@ import torch.distributed as dist
 
 from megatron_opd import parallel
 from megatron_opd.checkpoint import mcore
-from megatron_opd.checkpoint.hf_weights import iter_hf_tensors, load_hf_weights, validate_hf_checkpoint
+from megatron_opd.checkpoint.hf_weights import load_hf_weights, validate_hf_checkpoint
+from megatron_opd.checkpoint.load import load_model
+from megatron_opd.checkpoint.manifest import write_manifest
 from megatron_opd.checkpoint.publish import check_output_dir, staged_output
 from megatron_opd.checkpoint.safetensors_io import (DTYPE_NAMES, HFCheckpoint, ShardedSafetensorsWriter,
                                                     parse_size)
 from megatron_opd.models.builder import build_model
 from megatron_opd.models.config import ArchConfig
+from megatron_opd.rollout.sync import WeightSync
 from megatron_opd.utils import log0, progress
 
 HF_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -51,6 +55,8 @@ def hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, *, layout: parallel.Par
                                      "source": str(hf_dir)})
         if dist.get_rank() == 0:
             mcore.copy_tokenizer_files(hf_dir, staging)
+        dist.barrier()
+        write_manifest(staging)
     log0(f"wrote {out_dir}")
 
 
@@ -79,22 +85,27 @@ def mcore_to_hf(mcore_dir: str | Path, out_dir: str | Path, *, layout: parallel.
     hf_dtype_name = meta.get("hf_dtype", "float32")
     export = HF_DTYPES[dtype] if dtype else {v: k for k, v in mcore.HF_DTYPE_NAMES.items()}[hf_dtype_name]
     mp = parallel.initialize_global_model_parallel(layout, what="convert")
-    model = mcore.load_model(mcore_dir, mp)
+    model = load_model(mcore_dir, mp)
     write_hf_model(model, out_dir, dtype=export, max_shard_bytes=max_bytes, force=force,
                    tokenizer_src=mcore_dir)
     log0(f"wrote {out_dir}")
 
 
 def write_hf_model(model, out_dir: str | Path, *, dtype: torch.dtype, max_shard_bytes: int,
-                   force: bool = False, tokenizer_src: str | Path | None = None) -> None:
+                   force: bool = False, tokenizer_src: str | Path | None = None,
+                   bucket_bytes: int = 256 << 20) -> None:
     """Write the live sharded ``model`` as an HF model directory (collective; rank 0 writes)."""
     arch = model.arch
+    names = model.hf_names()  # an engine also gets a tied model's lm_head copy; HF stores it once
     with staged_output(out_dir, force=force) as staging:
         rank0 = dist.get_rank() == 0
         writer = ShardedSafetensorsWriter(staging, max_shard_bytes=max_shard_bytes) if rank0 else None
-        bar = progress(total=len(model.hf_names()), desc="exporting", unit="tensor")
-        for name, tensor in iter_hf_tensors(model):
-            writer.add(name, tensor.to(dtype))
+        bar = progress(total=len(names), desc="exporting", unit="tensor")
+        for name, tensor in WeightSync(model, bucket_bytes=bucket_bytes).iter_hf_tensors():
+            if name not in names:
+                continue
+            if rank0:
+                writer.add(name, tensor.to(dtype))
             bar.update()
         bar.close()
         if rank0:
@@ -107,14 +118,3 @@ def write_hf_model(model, out_dir: str | Path, *, dtype: torch.dtype, max_shard_
             if tokenizer_src is not None:
                 mcore.copy_tokenizer_files(tokenizer_src, staging)
             log0(f"wrote {len(files)} safetensors file(s), {writer.total_bytes / 1e6:.1f} MB")
-
-
-def main(args) -> int:
-    parallel.init_distributed()
-    layout = parallel.ParallelLayout(tp=args.tp, pp=args.pp, ep=args.ep)
-    if args.direction == "hf-to-mcore":
-        hf_to_mcore(args.hf, args.out, layout=layout, dtype=args.dtype, force=args.force)
-    else:
-        mcore_to_hf(args.mcore, args.out, layout=layout, dtype=args.dtype,
-                    max_shard_size=args.max_shard_size, force=args.force)
-    return 0

@@ -1,7 +1,8 @@
-"""Teachers that score given token sequences: a stock ``vllm serve`` server over HTTP, or a vLLM
-engine in this process. Both return per-token log-probs and top-k as :class:`ScoredSequence`.
+"""The served teacher: a stock ``vllm serve`` server scores the student's sequences over HTTP
+(:class:`TeacherClient`), and :class:`ServedTeacher` turns its per-token log-probs and top-k into
+the signals of the student's packed micro-batches.
 
-The served teacher speaks vLLM's OpenAI-compatible ``/v1/completions`` with token-id prompts:
+The client speaks vLLM's OpenAI-compatible ``/v1/completions`` with token-id prompts:
 ``{"prompt": [[ids], ...], "max_tokens": 0, "echo": true, "return_token_ids": true,
 "prompt_logprobs": k}``. vLLM answers, per prompt, a list whose entry i >= 1 maps token ids (as
 JSON string keys) to ``{"logprob", "rank"}`` for the given token ``ids[i]`` and the k best tokens
@@ -18,13 +19,14 @@ import json
 import socket
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-from pathlib import Path
-from typing import Protocol
 from urllib.parse import urlsplit
 
 import torch
+import torch.distributed as dist
 
-from megatron_opd.rollout.engine import RolloutEngine, ScoredSequence
+from megatron_opd.parallel import ModelParallel
+from megatron_opd.rollout.engine import ScoredSequence
+from megatron_opd.teacher.signals import Need, TeacherSignal
 
 
 class TeacherServerError(RuntimeError):
@@ -33,17 +35,6 @@ class TeacherServerError(RuntimeError):
 
 class TeacherTimeoutError(TeacherServerError, TimeoutError):
     """A request to the served teacher took longer than the configured timeout."""
-
-
-class Teacher(Protocol):
-    """What the trainer needs from a teacher that is not a megatron model of its own."""
-
-    top_k: int
-
-    def score(self, sequences: list[list[int]]) -> list[ScoredSequence]:
-        """``logprobs[i] = log p(ids[i+1] | ids[:i+1])`` (``len - 1`` positions) and, with
-        ``top_k > 0``, the ``top_k`` best ids and log-probs per position, best first."""
-        ...
 
 
 def check_sequences(sequences: list[list[int]], *, vocab_size: int | None,
@@ -65,7 +56,7 @@ def check_sequences(sequences: list[list[int]], *, vocab_size: int | None,
                              f"[0, {vocab_size if vocab_size is not None else '...'})")
 
 
-class ServedTeacher:
+class TeacherClient:
     """Client of a teacher served by a stock ``vllm serve`` (OpenAI-compatible) server.
 
     Sequences are packed into requests of at most ``max_request_tokens`` tokens (in input order)
@@ -190,7 +181,9 @@ class ServedTeacher:
         return [_parse_prompt_logprobs(seq, c, self.top_k, self.url) for seq, c in zip(sequences, choices)]
 
     def score(self, sequences: list[list[int]]) -> list[ScoredSequence]:
-        """Score ``sequences`` (token-id lists) with the served teacher; results in input order."""
+        """Score ``sequences`` (token-id lists) with the served teacher; results in input order:
+        ``logprobs[i] = log p(ids[i+1] | ids[:i+1])`` (``len - 1`` positions) and, with
+        ``top_k > 0``, the ``top_k`` best ids and log-probs per position, best first."""
         self._server_info()
         # vLLM needs room for one generated token after the prompt.
         check_sequences(sequences, vocab_size=self.vocab_size, max_len=self.max_model_len - 1)
@@ -248,31 +241,61 @@ def _parse_prompt_logprobs(seq: list[int], choice: dict, top_k: int, url: str) -
     return result
 
 
-class EngineTeacher:
-    """The same ``score`` interface over a vLLM engine in this process (a colocated teacher)."""
+class ServedTeacher:
+    """The :class:`~megatron_opd.teacher.signals.Teacher` of a served model: the student's last
+    stage (TP rank 0) sends its micro-batches' sequences to the server and shares the top-k or
+    sampled-token log-probs with its TP peers."""
 
-    def __init__(self, engine: RolloutEngine, *, top_k: int = 0):
-        if top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {top_k}")
-        self.engine = engine
-        self.top_k = top_k
+    def __init__(self, client: TeacherClient, *, need: Need):
+        if need not in (Need.TOPK, Need.TOKEN):
+            raise ValueError(f"a served teacher gives top-k or sampled-token log-probs, not {need.value}")
+        self.client, self.need, self.top_k = client, need, client.top_k
+        self.model = None  # served elsewhere
 
-    @classmethod
-    def from_hf_dir(cls, path: str | Path, *, top_k: int = 0, dtype: torch.dtype = torch.float32,
-                    kv_cache_bytes: int = 1 << 30, max_model_len: int | None = None) -> EngineTeacher:
-        """Start an engine on the HF checkpoint at ``path``. Under torch.distributed every rank
-        must call this at the same point (see :class:`RolloutEngine`)."""
-        from megatron_opd.models.config import ArchConfig
+    def signals(self, micro_batches: list[dict], student: ModelParallel) -> list[TeacherSignal | None]:
+        if not student.is_last_stage:
+            return [None] * len(micro_batches)
+        box = [self._score(micro_batches) if student.tp_rank == 0 else None]
+        if student.layout.tp > 1:
+            src = student.global_rank(tp_rank=0, pp_rank=student.pp_rank)
+            dist.broadcast_object_list(box, src=src, group=student.tp_group)
+        return box[0]
 
-        arch = ArchConfig.from_hf_dir(path)
-        engine = RolloutEngine(arch, dtype=dtype, kv_cache_bytes=kv_cache_bytes,
-                               max_model_len=max_model_len, model_dir=path)
-        return cls(engine, top_k=top_k)
+    def _score(self, micro_batches: list[dict]) -> list[TeacherSignal]:
+        """Score every packed sequence in one call; lay the results out like the micro-batches."""
+        packed = [_sequences(mb) for mb in micro_batches]
+        scored = iter(self.client.score([s for seqs in packed for s in seqs]))
+        signals = []
+        for mb, seqs in zip(micro_batches, packed):
+            L = mb["input_ids"].shape[1]
+            sig = TeacherSignal(token_logprobs=torch.zeros(L),
+                                topk_ids=torch.zeros(L, self.top_k, dtype=torch.long),
+                                topk_logprobs=torch.full((L, self.top_k), -1e4))
+            off = 0
+            for s in seqs:
+                sc = next(scored)
+                n = len(s) - 1
+                sig.token_logprobs[off:off + n] = torch.tensor(sc.logprobs[:n])
+                if self.need == Need.TOPK:
+                    sig.topk_ids[off:off + n] = torch.tensor(sc.topk_ids[:n])
+                    sig.topk_logprobs[off:off + n] = torch.tensor(sc.topk_logprobs[:n])
+                off += len(s)
+            signals.append(sig)
+        return signals
 
-    def score(self, sequences: list[list[int]]) -> list[ScoredSequence]:
-        max_len = self.engine.llm.llm_engine.model_config.max_model_len - 1
-        check_sequences(sequences, vocab_size=self.engine.arch.vocab_size, max_len=max_len)
-        return self.engine.score([list(s) for s in sequences], top_k=self.top_k)
+    def output_weight(self, student: ModelParallel) -> None:
+        """A served teacher never sends hidden states: there is no output layer to fuse with."""
+        return None
 
     def close(self) -> None:
-        self.engine.close()
+        pass
+
+
+def _sequences(micro_batch: dict) -> list[list[int]]:
+    """The token lists packed into ``micro_batch`` (its row split at the sequence lengths)."""
+    ids = micro_batch["input_ids"][0].tolist()
+    out, off = [], 0
+    for n in micro_batch["lengths"]:
+        out.append(ids[off:off + n])
+        off += n
+    return out

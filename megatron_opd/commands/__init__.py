@@ -1,0 +1,1 @@
+"""The subcommands of ``megatron-opd``: from parsed arguments to an exit code."""

@@ -1,0 +1,1 @@
+"""The teacher: in process (a megatron model on its own groups) or served over HTTP, one protocol."""
