@@ -174,7 +174,7 @@ def measure_moe(model_dir: str, tp: int, ep: int, *, bucket_bytes: int, repeats:
     from megatron_opd.checkpoint.load import load_model
     from megatron_opd.rollout.engine import RolloutEngine
     from megatron_opd.rollout.sync import WeightSync
-    from megatron_opd.score import score_sequences
+    from megatron_opd.commands.score import score_sequences
 
     mp = parallel.initialize_global_model_parallel(parallel.ParallelLayout(tp, 1, ep))
     model = load_model(model_dir, mp)

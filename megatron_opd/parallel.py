@@ -35,6 +35,15 @@ def backend() -> str:
     return "nccl" if cuda_available() else "gloo"
 
 
+def lockstep_count(count: int) -> int:
+    """The largest ``count`` over the world (collective): how many forwards every data-parallel
+    replica must run when expert-parallel peers, which sit in different replicas and exchange
+    tokens in every MoE layer, forward in lockstep."""
+    t = torch.tensor(count, device=device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t)
+
+
 def init_distributed(*, timeout_minutes: float = 30.0) -> None:
     """Initialise torch.distributed from torchrun's environment (a 1-rank group when run bare).
 

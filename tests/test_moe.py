@@ -19,7 +19,7 @@ LAYOUTS = [(1, 1, 1), (1, 1, 2), (2, 1, 2), (1, 2, 2)]
 def _round_trips(model_dirs: dict, layouts: list, work: str) -> None:
     """HF -> megatron checkpoint at each layout -> HF at the next layout (EP resharding on load)."""
     from megatron_opd import parallel
-    from megatron_opd.convert import hf_to_mcore, mcore_to_hf
+    from megatron_opd.checkpoint.convert import hf_to_mcore, mcore_to_hf
 
     for name, hf_dir in model_dirs.items():
         for i, layout in enumerate(layouts):
@@ -39,7 +39,7 @@ def _expert_load(model_dirs: dict, layouts: list) -> dict:
     from megatron_opd import parallel
     from megatron_opd.checkpoint.load import load_model
     from megatron_opd.models.moe import ExpertLoad
-    from megatron_opd.pipeline import run_schedule
+    from megatron_opd.models.schedule import run_schedule
 
     ids = _load_ids()
     out = {}
@@ -62,12 +62,42 @@ def _expert_load(model_dirs: dict, layouts: list) -> dict:
     return out
 
 
+def _read_hf(path) -> dict:
+    from safetensors.torch import load_file
+
+    tensors = {}
+    for f in sorted(Path(path).glob("*.safetensors")):
+        tensors.update(load_file(f))
+    return tensors
+
+
+def _hf_grads(model) -> dict:
+    """The gradients (megatron DDP's ``main_grad``) under their HF names, through the bridge's
+    stream: each parameter's data swapped for its gradient while the stream runs (collective)."""
+    from megatron_opd.rollout.sync import WeightSync
+
+    params = list(model.module.parameters())
+    saved = [p.data for p in params]
+    for p in params:
+        p.data = p.main_grad if getattr(p, "main_grad", None) is not None else p.grad
+    try:
+        return {n: t.clone() for n, t in WeightSync(model, bucket_bytes=1 << 20).iter_hf_tensors()}
+    finally:
+        for p, data in zip(params, saved):
+            p.data = data
+
+
+def _hf_params(model) -> dict:
+    from megatron_opd.rollout.sync import WeightSync
+
+    return {n: t.clone() for n, t in WeightSync(model, bucket_bytes=1 << 20).iter_hf_tensors()}
+
+
 def _sync_streams(model_dirs: dict, layouts: list) -> dict:
     """Per model and layout, on every rank: does the bridge's stream (no engine) carry exactly
-    the exported HF tensors, every expert (default) or only this EP rank's (an expert-parallel
-    engine)?"""
+    the HF checkpoint the model was loaded from, every expert (default) or only this EP rank's
+    (an expert-parallel engine)?"""
     from megatron_opd import parallel
-    from megatron_opd.checkpoint.hf_weights import iter_hf_tensors
     from megatron_opd.checkpoint.load import load_model
     from megatron_opd.rollout.sync import WeightSync
 
@@ -76,9 +106,7 @@ def _sync_streams(model_dirs: dict, layouts: list) -> dict:
         mp = parallel.initialize_global_model_parallel(parallel.ParallelLayout(*layout))
         for name, model_dir in model_dirs.items():
             model = load_model(model_dir, mp)
-            export = [dict(iter_hf_tensors(model))]
-            dist.broadcast_object_list(export, src=0)
-            export = export[0]
+            export = _read_hf(model_dir)
             num_local = model.arch.num_experts // layout[2]
             mine = {f".experts.{mp.ep_rank * num_local + j}." for j in range(num_local)}
             for engine_ep in (False, True):
@@ -99,7 +127,7 @@ def _own_groups_logits(model_dirs: dict, layouts: list) -> dict:
 
     from megatron_opd import parallel
     from megatron_opd.checkpoint.load import load_model
-    from megatron_opd.pipeline import run_schedule
+    from megatron_opd.models.schedule import run_schedule
     from megatron_opd.testing.checks import gathered_logits
 
     ids = _load_ids()[:2]
@@ -130,18 +158,16 @@ def _score_at_ep(model_dir: str, layouts: list) -> dict:
     two micro-batches, the others one, so they run fillers): rank 0's rows."""
     from megatron_opd import parallel
     from megatron_opd.checkpoint.load import load_model
-    from megatron_opd.score import score_sequences
+    from megatron_opd.commands.score import make_micro_batches, score_sequences
 
     out = {}
     for layout in layouts:
         mp = parallel.initialize_global_model_parallel(parallel.ParallelLayout(*layout))
         model = load_model(model_dir, mp)
         if layout == layouts[0]:
-            from megatron_opd.score import make_micro_batches
-
             mine = [i for i in range(len(SCORED)) if i % mp.dp_size == mp.dp_rank]
-            assert len(make_micro_batches(SCORED, mine, max_tokens=6, device="cpu")) == (2 if mp.dp_rank == 0 else 1)
-        rows = score_sequences(model, SCORED, max_tokens=6, show_progress=False)
+            assert len(make_micro_batches(SCORED, mine, micro_batch_tokens=6, device="cpu")) == (2 if mp.dp_rank == 0 else 1)
+        rows = score_sequences(model, SCORED, micro_batch_tokens=6, show_progress=False)
         if rows is not None:
             out[layout] = [r["logprobs"] for r in rows]
     return out
@@ -196,14 +222,7 @@ def test_score_at_expert_parallel_layouts_matches_transformers(world):
 
 
 def test_round_trips_are_bit_exact_through_every_layout(world):
-    from safetensors.torch import load_file
-
-    def read(path):
-        tensors = {}
-        for f in sorted(Path(path).glob("*.safetensors")):
-            tensors.update(load_file(f))
-        return tensors
-
+    read = _read_hf
     for name, src in world["converted"].items():
         original = read(src)
         assert any(".experts.7." in k or ".experts.3." in k for k in original)
@@ -237,10 +256,11 @@ def _train_steps(model_dirs: dict, layouts: list, global_batch: int, num_micro: 
 def _train_step(model_dir: str, layouts: list, global_batch: int, num_micro: int,
                 aux_loss_coeff: float = 0.0) -> dict:
     from megatron_opd import parallel
-    from megatron_opd.checkpoint.hf_weights import iter_hf_tensors, load_hf_weights
+    from megatron_opd.checkpoint.hf_weights import load_hf_weights
+    from megatron_opd.config import OptimConfig
     from megatron_opd.losses import token_logprobs
     from megatron_opd.models import ArchConfig, build_model
-    from megatron_opd.train.optim import OptimConfig, forward_backward, make_trainable, optimizer_step
+    from megatron_opd.train.optim import forward_backward, optimizer_step
 
     seq = 12  # divisible by TP: sequence parallelism splits it
     g = torch.Generator().manual_seed(1)
@@ -254,7 +274,8 @@ def _train_step(model_dir: str, layouts: list, global_batch: int, num_micro: int
         model = build_model(arch, mp, initialize=False, sequence_parallel=tp > 1,
                             moe_aux_loss_coeff=aux_loss_coeff)
         load_hf_weights(model, model_dir)
-        t = make_trainable(model, OptimConfig(lr=1e-2, clip_grad=1.0, weight_decay=0.1, adam_eps=1e-3))
+        t = OptimConfig(lr=1e-2, clip_grad=1.0, weight_decay=0.1, adam_eps=1e-3,
+                        decay="constant").build(model, total_steps=1)
         rows = torch.arange(global_batch)[mp.dp_rank:: mp.dp_size]
         micro = [{"input_ids": ids[r], "position_ids": torch.arange(seq).expand(len(r), -1),
                   "loss_mask": mask[r]} for r in rows.chunk(num_micro)]
@@ -272,9 +293,9 @@ def _train_step(model_dir: str, layouts: list, global_batch: int, num_micro: int
             loss = torch.stack([sum(o["loss_sum"] for o in out), sum(o["tokens"] for o in out).float()])
         dist.all_reduce(loss)  # every replica's last-stage TP ranks hold the same sums
         loss = (loss[0] / loss[1]).item()
-        grads = dict(iter_hf_tensors(model, grads=True))
+        grads = _hf_grads(model)
         applied, grad_norm = optimizer_step(t)
-        params = dict(iter_hf_tensors(model))
+        params = _hf_params(model)
         if dist.get_rank() == 0:
             results[(tp, pp, ep)] = {"loss": loss, "grad_norm": grad_norm, "grads": grads,
                                      "params": params, "applied": applied}
@@ -380,7 +401,7 @@ QWEN3_30B_A3B = Path(__file__).resolve().parents[1] / "examples" / "model_config
 def test_parameter_count_matches_the_hf_tensors_and_divides_experts_by_ep():
     import math
 
-    from megatron_opd.memory import expert_parameter_count, parameter_count
+    from megatron_opd.train.memory import expert_parameter_count, parameter_count
     from megatron_opd.models import ArchConfig
     from megatron_opd.models.layout import model_hf_shapes
 
@@ -399,14 +420,14 @@ def test_parameter_count_matches_the_hf_tensors_and_divides_experts_by_ep():
 
 def test_dry_run_plans_expert_parallel_layouts():
     from megatron_opd.config import load_config
-    from megatron_opd.train.run import dry_run
+    from megatron_opd.train.dry_run import dry_run
 
     overrides = [f"student.path={QWEN3_30B_A3B}", f"teacher.path={QWEN3_30B_A3B}", "data.train_path=x.jsonl",
                  "student.tp=2", "student.ep=4", "teacher.tp=2", "teacher.ep=8", "train.prompts_per_step=64"]
     text, _ = dry_run(load_config(None, overrides), 16)
     assert "student: tp=2 pp=1 dp=8 ep=4 (expert dp=2)" in text
     assert "teacher: tp=2 pp=1 dp=8 ep=8 (expert dp=1)" in text
-    with pytest.raises(ValueError, match=r"student: ep \* tp = 3 \* 2 = 6 does not divide the 16 ranks"):
+    with pytest.raises(ValueError, match=r"student: ep \* etp = 3 \* 2 = 6 does not divide the 16 ranks"):
         dry_run(load_config(None, overrides + ["student.ep=3"]), 16)
     with pytest.raises(ValueError, match=r"student: num_experts=128 is not divisible by ep=3"):
         dry_run(load_config(None, overrides + ["student.ep=3", "student.tp=1", "teacher.tp=1", "teacher.ep=2"]), 12)

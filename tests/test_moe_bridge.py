@@ -34,10 +34,16 @@ def _train_step(t, step):
     assert optimizer_step(t)[0]
 
 
+def _trainable(model):
+    from megatron_opd.config import OptimConfig
+
+    return OptimConfig(lr=2e-2, clip_grad=0.0, decay="constant").build(model, total_steps=1)
+
+
 def _mismatch(model, engine, sampling) -> float:
     """Largest |trainer - engine| log-prob over completions the engine samples (every rank's)."""
     from megatron_opd.rollout.consistency import logprob_mismatch
-    from megatron_opd.score import score_sequences
+    from megatron_opd.commands.score import score_sequences
 
     comps = engine.generate(PROMPTS, sampling)
     everything = [None] * dist.get_world_size()
@@ -60,10 +66,10 @@ def _transformers_vs_engine(model, engine, work: str) -> float | None:
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
 
-    from megatron_opd.checkpoint.hf_weights import iter_hf_tensors
     from megatron_opd.rollout.engine import write_engine_config
+    from megatron_opd.rollout.sync import WeightSync
 
-    tensors = dict(iter_hf_tensors(model))
+    tensors = {n: t.clone() for n, t in WeightSync(model).iter_hf_tensors()}
     scored = engine.score(GIVEN)
     if dist.get_rank() != 0:
         return None
@@ -111,7 +117,6 @@ def _bridge(model_dir: str, layouts: list, work: str) -> dict:
     from megatron_opd.rollout.consistency import RolloutMismatchError, check_mismatch
     from megatron_opd.rollout.engine import IncompleteWeightUpdate, RolloutEngine, SamplingConfig
     from megatron_opd.rollout.sync import WeightSync
-    from megatron_opd.train.optim import OptimConfig, make_trainable
 
     arch = ArchConfig.from_hf_dir(model_dir)
     sampling = SamplingConfig(n=2, temperature=0.7, max_new_tokens=6, seed=1)
@@ -125,7 +130,7 @@ def _bridge(model_dir: str, layouts: list, work: str) -> dict:
         if engine is None:  # one engine per rank, created after the trainer's groups exist
             engine = RolloutEngine(arch, max_model_len=64, kv_cache_bytes=64 << 20)
         if tp == 1:  # (megatron's MoE layer trains at TP > 1 only with sequence parallelism)
-            _train_step(make_trainable(model, OptimConfig(lr=2e-2, clip_grad=0.0)), step=tp + 10 * ep)
+            _train_step(_trainable(model), step=tp + 10 * ep)
         model.module.eval()
         sync = WeightSync(model, bucket_bytes=30_000)
         report["before_sync"][(tp, pp, ep)] = _mismatch(model, engine, sampling)
@@ -151,7 +156,7 @@ def _bridge(model_dir: str, layouts: list, work: str) -> dict:
     sync.sync(engine)
     report["restored"] = _mismatch(model, engine, sampling)
     old = {n: t.clone() for n, t in sync.iter_hf_tensors()}
-    t = make_trainable(model, OptimConfig(lr=2e-2, clip_grad=0.0))
+    t = _trainable(model)
     _train_step(t, step=99)
     model.module.eval()
     report["stale"] = caught(stale_expert(sync.iter_hf_tensors(), old, expert=1))

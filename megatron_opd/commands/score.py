@@ -58,13 +58,11 @@ def filler_micro_batches(batches: list[dict], mp, *, device: torch.device) -> li
     data-parallel replica runs as many as the busiest: expert-parallel ranks sit in different
     replicas and exchange tokens in every MoE layer's forward, so they must run the same number
     of forwards. Collective over the world."""
-    count = torch.tensor(len(batches), device=device)
-    dist.all_reduce(count, op=dist.ReduceOp.MAX)
     filler = {"input_ids": torch.zeros(1, 2, dtype=torch.long, device=device),
               "position_ids": packed_positions([2], device=device),
               "packed_seq_params": packed_seq_params([2], device=device),
               "indices": [], "lengths": []}
-    return [filler] * (int(count) - len(batches))
+    return [filler] * (parallel.lockstep_count(len(batches)) - len(batches))
 
 
 @torch.no_grad()
