@@ -406,6 +406,10 @@ class Config:
         """Check every field that depends on the models against their configs (read from
         config.json, before any weight is loaded); ValueError naming the field."""
         student.check_parallel(tp=self.student.tp, pp=self.student.pp, ep=self.student.ep, what="student")
+        _require(not student.is_moe or self.student.tp == 1,
+                 f"student.tp={self.student.tp}: a mixture-of-experts student trains at TP > 1 only with "
+                 "sequence parallelism (megatron's MoE layer), which the trainer does not turn on; use "
+                 "student.tp=1 and split the experts with student.ep")
         if teacher is not None:
             teacher.check_parallel(tp=self.teacher.tp, pp=self.teacher.pp, ep=self.teacher.ep, what="teacher")
         vocab = student.vocab_size

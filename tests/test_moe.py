@@ -423,12 +423,16 @@ def test_dry_run_plans_expert_parallel_layouts():
     from megatron_opd.train.dry_run import dry_run
 
     overrides = [f"student.path={QWEN3_30B_A3B}", f"teacher.path={QWEN3_30B_A3B}", "data.train_path=x.jsonl",
-                 "student.tp=2", "student.ep=4", "teacher.tp=2", "teacher.ep=8", "train.prompts_per_step=64"]
+                 "student.tp=1", "student.ep=4", "teacher.tp=2", "teacher.ep=8", "train.prompts_per_step=64",
+                 "loss.support=teacher_topk_input", "loss.top_k=8"]
     text, _ = dry_run(load_config(None, overrides), 16)
-    assert "student: tp=2 pp=1 dp=8 ep=4 (expert dp=2)" in text
+    assert "student: tp=1 pp=1 dp=16 ep=4 (expert dp=4)" in text
     assert "teacher: tp=2 pp=1 dp=8 ep=8 (expert dp=1)" in text
     with pytest.raises(ValueError, match=r"student: ep \* etp = 3 \* 2 = 6 does not divide the 16 ranks"):
-        dry_run(load_config(None, overrides + ["student.ep=3"]), 16)
+        dry_run(load_config(None, overrides + ["student.ep=3", "student.tp=2"]), 16)
+    # the trainer does not turn sequence parallelism on, which MoE layers need to train at TP > 1
+    with pytest.raises(ValueError, match=r"student.tp=2: a mixture-of-experts student trains at TP > 1 only"):
+        dry_run(load_config(None, overrides + ["student.tp=2"]), 16)
     with pytest.raises(ValueError, match=r"student: num_experts=128 is not divisible by ep=3"):
         dry_run(load_config(None, overrides + ["student.ep=3", "student.tp=1", "teacher.tp=1", "teacher.ep=2"]), 12)
 

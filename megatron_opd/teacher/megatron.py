@@ -78,6 +78,11 @@ class MegatronTeacher:
         mine = [k for k in range(len(work)) if k % tmp.dp_size == tmp.dp_rank]
         sw = self.arch.sliding_window
         mbs = [_unwire(work[k][2], device, sw) for k in mine]
+        if self.mp.layout.ep > 1 and work:
+            # Expert-parallel peers sit in different teacher replicas: every replica runs as many
+            # forwards as the busiest, the others repeating a micro-batch whose output is dropped.
+            busiest = -(-len(work) // tmp.dp_size)
+            mbs += [_unwire(work[0][2], device, sw)] * (busiest - len(mbs))
         vocab = self.arch.vocab_size
 
         def output_fn(output, mb):

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from megatron_opd.models.packing import pack_lengths, packed_inputs
+from megatron_opd.parallel import lockstep_count
 from megatron_opd.utils import read_jsonl
 
 
@@ -233,8 +234,19 @@ def micro_batch(seqs: list[Sequence], indices: list[int], *, device,
 
 
 def pack_micro_batches(seqs: list[Sequence], *, budget: int, device,
-                       sliding_window: int | None = None) -> list[dict]:
+                       sliding_window: int | None = None, lockstep: bool = False) -> list[dict]:
     """``seqs`` packed into micro-batches of at most ``budget`` tokens (see :func:`pack_sequences`),
-    each carrying its ``index`` in the step (teacher signals are looked up by it)."""
-    return [dict(micro_batch(seqs, idx, device=device, sliding_window=sliding_window), index=m)
-            for m, idx in enumerate(pack_sequences(seqs, budget=budget))]
+    each carrying its ``index`` in the step (teacher signals are looked up by it).
+
+    ``lockstep`` (collective over the world): every data-parallel replica gets as many
+    micro-batches as the busiest, the others padded with fillers that train on nothing (a
+    two-token sequence, no loss token). Expert-parallel peers sit in different replicas and
+    exchange tokens in every MoE layer's forward and backward, so they must run the same number."""
+    batches = [dict(micro_batch(seqs, idx, device=device, sliding_window=sliding_window), index=m)
+               for m, idx in enumerate(pack_sequences(seqs, budget=budget))]
+    if lockstep:
+        filler = [Sequence(prompt_index=-1, sample_index=0, tokens=[0, 0], prompt_len=2, completion_mask=[],
+                           on_policy=False, weight=0.0, finish_reason="filler")]
+        for m in range(len(batches), lockstep_count(len(batches))):
+            batches.append(dict(micro_batch(filler, [0], device=device), index=m, seq_indices=[]))
+    return batches
