@@ -8,8 +8,9 @@ one bucket at a time, and hands them to its engine. Expert buckets (mixture of e
 over the expert tensor-parallel group, regroup this EP rank's experts, then all-gather them over
 the expert-parallel group: every rank's engine (TP 1) receives every expert. EP groups span
 data-parallel replicas, so with EP > 1 a sync is collective over all ranks of the model. Each
-bucket's buffers are dropped before the next: the extra memory of a sync is a few times the largest bucket (2x at TP1, 3.5-6.2x at TP2; see
-docs/weight_sync.md and tests/test_sync_memory.py), never a copy of the model.
+bucket's buffers are dropped before the next: the extra memory of a sync is a few times the
+largest bucket (2x at TP1, 3.5-6.2x at TP2; see docs/weight_sync.md and tests/test_sync_memory.py),
+never a copy of the model.
 """
 
 from __future__ import annotations
