@@ -3,8 +3,8 @@ against the dense block-causal mask.
 
   ours    megatron_opd.models.attention.VarlenAttention on THD q/k/v with PackedSeqParams
           (cu_seqlens): causal attention per packed sequence
-  dense   megatron-core's local DotProductAttention with the [1, 1, L, L] block-causal mask of
-          megatron_opd.train.data.block_causal_mask (the former packed path)
+  dense   megatron-core's local DotProductAttention with a [1, 1, L, L] block-causal mask
+          (block_causal_mask below: the former packed path, gone from the package)
 
 A micro-batch is ``--tokens`` tokens of sequences whose lengths are drawn uniformly from
 ``--min-len``..``--max-len`` (the last one cut to fill the pack exactly), fp32 q/k/v of one
@@ -60,6 +60,16 @@ def _inputs(lengths, heads, groups, head_dim, seed):
     return q, k, v, grad_out
 
 
+def block_causal_mask(lengths: list[int]) -> torch.Tensor:
+    """``[1, 1, L, L]`` bool, True where attention is blocked: causal within each packed sequence,
+    nothing across sequences."""
+    total = sum(lengths)
+    seq_id = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    pos = torch.arange(total)
+    allowed = (seq_id[:, None] == seq_id[None, :]) & (pos[None, :] <= pos[:, None])
+    return ~allowed.view(1, 1, total, total)
+
+
 def _step_fn(method: str, lengths: list[int], heads: int, groups: int, head_dim: int):
     """(step, inputs bytes, output checksums fn) for one pack."""
     from megatron.core.packed_seq_params import PackedSeqParams
@@ -68,7 +78,6 @@ def _step_fn(method: str, lengths: list[int], heads: int, groups: int, head_dim:
     from megatron.core.transformer.enums import AttnMaskType
 
     from megatron_opd.models.attention import VarlenAttention
-    from megatron_opd.models.packing import block_causal_mask
 
     config = TransformerConfig(num_layers=1, hidden_size=heads * head_dim, num_attention_heads=heads,
                                num_query_groups=groups, kv_channels=head_dim, attention_dropout=0.0,

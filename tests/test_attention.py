@@ -5,6 +5,8 @@ import math
 import pytest
 import torch
 
+from megatron_opd.models.varlen import varlen_attention
+
 HEADS, GROUPS, HEAD_DIM = 4, 2, 32
 
 
@@ -57,7 +59,6 @@ CASES = {
 
 @pytest.mark.parametrize("case", CASES)
 def test_varlen_attention_matches_float64_dense_reference(case):
-    from megatron_opd.models.attention import varlen_attention
 
     lengths, window = CASES[case]
     inputs = _inputs(sum(lengths))
@@ -71,7 +72,6 @@ def test_varlen_attention_matches_float64_dense_reference(case):
 
 
 def test_varlen_attention_padded_sequences_and_empty_ones():
-    from megatron_opd.models.attention import varlen_attention
 
     lengths = [5, 0, 1, 9]
     padded = [0, 8, 8, 12, 21]  # each sequence padded to a multiple of 4, the last one not at all
@@ -89,7 +89,6 @@ def test_bf16_inputs_get_an_fp32_softmax():
     """bf16 q/k/v: the output is the float64 result up to the bf16 rounding of the output itself.
     A bf16 softmax (scores and probabilities rounded to bf16) is measurably worse, so the check
     can fail."""
-    from megatron_opd.models.attention import varlen_attention
 
     lengths = [40, 1, 87]
     window = 50

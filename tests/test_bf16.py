@@ -35,6 +35,7 @@ def _bf16_vs_fp32(model_dir: str, run_dir: str) -> dict:
 
     from megatron_opd import parallel
     from megatron_opd.checkpoint.load import load_model
+    from megatron_opd.models.packing import packed_inputs
     from megatron_opd.testing.checks import gathered_logits
     from megatron_opd.train import checkpointing
     from megatron_opd.config import OptimConfig
@@ -42,7 +43,7 @@ def _bf16_vs_fp32(model_dir: str, run_dir: str) -> dict:
 
     ids = torch.randint(0, 300, (1, 26), generator=torch.Generator().manual_seed(3))
     # Two packed sequences of 13 tokens (positions restart), as the trainer's micro-batches are.
-    batch = {"input_ids": ids, "position_ids": torch.arange(13).repeat(2)[None]}
+    batch = {"input_ids": ids, **packed_inputs([13, 13], device="cpu")}
     out = {}
     for tp, pp in ((2, 1), (1, 2)):
         mp = parallel.initialize_global_model_parallel(parallel.ParallelLayout(tp, pp))

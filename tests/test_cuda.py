@@ -149,6 +149,89 @@ def test_losses_at_a_152k_vocabulary_stay_under_the_logits_floor(num_tokens, rec
     assert extra_fused < 0.5 * floor
 
 
+# --- packed (THD) attention ----------------------------------------------------------------------
+
+PACKED_LENGTHS = [300, 1, 1024, 77, 513, 1, 130]  # unequal, two of length 1
+
+
+def _attention_float64(q, k, v, lengths, window):
+    """Per sequence, float64 causal attention (within ``window`` if given) over a dense mask of
+    that sequence alone; GQA by repeating keys and values."""
+    out, start = [], 0
+    rep = q.shape[1] // k.shape[1]
+    for n in lengths:
+        qs, ks, vs = (x[start:start + n] for x in (q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)))
+        pos = torch.arange(n)
+        allowed = pos[None, :] <= pos[:, None]
+        if window is not None:
+            allowed &= pos[:, None] - pos[None, :] < window
+        scores = torch.einsum("ihd,jhd->hij", qs, ks) / qs.shape[-1] ** 0.5
+        out.append(torch.einsum("hij,jhd->ihd", scores.masked_fill(~allowed, float("-inf")).softmax(-1), vs))
+        start += n
+    return torch.cat(out)
+
+
+def varlen_vs_float64(device: str, dtype: torch.dtype, window: int | None) -> tuple[float, float]:
+    """(output, q/k/v gradient) max errors relative to the largest reference value, of
+    ``varlen_attention`` on ``device`` in ``dtype`` against float64 per sequence on the CPU (on the
+    same rounded inputs)."""
+    from megatron_opd.models.varlen import varlen_attention
+
+    g = torch.Generator().manual_seed(0)
+    t = sum(PACKED_LENGTHS)
+    cpu = [torch.randn(t, heads, 64, generator=g).to(dtype) for heads in (8, 2, 2)]  # GQA 8 over 2
+    upstream = torch.randn(t, 8, 64, generator=g).to(dtype)
+    qkv = [x.to(device, copy=True).requires_grad_() for x in cpu]
+    cu = [0] + torch.tensor(PACKED_LENGTHS).cumsum(0).tolist()
+    out = varlen_attention(*qkv, cu, scale=64 ** -0.5, window=window)
+    out.backward(upstream.to(device))
+    ref_in = [x.double().requires_grad_() for x in cpu]
+    ref = _attention_float64(*ref_in, PACKED_LENGTHS, window)
+    ref.backward(upstream.double())
+    grad = max(_rel(x.grad, r.grad) for x, r in zip(qkv, ref_in))
+    return _rel(out, ref), grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_varlen_attention_on_cuda_matches_float64_per_sequence(dtype, record_property):
+    """Our packed (THD) attention, plain torch (no megatron-core needed): the core attention of the
+    local spec, which runs where Transformer Engine is absent. Causal and sliding-window (Mistral),
+    GQA, unequal lengths with two of length 1, against float64 per sequence."""
+    errs = {w: varlen_vs_float64("cuda", dtype, w) for w in (None, 96)}
+    record_property("measured", "; ".join(f"window {w}: out rel err {o:.1e}, grad rel err {gr:.1e}"
+                                          for w, (o, gr) in errs.items()))
+    # bf16: 8 bits of mantissa in the output and in the gradients' matmuls (measured on the CPU's
+    # kernels: 2.5e-3 and 1.3e-2)
+    out_tol, grad_tol = (FP32_TOL, FP32_TOL) if dtype == torch.float32 else (2e-2, BF16_GRAD_REL_TOL)
+    assert all(o < out_tol and gr < grad_tol for o, gr in errs.values()), errs
+
+
+def test_packed_attention_memory_on_cuda_grows_with_tokens_not_their_square(record_property):
+    """Forward + backward of 64-token sequences packed into 2k and 16k tokens (bf16, 32 heads over
+    8 groups of 128): what it allocates beyond its inputs grows with the tokens (8x), not with
+    their square (64x, a dense mask's score matrix)."""
+    from megatron_opd.models.varlen import varlen_attention
+
+    extra = {}
+    for tokens in (2048, 16384):
+        q = torch.randn(tokens, 32, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        k, v = (torch.randn(tokens, 8, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+                for _ in range(2))
+        upstream = torch.randn_like(q)
+        cu = list(range(0, tokens + 1, 64))
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+        varlen_attention(q, k, v, cu, scale=128 ** -0.5).backward(upstream)
+        torch.cuda.synchronize()
+        extra[tokens] = torch.cuda.max_memory_allocated() - start
+        del q, k, v, upstream
+    ratio = extra[16384] / extra[2048]
+    record_property("measured", f"peak extra 2k {extra[2048] / 2**20:.0f} MiB, 16k {extra[16384] / 2**20:.0f} MiB "
+                                f"(x{ratio:.1f}; a dense fp32 score matrix at 16k: {4 * 32 * 16384**2 / GiB:.0f} GiB)")
+    assert ratio < 10
+
+
 # --- the model ----------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -196,6 +279,41 @@ def test_model_forward_and_backward_on_cuda_match_the_cpu_reference(world, tiny_
     assert fp32_err < FP32_TOL
     assert bf16_diff < BF16_LOGIT_TOL
     assert grad_err < BF16_GRAD_REL_TOL
+
+
+@pytest.fixture(scope="module")
+def megatron_core():
+    """Skips a test where megatron-core is not installed (before ``world`` starts NCCL)."""
+    pytest.importorskip("megatron.core", reason="megatron-core is not installed")
+
+
+def test_packed_model_on_cuda_matches_each_sequence_alone(megatron_core, world, tiny_hf, record_property):
+    """A THD pack through megatron's GPTModel on CUDA (TE's attention in THD format where TE is
+    installed, else the local spec with our VarlenAttention): logits per sequence against each
+    sequence run alone; bf16, and fp32 on the local spec (TE's fused THD kernels are 16-bit)."""
+    from megatron_opd import parallel
+    from megatron_opd.checkpoint.load import load_model
+    from megatron_opd.models.packing import packed_inputs
+    from megatron_opd.models.schedule import run_schedule
+
+    lengths = [9, 1, 14]
+    ids = torch.randint(0, 300, (1, 24), generator=torch.Generator().manual_seed(0)).cuda()
+    packed = {"input_ids": ids, **packed_inputs(lengths, device="cuda")}
+    alone = [{"input_ids": part, "position_ids": torch.arange(n, device="cuda")[None]}
+             for part, n in zip(ids.split(lengths, dim=1), lengths)]
+    mp = parallel.initialize_global_model_parallel(parallel.ParallelLayout(1, 1))
+    diffs = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        model = load_model(tiny_hf, mp, params_dtype=dtype)
+        if model.te_spec and dtype == torch.float32:
+            continue
+        logits = lambda mbs: run_schedule(model, mbs, lambda z, b: z.detach().float().cpu()[0], forward_only=True)
+        row, parts = logits([packed])[0], torch.cat(logits(alone))
+        diffs[name] = (row - parts).abs().max().item()
+        spec = "TE" if model.te_spec else "local"
+    record_property("measured", f"{spec} spec, packed vs alone logits max|diff|: "
+                                + ", ".join(f"{k} {v:.1e}" for k, v in diffs.items()))
+    assert diffs["bf16"] < BF16_LOGIT_TOL and diffs.get("fp32", 0.0) < FP32_TOL, diffs
 
 
 # --- the trainer --------------------------------------------------------------------------------

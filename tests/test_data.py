@@ -7,7 +7,6 @@ import json
 import pytest
 import torch
 
-from megatron_opd.models.packing import block_causal_mask
 from megatron_opd.train.data import (Sequence, check_tokenizers, load_prompts, micro_batch,
                                      pack_sequences, step_prompt_indices)
 
@@ -137,9 +136,18 @@ def test_packing_respects_the_token_budget_and_masks_prompts_tools_and_boundarie
     assert mb["loss_mask"].tolist() == [[0, 0, 1, 1, 1, 1, 0] + [0, 0, 1, 0]]
     assert mb["targets"][0, :6].tolist() == seqs[0].tokens[1:]
     assert mb["weights"].unique().tolist() == [2.0] and mb["lengths"] == [7, 4]
-    blocked = mb["attention_mask"][0, 0]
-    assert blocked[7, 6] and blocked[7, 0]  # nothing across the boundary
-    assert not blocked[10, 7] and blocked[7, 8]  # causal inside
-    window = block_causal_mask([5], sliding_window=2)[0, 0]
-    assert not window[4, 3] and window[4, 2]
+    # THD: no [L, L] mask; each sequence its own segment of cu_seqlens, positions from 0
+    assert "attention_mask" not in mb and mb["padding"] == 0
+    assert mb["packed_seq_params"].qkv_format == "thd"
+    assert mb["packed_seq_params"].cu_seqlens_q.tolist() == [0, 7, 11]
+    assert mb["packed_seq_params"].cu_seqlens_q.dtype == torch.int32
+    assert mb["packed_seq_params"].max_seqlen_q == 7
+    assert mb["position_ids"].tolist() == [list(range(7)) + list(range(4))]
+    # padded to a multiple of 4 (sequence parallelism at TP4): one padding sequence, no loss
+    padded = micro_batch(seqs, [0, 2], device="cpu", multiple_of=4)
+    assert padded["padding"] == 1 and padded["input_ids"].shape == (1, 12)
+    assert padded["packed_seq_params"].cu_seqlens_q.tolist() == [0, 7, 11, 12]
+    assert padded["loss_mask"][0, 11] == 0 and padded["weights"][0, 11] == 0
+    assert torch.equal(padded["loss_mask"][:, :11], mb["loss_mask"]) and padded["lengths"] == [7, 4]
+    assert micro_batch(seqs, [0, 2], device="cpu", multiple_of=11)["padding"] == 0
     assert torch.equal(micro_batch(seqs, [1], device="cpu")["input_ids"], torch.tensor([seqs[1].tokens]))

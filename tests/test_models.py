@@ -105,10 +105,10 @@ def test_training_step_identical_across_layouts(tiny_models, variant):
 
 
 def _packed_vs_alone(model_dir: str) -> dict:
-    """RoPE embeddings and logits of a packed row of three sequences against each sequence alone."""
+    """Logits of the trainer's packed THD row of three sequences (also padded to a multiple of 8)
+    against each sequence alone."""
     from megatron_opd import parallel
     from megatron_opd.checkpoint.load import load_model
-    from megatron_opd.models.builder import rope_positions
     from megatron_opd.models.schedule import run_schedule
     from megatron_opd.train.data import Sequence, micro_batch
 
@@ -118,16 +118,16 @@ def _packed_vs_alone(model_dir: str) -> dict:
     g = torch.Generator().manual_seed(7)
     seqs = [Sequence(0, 0, torch.randint(0, 300, (n,), generator=g).tolist(), 1, [1] * (n - 1)) for n in (5, 9, 7)]
     packed = micro_batch(seqs, [0, 1, 2], device="cpu")
-    rotary = model.module.rotary_pos_emb
-    with rope_positions(model, packed["position_ids"]):
-        emb = rotary(21)
-    alone = torch.cat([rotary(n) for n in (5, 9, 7)])
+    padded = micro_batch(seqs, [0, 1, 2], device="cpu", multiple_of=8)
     logits = lambda mbs: run_schedule(model, mbs, lambda out, mb: out.detach().clone(), forward_only=True)
     with torch.no_grad():
-        row = logits([packed])[0][0]
-        parts = [logits([micro_batch(seqs, [i], device="cpu")])[0][0] for i in range(3)]
-    return {"emb_equal": torch.equal(emb, alone), "positions": packed["position_ids"].tolist(),
-            "logit_diff": (row - torch.cat(parts)).abs().max().item()}
+        row, padded_row = (x[0] for x in logits([packed, padded]))
+        parts = torch.cat([logits([micro_batch(seqs, [i], device="cpu")])[0][0] for i in range(3)])
+    return {"positions": packed["position_ids"].tolist(), "padded_positions": padded["position_ids"].tolist(),
+            "cu_seqlens": packed["packed_seq_params"].cu_seqlens_q.tolist(),
+            "padded_cu_seqlens": padded["packed_seq_params"].cu_seqlens_q.tolist(),
+            "padded_shape": tuple(padded_row.shape), "logit_diff": (row - parts).abs().max().item(),
+            "padded_logit_diff": (padded_row[:21] - parts).abs().max().item()}
 
 
 def _hidden_states_round_trip(model_dir: str, tp: int) -> float:
@@ -158,11 +158,14 @@ def schedule_checks(tiny_models) -> list[dict]:
     return run_distributed(_schedule_checks, 2, tiny_models["llama"], tiny_models["qwen2_tied"], timeout=300)
 
 
-def test_packed_sequences_each_start_at_position_zero(schedule_checks):
+def test_packed_thd_rows_start_each_sequence_at_position_zero(schedule_checks):
     for r in (c["packed"] for c in schedule_checks):
         assert r["positions"] == [list(range(5)) + list(range(9)) + list(range(7))]
-        assert r["emb_equal"]  # bit-identical to each sequence's own RoPE
-        assert r["logit_diff"] <= 1e-5, r
+        assert r["cu_seqlens"] == [0, 5, 14, 21]
+        # padded to 24 tokens by a 3-token sequence of its own, which no real token sees
+        assert r["padded_cu_seqlens"] == [0, 5, 14, 21, 24] and r["padded_shape"][0] == 24
+        assert r["padded_positions"] == [r["positions"][0] + [0, 1, 2]]
+        assert r["logit_diff"] <= 1e-5 and r["padded_logit_diff"] <= 1e-5, r
 
 
 def test_final_hidden_states_times_output_weight_are_the_logits(schedule_checks):

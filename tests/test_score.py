@@ -149,6 +149,13 @@ def test_micro_batches_pack_sequences_within_the_token_budget():
         assert b["position_ids"].tolist() == [[p for n in b["lengths"] for p in range(n)]]
         assert b["packed_seq_params"].cu_seqlens_q.tolist() == \
             [sum(b["lengths"][:k]) for k in range(len(b["lengths"]) + 1)]
+    # under sequence parallelism at TP4: each row padded by a sequence of its own to a multiple of 4
+    for b in make_micro_batches(seqs, list(range(7)), micro_batch_tokens=12, device="cpu", multiple_of=4):
+        total = sum(b["lengths"])
+        assert b["input_ids"].shape[1] % 4 == 0 and b["input_ids"].shape[1] - total < 4
+        assert b["input_ids"][0, total:].tolist() == [0] * (b["input_ids"].shape[1] - total)
+        cu = b["packed_seq_params"].cu_seqlens_q.tolist()
+        assert cu[-1] == b["input_ids"].shape[1] and cu[len(b["lengths"])] == total
 
 
 def _scoring_peak_bytes(model_dir, tokens_per_pack, seq_len):

@@ -15,7 +15,7 @@ from megatron_opd import parallel
 from megatron_opd.checkpoint.load import load_model, model_arch
 from megatron_opd.losses import token_logprobs, topk_logprobs
 from megatron_opd.models.builder import ShardedModel
-from megatron_opd.models.packing import pack_lengths, packed_positions, packed_seq_params
+from megatron_opd.models.packing import pack_lengths, packed_inputs, row_padding, token_multiple
 from megatron_opd.models.schedule import run_schedule
 from megatron_opd.utils import check_writable, log0, progress, read_jsonl, write_jsonl
 
@@ -37,31 +37,29 @@ def read_token_jsonl(path: str | Path, *, vocab_size: int) -> list[list[int]]:
 
 
 def make_micro_batches(sequences: list[list[int]], indices: list[int], *, micro_batch_tokens: int,
-                       device: torch.device) -> list[dict]:
+                       device: torch.device, multiple_of: int = 1) -> list[dict]:
     """Pack the sequences ``indices`` into THD micro-batches of at most ``micro_batch_tokens``
     tokens (first-fit decreasing; a longer sequence gets one of its own): one row ``[1, t]``
-    whose sequences attend only to themselves, with positions from 0 in each."""
+    whose sequences attend only to themselves, with positions from 0 in each, padded at its end
+    (a padding sequence of its own) to a multiple of ``multiple_of`` tokens."""
     batches = []
     for members in pack_lengths([len(sequences[i]) for i in indices], budget=micro_batch_tokens):
         members = [indices[j] for j in members]
         lengths = [len(sequences[i]) for i in members]
-        ids = torch.tensor([t for i in members for t in sequences[i]], device=device)
-        batches.append({"input_ids": ids.view(1, -1),
-                        "position_ids": packed_positions(lengths, device=device),
-                        "packed_seq_params": packed_seq_params(lengths, device=device),
+        padding = row_padding(sum(lengths), multiple_of)
+        ids = torch.tensor([t for i in members for t in sequences[i]] + [0] * padding, device=device)
+        batches.append({"input_ids": ids.view(1, -1), **packed_inputs(lengths, device=device, padding=padding),
                         "indices": members, "lengths": lengths})
     return batches
 
 
-def filler_micro_batches(batches: list[dict], mp, *, device: torch.device) -> list[dict]:
-    """Micro-batches that score nothing (a valid one-sequence pack of two tokens), so that every
-    data-parallel replica runs as many as the busiest: expert-parallel ranks sit in different
-    replicas and exchange tokens in every MoE layer's forward, so they must run the same number
-    of forwards. Collective over the world."""
-    filler = {"input_ids": torch.zeros(1, 2, dtype=torch.long, device=device),
-              "position_ids": packed_positions([2], device=device),
-              "packed_seq_params": packed_seq_params([2], device=device),
-              "indices": [], "lengths": []}
+def filler_micro_batches(batches: list[dict], *, device: torch.device, multiple_of: int = 1) -> list[dict]:
+    """Micro-batches that score nothing (a pack of one two-token sequence, padded as the others),
+    so that every data-parallel replica runs as many as the busiest: expert-parallel ranks sit in
+    different replicas and exchange tokens in every MoE layer's forward, so they must run the
+    same number of forwards. Collective over the world."""
+    filler = make_micro_batches([[0, 0]], [0], micro_batch_tokens=2, device=device, multiple_of=multiple_of)[0]
+    filler.update(indices=[], lengths=[])
     return [filler] * (parallel.lockstep_count(len(batches)) - len(batches))
 
 
@@ -79,10 +77,11 @@ def score_sequences(model: ShardedModel, sequences: list[list[int]], *, top_k: i
     mp = model.mp
     model.module.eval()
     mine = [i for i in range(len(sequences)) if i % mp.dp_size == mp.dp_rank]
+    multiple = token_multiple(model.config)
     batches = make_micro_batches(sequences, mine, micro_batch_tokens=micro_batch_tokens,
-                                 device=parallel.device())
+                                 device=parallel.device(), multiple_of=multiple)
     if mp.layout.ep > 1:
-        batches += filler_micro_batches(batches, mp, device=parallel.device())
+        batches += filler_micro_batches(batches, device=parallel.device(), multiple_of=multiple)
     vocab = model.arch.vocab_size
     rows: dict[int, dict] = {}
 

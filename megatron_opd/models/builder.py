@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import re
 from dataclasses import dataclass
 from typing import Iterator
@@ -187,10 +185,9 @@ def build_model(arch: ArchConfig, mp: ModelParallel, *, params_dtype: torch.dtyp
                 b.data = b.data.to(device)
     # megatron computes RoPE frequencies its own way (fixed Llama-3 constants); use HF's exactly
     # (in fp32 for every params_dtype, as megatron and transformers keep them).
-    rotary = module.rotary_pos_emb
-    rotary.inv_freq = rope_inv_freq(arch).to(device)
-    rotary.packed_positions = None
-    rotary.forward = functools.partial(_rope_at_positions, rotary)  # shadows the class's forward
+    # Packed (THD) rows restart every sequence at position 0: megatron's RoPE takes the first
+    # s_i angles per sequence of cu_seqlens, as vLLM and transformers do.
+    module.rotary_pos_emb.inv_freq = rope_inv_freq(arch).to(device)
     model = ShardedModel(arch=arch, mp=mp, module=module, padded_vocab_size=padded_vocab, te_spec=te)
     _mark_tensor_parallel(model)
     return model
@@ -231,48 +228,6 @@ def decoder_spec(arch: ArchConfig, *, transformer_engine: bool, num_layers: int)
                                      qk_layernorm=arch.family.qk_norm, normalization="RMSNorm")
     layer.submodules.self_attention.submodules.core_attention = VarlenAttention
     return TransformerBlockSubmodules(layer_specs=[swap(layer)] * num_layers, layer_norm=TorchRMSNorm)
-
-
-def _rope_at_positions(rotary, max_seq_len: int, offset: int = 0, packed_seq: bool = False, cp_group=None):
-    """megatron's RoPE embedding ``[s, 1, 1, d]``, at ``rotary.packed_positions`` when set.
-
-    megatron rotates position i of a row by angle i; in a packed row every sequence must restart
-    at 0, as in vLLM and transformers. The attention scores within a sequence are the same either
-    way (RoPE is relative), but the rounding is not: fp32 angles of a 400th or 16000th position
-    carry errors the engine's never do (measured here: trainer-vs-vLLM log-prob differences of
-    up to 5e-4 instead of <= 1e-4 in 416-token packs). Same arithmetic as megatron's
-    ``get_freqs_non_repeated`` + ``get_emb`` (positions instead of an arange)."""
-    positions = rotary.packed_positions
-    if positions is None:
-        return type(rotary).forward(rotary, max_seq_len, offset, packed_seq, cp_group)
-    if positions.numel() != max_seq_len or offset or rotary.rotary_interleaved:
-        raise AssertionError(f"packed RoPE positions: {positions.numel()} for a sequence of {max_seq_len} "
-                             f"(offset {offset}, interleaved {rotary.rotary_interleaved})")
-    inv_freq = rotary.inv_freq.to(positions.device)
-    seq = positions.to(inv_freq.dtype)
-    if rotary.seq_len_interpolation_factor is not None:
-        seq *= 1 / rotary.seq_len_interpolation_factor
-    freqs = torch.outer(seq, inv_freq)
-    return torch.cat((freqs, freqs), dim=-1)[:, None, None, :]
-
-
-@contextlib.contextmanager
-def rope_positions(model: "ShardedModel", position_ids: torch.Tensor | None):
-    """Within: the model's RoPE uses ``position_ids`` ``[b, s]`` (rows must agree: one embedding
-    serves the whole batch) instead of ``0..s-1``; ``None`` leaves megatron's default."""
-    rotary = getattr(model.module, "rotary_pos_emb", None)
-    if rotary is None or position_ids is None:
-        yield
-        return
-    rows = position_ids.reshape(-1, position_ids.shape[-1])
-    if rows.shape[0] > 1 and not bool((rows == rows[:1]).all()):
-        raise ValueError("position_ids differ between the rows of a micro-batch; pack sequences "
-                         "into one row instead")
-    rotary.packed_positions = rows[0]
-    try:
-        yield
-    finally:
-        rotary.packed_positions = None
 
 
 def _mark_tensor_parallel(model: ShardedModel) -> None:

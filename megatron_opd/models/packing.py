@@ -1,10 +1,12 @@
-"""Packed rows: several sequences concatenated into one row ``[1, L]``, each counting its positions
-from 0 and attending only to itself (block-causal, and within a sliding window if the model has one),
-and which sequences share a row (:func:`pack_lengths`)."""
+"""Packed rows: several sequences concatenated into one row ``[1, L]`` and described to megatron in
+THD format (``PackedSeqParams`` with cumulative sequence lengths), each counting its positions from
+0 and attending only to itself; padding that brings a row to the token multiple megatron needs; and
+which sequences share a row (:func:`pack_lengths`)."""
 
 from __future__ import annotations
 
 import itertools
+import math
 
 import torch
 
@@ -21,30 +23,39 @@ def packed_seq_params(lengths: list[int], *, device):
                            max_seqlen_q=max(lengths), max_seqlen_kv=max(lengths))
 
 
-def block_causal_mask(lengths: list[int], *, sliding_window: int | None = None) -> torch.Tensor:
-    """``[1, 1, L, L]`` bool, True where attention is blocked: causal within each packed sequence,
-    nothing across sequences (and beyond a sliding window, if any)."""
-    total = sum(lengths)
-    seq_id = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
-    pos = torch.arange(total)
-    allowed = (seq_id[:, None] == seq_id[None, :]) & (pos[None, :] <= pos[:, None])
-    if sliding_window is not None:
-        allowed &= pos[:, None] - pos[None, :] < sliding_window
-    return ~allowed.view(1, 1, total, total)
-
-
 def packed_positions(lengths: list[int], *, device) -> torch.Tensor:
     """``[1, L]`` positions of a packed row: every sequence counts from 0."""
     return torch.cat([torch.arange(n, device=device) for n in lengths]).view(1, -1)
 
 
-def packed_inputs(lengths: list[int], *, device, sliding_window: int | None = None) -> dict:
-    """What the model needs besides the token ids to run a packed row: ``position_ids``, and an
-    ``attention_mask`` unless the row is one sequence under plain causal attention."""
-    inputs = {"position_ids": packed_positions(lengths, device=device)}
-    if len(lengths) > 1 or sliding_window is not None:
-        inputs["attention_mask"] = block_causal_mask(lengths, sliding_window=sliding_window).to(device)
-    return inputs
+def token_multiple(config) -> int:
+    """What the token count of a packed row must be a multiple of for megatron's ``config``: the
+    TP size under sequence parallelism (the row is scattered along the sequence over the TP
+    ranks), twice the context-parallel size under context parallelism; else 1."""
+    multiple = config.tensor_model_parallel_size if config.sequence_parallel else 1
+    if config.context_parallel_size > 1:
+        multiple = math.lcm(multiple, 2 * config.context_parallel_size)
+    return multiple
+
+
+def row_padding(tokens: int, multiple_of: int) -> int:
+    """How many padding tokens bring a packed row of ``tokens`` tokens to a multiple of
+    ``multiple_of``."""
+    if multiple_of < 1:
+        raise ValueError(f"multiple_of must be >= 1, got {multiple_of}")
+    return -tokens % multiple_of
+
+
+def packed_inputs(lengths: list[int], *, device, padding: int = 0) -> dict:
+    """What the model needs besides the token ids to run a packed (THD) row of sequences of
+    ``lengths`` tokens followed by ``padding`` padding tokens: ``position_ids`` (from 0 in every
+    sequence) and megatron's ``packed_seq_params``. The padding is a sequence of its own: it
+    attends only to itself, so no real token sees it, and carries no loss."""
+    if padding < 0:
+        raise ValueError(f"padding must be >= 0, got {padding}")
+    segments = [*lengths, padding] if padding else list(lengths)
+    return {"position_ids": packed_positions(segments, device=device),
+            "packed_seq_params": packed_seq_params(segments, device=device)}
 
 
 def pack_lengths(lengths: list[int], *, budget: int) -> list[list[int]]:

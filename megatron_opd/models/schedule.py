@@ -7,7 +7,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from megatron_opd.models.builder import ShardedModel, rope_positions
+from megatron_opd.models.builder import ShardedModel
 
 # output_fn(logits_shard [b, s, V/TP], micro_batch) on the last stage (within final_hidden_states:
 # the final hidden states [b, s, h] instead):
@@ -79,10 +79,10 @@ def run_schedule(model: ShardedModel | list, micro_batches: list[dict], output_f
     """Forward (and backward unless ``forward_only``) over ``micro_batches`` with PP and TP.
 
     Every rank of the model passes the same list of micro-batches (dicts with ``input_ids`` and
-    ``position_ids`` ``[b, s]``, for a THD pack ``[1, t]`` with ``packed_seq_params``, plus
-    whatever ``output_fn`` reads). Returns what ``output_fn``
-    produced per micro-batch on the last stage (training: the metrics dicts), ``[]`` elsewhere.
-    ``ddp_module`` is the DDP-wrapped module when training with megatron's DDP.
+    ``position_ids``: ``[b, s]`` rows of one sequence each (causal, positions ``0..s-1``), or a
+    THD pack ``[1, t]`` with ``packed_seq_params``; plus whatever ``output_fn`` reads). Returns
+    what ``output_fn`` produced per micro-batch on the last stage (training: the metrics dicts),
+    ``[]`` elsewhere. ``ddp_module`` is the DDP-wrapped module when training with megatron's DDP.
     """
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -92,13 +92,8 @@ def run_schedule(model: ShardedModel | list, micro_batches: list[dict], output_f
     def forward_step(data_iterator, mod):
         batch = next(data_iterator)
         ids = batch["input_ids"] if model.mp.is_first_stage else None
-        packed = batch.get("packed_seq_params")
-        if packed is not None:
-            # THD: attention and RoPE (positions from 0 per sequence) follow cu_seqlens
-            output = mod(ids, batch["position_ids"], None, packed_seq_params=packed)
-        else:
-            with rope_positions(model, batch["position_ids"]):  # each packed sequence from 0
-                output = mod(ids, batch["position_ids"], batch.get("attention_mask"))
+        # A THD pack: attention and RoPE (positions from 0 in every sequence) follow cu_seqlens.
+        output = mod(ids, batch["position_ids"], None, packed_seq_params=batch.get("packed_seq_params"))
 
         def loss_func(output_tensor, non_loss_data=False):
             return output_fn(output_tensor, batch)

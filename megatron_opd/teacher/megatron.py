@@ -23,7 +23,7 @@ import torch.distributed as dist
 from megatron_opd import parallel
 from megatron_opd.checkpoint.load import load_model
 from megatron_opd.losses import token_logprobs, topk_logprobs
-from megatron_opd.models.packing import packed_inputs
+from megatron_opd.models.packing import packed_inputs, row_padding, token_multiple
 from megatron_opd.models import schedule
 from megatron_opd.parallel import ModelParallel, ParallelLayout
 from megatron_opd.teacher.signals import Need, TeacherSignal
@@ -35,12 +35,19 @@ SIGNAL_FIELDS = {Need.LOGITS: ("logits",), Need.HIDDEN: ("hidden",), Need.TOPK: 
 
 def _wire(mb: dict) -> dict:
     """The part of a micro-batch the teacher needs, as plain CPU data."""
-    return {"input_ids": mb["input_ids"].cpu(), "targets": mb["targets"].cpu(), "lengths": mb["lengths"]}
+    return {"input_ids": mb["input_ids"].cpu(), "targets": mb["targets"].cpu(), "lengths": mb["lengths"],
+            "padding": mb.get("padding", 0)}
 
 
-def _unwire(w: dict, device, sliding_window) -> dict:
-    mb = {"input_ids": w["input_ids"].to(device), "targets": w["targets"].to(device)}
-    mb.update(packed_inputs(w["lengths"], device=device, sliding_window=sliding_window))
+def _unwire(w: dict, device, multiple_of: int) -> dict:
+    """The student's packed THD row as the teacher runs it: the same sequences, and padding (a
+    sequence of its own, at the end) to the teacher's token multiple; ``length`` is the student's
+    row length, which the teacher's outputs are cut back to."""
+    length = w["input_ids"].shape[1]
+    padding = w["padding"] + row_padding(length, multiple_of)
+    extra = padding - w["padding"]
+    mb = {key: torch.nn.functional.pad(w[key], (0, extra)).to(device) for key in ("input_ids", "targets")}
+    mb.update(packed_inputs(w["lengths"], device=device, padding=padding), length=length)
     return mb
 
 
@@ -76,29 +83,30 @@ class MegatronTeacher:
         work.sort(key=lambda x: (x[0], x[1]))
         tmp = self.mp
         mine = [k for k in range(len(work)) if k % tmp.dp_size == tmp.dp_rank]
-        sw = self.arch.sliding_window
-        mbs = [_unwire(work[k][2], device, sw) for k in mine]
+        multiple = token_multiple(self.model.config)
+        mbs = [_unwire(work[k][2], device, multiple) for k in mine]
         if self.mp.layout.ep > 1 and work:
             # Expert-parallel peers sit in different teacher replicas: every replica runs as many
             # forwards as the busiest, the others repeating a micro-batch whose output is dropped.
             busiest = -(-len(work) // tmp.dp_size)
-            mbs += [_unwire(work[0][2], device, sw)] * (busiest - len(mbs))
+            mbs += [_unwire(work[0][2], device, multiple)] * (busiest - len(mbs))
         vocab = self.arch.vocab_size
 
         def output_fn(output, mb):
-            z = output[0]
+            z = output[0, :mb["length"]]  # the student's row (without the teacher's own padding)
             out = {}
             if self.need == Need.LOGITS:
                 out["logits"] = z.detach().to("cpu", copy=True)
             if self.need == Need.HIDDEN:
-                out["hidden"] = schedule.gather_sequence_parallel(output, self.model)[0].to("cpu", copy=True)
+                hidden = schedule.gather_sequence_parallel(output, self.model)[0, :mb["length"]]
+                out["hidden"] = hidden.to("cpu", copy=True)
             if self.need == Need.TOPK:
                 ids, lps = topk_logprobs(z, self.top_k, vocab_size=vocab, tp_group=tmp.tp_group,
                                          temperature=self.temperature)
                 out["topk_ids"], out["topk_logprobs"] = ids.cpu(), lps.cpu()
             if self.need == Need.TOKEN:
-                out["token_logprobs"] = token_logprobs(z, mb["targets"][0].clamp(0, vocab - 1),
-                                                       vocab_size=vocab, tp_group=tmp.tp_group,
+                targets = mb["targets"][0, :mb["length"]].clamp(0, vocab - 1)
+                out["token_logprobs"] = token_logprobs(z, targets, vocab_size=vocab, tp_group=tmp.tp_group,
                                                        temperature=self.temperature).cpu()
             return out
 

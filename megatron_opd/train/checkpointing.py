@@ -26,7 +26,7 @@ from megatron_opd.checkpoint.convert import write_hf_model
 from megatron_opd.checkpoint.manifest import verify_manifest, write_manifest
 from megatron_opd.checkpoint.publish import staging_lock, staging_name
 from megatron_opd.checkpoint.trust import check_dist_checkpoint, load_plain
-from megatron_opd.utils import atomic_write_text, log0
+from megatron_opd.utils import atomic_write_text, log0, rank
 
 TRACKER = "latest"
 STATE_FILE = "trainer_state.json"
@@ -174,7 +174,7 @@ class Checkpointer:
     def restore(self, trainable) -> dict | None:
         """Load the checkpoint to resume from into ``trainable``; its trainer state, or None.
         Staging directories of interrupted saves are removed first (rank 0)."""
-        if dist.get_rank() == 0:
+        if rank() == 0:
             remove_stale_staging(self.run_dir)
         if self.resume == "none":
             return None

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_opd.models.packing import pack_lengths, packed_inputs
+from megatron_opd.models.packing import pack_lengths, packed_inputs, row_padding
 from megatron_opd.parallel import lockstep_count
 from megatron_opd.utils import read_jsonl
 
@@ -201,10 +201,12 @@ def pack_sequences(seqs: list[Sequence], *, budget: int) -> list[list[int]]:
     return pack_lengths([len(s.tokens) for s in seqs], budget=budget)
 
 
-def micro_batch(seqs: list[Sequence], indices: list[int], *, device,
-                sliding_window: int | None = None) -> dict:
-    """One packed row ``[1, L]``: tokens, next-token targets, loss mask (completion tokens only,
-    never across sequence boundaries), rollout log-probs, per-token weights."""
+def micro_batch(seqs: list[Sequence], indices: list[int], *, device, multiple_of: int = 1) -> dict:
+    """One packed THD row ``[1, L]``: tokens, next-token targets, loss mask (completion tokens only,
+    never across sequence boundaries), rollout log-probs, per-token weights, ``position_ids`` and
+    megatron's ``packed_seq_params``. ``L`` is brought to a multiple of ``multiple_of`` (see
+    :func:`~megatron_opd.models.packing.token_multiple`) by ``padding`` tokens at the end: a
+    sequence of their own, with zero loss mask and weight."""
     tokens, targets, mask, rollout, weights, onpol, lengths = [], [], [], [], [], [], []
     for i in indices:
         s = seqs[i]
@@ -219,6 +221,9 @@ def micro_batch(seqs: list[Sequence], indices: list[int], *, device,
         rollout.extend([0.0] * (s.prompt_len - 1) + list(lp) + [0.0])
         weights.extend([s.weight] * n)
         onpol.extend([float(s.on_policy and s.rollout_logprobs is not None)] * n)
+    padding = row_padding(len(tokens), multiple_of)
+    for column in (tokens, targets, mask, rollout, weights, onpol):
+        column.extend([0] * padding)
     batch = {
         "input_ids": torch.tensor([tokens], device=device),
         "targets": torch.tensor([targets], device=device),
@@ -227,26 +232,29 @@ def micro_batch(seqs: list[Sequence], indices: list[int], *, device,
         "weights": torch.tensor([weights], dtype=torch.float32, device=device),
         "on_policy": torch.tensor([onpol], dtype=torch.float32, device=device),
         "lengths": lengths,
+        "padding": padding,
         "seq_indices": list(indices),
     }
-    batch.update(packed_inputs(lengths, device=device, sliding_window=sliding_window))
+    batch.update(packed_inputs(lengths, device=device, padding=padding))
     return batch
 
 
-def pack_micro_batches(seqs: list[Sequence], *, budget: int, device,
-                       sliding_window: int | None = None, lockstep: bool = False) -> list[dict]:
-    """``seqs`` packed into micro-batches of at most ``budget`` tokens (see :func:`pack_sequences`),
-    each carrying its ``index`` in the step (teacher signals are looked up by it).
+def pack_micro_batches(seqs: list[Sequence], *, budget: int, device, multiple_of: int = 1,
+                       lockstep: bool = False) -> list[dict]:
+    """``seqs`` packed into micro-batches of at most ``budget`` tokens (see :func:`pack_sequences`;
+    plus under ``multiple_of`` tokens of padding), each carrying its ``index`` in the step
+    (teacher signals are looked up by it).
 
     ``lockstep`` (collective over the world): every data-parallel replica gets as many
     micro-batches as the busiest, the others padded with fillers that train on nothing (a
     two-token sequence, no loss token). Expert-parallel peers sit in different replicas and
     exchange tokens in every MoE layer's forward and backward, so they must run the same number."""
-    batches = [dict(micro_batch(seqs, idx, device=device, sliding_window=sliding_window), index=m)
+    batches = [dict(micro_batch(seqs, idx, device=device, multiple_of=multiple_of), index=m)
                for m, idx in enumerate(pack_sequences(seqs, budget=budget))]
     if lockstep:
         filler = [Sequence(prompt_index=-1, sample_index=0, tokens=[0, 0], prompt_len=2, completion_mask=[],
                            on_policy=False, weight=0.0, finish_reason="filler")]
         for m in range(len(batches), lockstep_count(len(batches))):
-            batches.append(dict(micro_batch(filler, [0], device=device), index=m, seq_indices=[]))
+            batches.append(dict(micro_batch(filler, [0], device=device, multiple_of=multiple_of),
+                                index=m, seq_indices=[]))
     return batches

@@ -15,6 +15,7 @@ from megatron_opd import parallel
 from megatron_opd.checkpoint.load import load_model, model_arch
 from megatron_opd.config import Config
 from megatron_opd.models.moe import ExpertLoad
+from megatron_opd.models.packing import token_multiple
 from megatron_opd.rollout.consistency import check_mismatch
 from megatron_opd.rollout.engine import RolloutEngine
 from megatron_opd.rollout.sync import SyncStats, WeightSync
@@ -153,7 +154,8 @@ class Trainer:
             self._engines("sleep")  # two-phase memory: the engines' GPU memory is the update's
         with timer("teacher"):
             micro_batches = pack_micro_batches(seqs, budget=self.cfg.data.micro_batch_tokens,
-                                               device=parallel.device(), sliding_window=self.arch.sliding_window,
+                                               device=parallel.device(),
+                                               multiple_of=token_multiple(self.student.config),
                                                lockstep=self.mp.layout.ep > 1)
             signals = self.teacher.signals(micro_batches, self.mp)
         with timer("student"):

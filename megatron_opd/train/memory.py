@@ -5,7 +5,8 @@ the models' dtypes (``student.dtype``, ``teacher.dtype``: fp32, or bf16 with fp3
 in the optimizer; gradients are reduced in fp32 either way);
 activations follow Korthikanti et al. (2022) for a transformer layer with flash attention and
 sequence parallelism (about 34 bytes x tokens x hidden / TP per layer, for the micro-batches a
-1F1B pipeline keeps in flight); logits count the student's shard, its gradient and the chunked
+1F1B pipeline keeps in flight): linear in the tokens of a packed micro-batch, which is a THD pack
+with no [L, L] mask or score matrix (TE's attention, or ours per sequence); logits count the student's shard, its gradient and the chunked
 loss's temporaries (the teacher's shard waits on the CPU between phases).
 """
 
