@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast demo clean gpu-wheels gpu-check
+.PHONY: install test test-fast demo demo-xtok clean gpu-wheels gpu-check
 
 install: $(STAMP)
 
@@ -26,6 +26,9 @@ test-fast: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python -m megatron_opd.tasks.demo
+
+demo-xtok: $(STAMP)
+	$(BIN)/python -m megatron_opd.tasks.demo --cross-tokenizer
 
 # The GPU machine's check. `gpu-wheels` runs where there is network access and downloads the cp312
 # manylinux wheels of what that machine lacks (megatron-core and small packages, about 20 MiB) into

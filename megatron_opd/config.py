@@ -26,8 +26,9 @@ from megatron_opd.train.environments import ENVIRONMENTS
 from megatron_opd.train.evaluation import METRICS
 from megatron_opd.train.memory import parameter_count
 from megatron_opd.train.metrics import MetricsLogger
-from megatron_opd.train.objective import (KINDS, SAMPLED_REVERSE_KL, SUPPORTS, TEACHER_TOPK_INPUT, Objective,
-                                          make_objective, teacher_need)
+from megatron_opd.train.alignment import AlignmentError, TokenizerPair
+from megatron_opd.train.objective import (CROSS_TOKENIZER, KINDS, SAMPLED_REVERSE_KL, SUPPORTS, TEACHER_TOPK_INPUT,
+                                          Objective, make_objective, teacher_need)
 from megatron_opd.train.optim import Trainable, make_trainable
 from megatron_opd.utils import check_writable
 
@@ -205,9 +206,20 @@ class LossConfig:
     # samples. "auto": on when the student is bf16 (trainer and engine round differently), else off.
     truncated_importance: str = "auto"  # "auto" | "on" | "off"
     importance_cap: float = 2.0
+    # A teacher with its own tokenizer (docs/cross_tokenizer.md): "none" (the teacher uses the student's
+    # token ids, checked at start) or "span" (every rollout aligned to the teacher's tokenization; the
+    # span-level sampled reverse KL over the text both tokenizations cover; needs kind=sampled_reverse_kl).
+    cross_tokenizer: str = "none"
+    # cross_tokenizer: a completion whose aligned spans cover less than this fraction of its text stops
+    # the run with an error naming it (special tokens without a teacher counterpart, broken UTF-8...).
+    min_aligned_fraction: float = 0.5
+    # cross_tokenizer: student special-token strings -> the teacher's ({"<|im_end|>": "<end_of_turn>"});
+    # the others map to the teacher's token of the same content, then of the same role (BOS, EOS).
+    special_tokens: dict = field(default_factory=dict)
 
     def validate(self, name: str = "loss") -> None:
         _require(self.kind in KINDS, f"{name}.kind must be one of {KINDS}, got {self.kind!r}")
+        self._validate_cross_tokenizer(name)
         _require(self.truncated_importance in TRUNCATED_IMPORTANCE,
                  f"{name}.truncated_importance must be auto, on or off, got {self.truncated_importance!r}")
         _require(self.importance_cap >= 1.0, f"{name}.importance_cap must be >= 1, got {self.importance_cap}")
@@ -216,6 +228,45 @@ class LossConfig:
         _require(self.temperature > 0, f"{name}.temperature must be > 0, got {self.temperature}")
         if self.support != "full":
             _require(self.top_k >= 1, f"{name}.top_k must be >= 1 with {name}.support={self.support!r}")
+
+    def _validate_cross_tokenizer(self, name: str) -> None:
+        _require(self.cross_tokenizer in CROSS_TOKENIZER,
+                 f"{name}.cross_tokenizer must be one of {CROSS_TOKENIZER}, got {self.cross_tokenizer!r}")
+        _require(not isinstance(self.min_aligned_fraction, bool) and 0.0 <= self.min_aligned_fraction <= 1.0,
+                 f"{name}.min_aligned_fraction must be in [0, 1], got {self.min_aligned_fraction!r}")
+        _require(isinstance(self.special_tokens, dict) and all(
+            isinstance(k, str) and isinstance(v, str) for k, v in self.special_tokens.items()),
+            f"{name}.special_tokens must map student special-token strings to teacher ones, got "
+            f"{self.special_tokens!r}")
+        if self.cross_tokenizer == "none":
+            return
+        _require(self.kind == SAMPLED_REVERSE_KL,
+                 f"{name}.cross_tokenizer={self.cross_tokenizer} is the span-level sampled reverse KL: set "
+                 f"{name}.kind={SAMPLED_REVERSE_KL} (got {self.kind!r})")
+        _require(not self.fused_linear, f"{name}.cross_tokenizer={self.cross_tokenizer} takes the student's "
+                 f"logits: set {name}.fused_linear=false")
+
+    def tokenizer_pair(self, student_tokenizer, teacher_tokenizer, *, student_path: str, teacher_path: str,
+                       student_vocab: int, teacher_vocab: int) -> TokenizerPair | None:
+        """The two tokenizers for aligning rollouts to the teacher's tokenization (None without
+        ``cross_tokenizer``); AlignmentError naming the side and its path for a missing tokenizer
+        or one with ids the model has no row for."""
+        if self.cross_tokenizer == "none":
+            return None
+        for side, tok, path in (("student", student_tokenizer, student_path), ("teacher", teacher_tokenizer,
+                                                                               teacher_path)):
+            if tok is None:
+                raise AlignmentError(f"loss.cross_tokenizer={self.cross_tokenizer} needs the {side}'s tokenizer: "
+                                     f"none next to {side}.path={path} (tokenizer.json, tokenizer.model or "
+                                     "tokenizer_config.json)")
+        pair = TokenizerPair(student_tokenizer, teacher_tokenizer, special_tokens=self.special_tokens or None,
+                             min_coverage=self.min_aligned_fraction, min_coverage_name="loss.min_aligned_fraction")
+        for side, vocab, path in ((pair.student, student_vocab, student_path), (pair.teacher, teacher_vocab,
+                                                                                teacher_path)):
+            if side.size > vocab:
+                raise AlignmentError(f"{side.name}.path={path}: its tokenizer has {side.size} token ids, its model "
+                                     f"{vocab} rows: the tokenizer is not the model's")
+        return pair
 
     @property
     def teacher_need(self) -> Need:
@@ -229,7 +280,8 @@ class LossConfig:
                               temperature=self.temperature, chunk_size=self.chunk_size or None,
                               fused_linear=self.fused_linear, teacher_output_weight=teacher_output_weight,
                               teacher_temperature=teacher_temperature, rollout_temperature=rollout_temperature,
-                              importance_cap=self.importance_cap_for(student.config.params_dtype))
+                              importance_cap=self.importance_cap_for(student.config.params_dtype),
+                              cross_tokenizer=self.cross_tokenizer)
 
     def importance_cap_for(self, student_dtype: torch.dtype) -> float | None:
         """The truncated importance weight's cap for a student in ``student_dtype``; None: off."""
@@ -387,11 +439,19 @@ class Config:
                      f"loss.support={TEACHER_TOPK_INPUT} or loss.kind={SAMPLED_REVERSE_KL}")
             _require(not self.rollout.uses_teacher_samples,
                      "rollout.offpolicy_source=teacher needs an in-process teacher (teacher.path)")
+            _require(loss.cross_tokenizer == "none" or teacher.path,
+                     f"loss.cross_tokenizer={loss.cross_tokenizer} with a served teacher needs teacher.path: the "
+                     "served model's directory (its tokenizer and config.json)")
         elif loss.teacher_need in (Need.LOGITS, Need.HIDDEN):
             _require(teacher.tp == self.student.tp,
                      f"loss.support={loss.support!r} needs the teacher's logits in the student's vocab sharding: "
                      f"teacher.tp ({teacher.tp}) must equal student.tp ({self.student.tp}); "
                      f"use loss.support={TEACHER_TOPK_INPUT} for a differently split teacher")
+
+        if loss.cross_tokenizer != "none":
+            _require(not self.rollout.uses_teacher_samples,
+                     f"loss.cross_tokenizer={loss.cross_tokenizer} with rollout.offpolicy_source=teacher: the "
+                     "teacher's samples are in its own token ids, which the student cannot train on")
 
     def _check_layouts(self, world_size: int) -> None:
         """Each model's tp * pp divides the world; every student replica gets a prompt."""
@@ -410,6 +470,10 @@ class Config:
                  f"student.tp={self.student.tp}: a mixture-of-experts student trains at TP > 1 only with "
                  "sequence parallelism (megatron's MoE layer), which the trainer does not turn on; use "
                  "student.tp=1 and split the experts with student.ep")
+        _require(self.student.ep == 1 or self.loss.cross_tokenizer == "none",
+                 f"loss.cross_tokenizer={self.loss.cross_tokenizer!r} with student.ep={self.student.ep}: the "
+                 "filler micro-batches of expert-parallel lockstep carry no teacher tokenization; use "
+                 "student.ep=1 or a teacher with the student's tokenizer")
         if teacher is not None:
             teacher.check_parallel(tp=self.teacher.tp, pp=self.teacher.pp, ep=self.teacher.ep, what="teacher")
         vocab = student.vocab_size
@@ -502,6 +566,12 @@ def _coerce(value, annotation, where: str):
             raise ValueError(f"{where}: expected a number, got {value!r}") from None
     if annotation is str:
         return "" if value is None else str(value)
+    if annotation is dict or origin is dict:
+        if isinstance(value, str):
+            value = yaml.safe_load(value) if value.strip() else {}
+        if not isinstance(value, dict):
+            raise ValueError(f"{where}: expected a mapping, got {value!r}")
+        return value
     if annotation is list or origin is list:
         if isinstance(value, str):
             value = yaml.safe_load(value) if value.strip() else []

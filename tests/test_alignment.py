@@ -263,3 +263,8 @@ def test_one_to_one_spans_and_packed_rows(toks):
     mask = (packed.student_row_span >= 0).float()
     cov = packed.coverage(mask)
     assert cov["span"] == cov["tokens"] == sum(len(c) for _, c in seqs) and 0 < cov["shared"] < cov["span"]
+    # A student row padded to its token multiple: the padding is in no span, the rest unchanged.
+    padded = pack_alignments(aligns, [len(p) for p, _ in seqs], [len(p) + len(c) for p, c in seqs], padding=3)
+    assert padded.student_row_span[:len(s_tokens)].equal(packed.student_row_span)
+    assert padded.student_row_span[len(s_tokens):].tolist() == [-1, -1, -1]
+    assert padded.teacher_row_span.equal(packed.teacher_row_span)

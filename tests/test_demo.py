@@ -22,6 +22,15 @@ def test_shipped_warm_starts_match_their_record():
     assert info["teacher_accuracy_measured"] - info["student_accuracy_measured"] >= demo.MIN_TEACHER_LEAD
 
 
+def test_shipped_pair_teacher_matches_its_record():
+    """The cross-tokenizer demo's teacher reads the task in digit pairs and solves it."""
+    info = demo.check_warm_starts(demo.WARM_STARTS, cross_tokenizer=True)
+    assert info["teacher_accuracy_measured"] >= warm_start.TEACHER_TARGET
+    assert info["teacher_accuracy_measured"] == pytest.approx(info["teacher_pairs_accuracy"], abs=1e-6)
+    config = json.loads((demo.WARM_STARTS / warm_start.PAIR_TEACHER / "config.json").read_text())
+    assert config["vocab_size"] == 114 and config["eos_token_id"] == 1  # not the student's vocabulary
+
+
 def test_warm_starts_that_do_not_match_their_record_are_refused(tmp_path):
     copy = tmp_path / "ws"
     shutil.copytree(demo.WARM_STARTS, copy)
@@ -33,6 +42,11 @@ def test_warm_starts_that_do_not_match_their_record_are_refused(tmp_path):
     shutil.rmtree(copy / "teacher")
     with pytest.raises(ValueError, match="teacher: no warm-start model"):
         demo.check_warm_starts(copy)
+    del info["teacher_pairs_accuracy"]
+    info["student_accuracy"] = 0.348
+    (copy / warm_start.INFO_FILE).write_text(json.dumps(info))
+    with pytest.raises(ValueError, match="no teacher_pairs_accuracy recorded"):
+        demo.check_warm_starts(copy, cross_tokenizer=True)
 
 
 def _summary(teacher, before, after):

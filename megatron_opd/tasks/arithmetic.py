@@ -13,7 +13,9 @@ import functools
 import hashlib
 import json
 import random
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -102,16 +104,20 @@ def encode(text: str) -> list[int]:
     return [VOCAB.index(ch) for ch in text]
 
 
-def llama_config(*, hidden: int, heads: int, layers: int) -> dict:
+def llama_config(*, hidden: int, heads: int, layers: int, vocab_size: int = len(VOCAB), eos_id: int = EOS_ID
+                 ) -> dict:
     """A Llama-style config (RMSNorm, SwiGLU with ffn = 4 x hidden, RoPE, no biases, head_dim 32)."""
-    return dict(model_type="llama", vocab_size=len(VOCAB), hidden_size=hidden, intermediate_size=4 * hidden,
+    return dict(model_type="llama", vocab_size=vocab_size, hidden_size=hidden, intermediate_size=4 * hidden,
                 num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
                 head_dim=hidden // heads, max_position_embeddings=32, rms_norm_eps=1e-5,
-                tie_word_embeddings=False, bos_token_id=EOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
+                tie_word_embeddings=False, bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=PAD_ID,
                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
 
 
 PAIR_EOS = "</s>"
+PAIR_VOCAB = [PAD, PAIR_EOS, "+", "="] + [f"{a}{b}" for a in range(10) for b in range(10)] + [str(d) for d in range(10)]
+PAIR_EOS_ID = PAIR_VOCAB.index(PAIR_EOS)
+PAIR0, PAIR_DIGIT0 = PAIR_VOCAB.index("00"), PAIR_VOCAB.index("0")
 
 
 def make_pair_tokenizer(out_dir: str | Path):
@@ -120,10 +126,41 @@ def make_pair_tokenizer(out_dir: str | Path):
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = [PAD, PAIR_EOS, "+", "="] + [f"{a}{b}" for a in range(10) for b in range(10)] + [str(d) for d in range(10)]
-    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(vocab)}, unk_token=PAD))
+    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(PAIR_VOCAB)}, unk_token=PAD))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"</s>|<pad>|\d\d|."), behavior="isolated")
     tok.decoder = decoders.Fuse()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=PAIR_EOS, pad_token=PAD)
     fast.save_pretrained(str(out_dir))
     return fast
+
+
+def encode_pairs_paired(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``[N, 9]`` the ids of :func:`make_pair_tokenizer` for what :func:`encode_pairs` spells:
+    ``96 9 + 99 9 =`` then the reversed sum in two digit pairs and ``</s>``."""
+    s = a + b
+    digit = lambda x, p: (x // p) % 10  # noqa: E731
+    first, last = lambda x: PAIR0 + x // 10, lambda x: PAIR_DIGIT0 + x % 10  # noqa: E731
+    cols = [first(a), last(a), torch.full_like(a, PAIR_VOCAB.index("+")), first(b), last(b),
+            torch.full_like(a, PAIR_VOCAB.index("=")),
+            PAIR0 + 10 * digit(s, 1) + digit(s, 10), PAIR0 + 10 * digit(s, 100) + digit(s, 1000),
+            torch.full_like(a, PAIR_EOS_ID)]
+    return torch.stack(cols, dim=1)
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """One way to write the task as token ids: a tokenizer, its ids of ``a+b=answer<eos>`` and where the
+    answer starts (the warm starts train and score a model in either)."""
+
+    name: str
+    vocab_size: int
+    prompt_len: int
+    encode: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    make_tokenizer: Callable[[str | Path], object]
+    eos_id: int
+
+
+ENCODINGS = {
+    "chars": Encoding("chars", len(VOCAB), 8, encode_pairs, make_tokenizer, EOS_ID),
+    "pairs": Encoding("pairs", len(PAIR_VOCAB), 6, encode_pairs_paired, make_pair_tokenizer, PAIR_EOS_ID),
+}

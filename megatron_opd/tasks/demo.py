@@ -9,6 +9,12 @@
    on the teacher's samples, examples/demo_offpolicy.yaml).
 4. runs/demo/summary.json and runs/demo/curves.png, and a verdict: the demo exits 1 and says why
    when its result does not show what it is meant to show.
+
+``--cross-tokenizer``: the teacher reads the task in digit pairs (``make_pair_tokenizer``: another
+vocabulary, other ids; the warm start ``teacher_pairs``), and one OPD run distils it into the
+char-level student with the span-level sampled reverse KL (examples/demo_xtok.yaml), into
+runs/demo_xtok (the summary's keys are the main demo's; the off-policy ones are null: the teacher's
+samples are in its own ids).
 """
 
 from __future__ import annotations
@@ -35,32 +41,37 @@ MIN_GAP_CLOSED = 0.5  # what "OPD visibly works" means here
 ACCURACY_TOLERANCE = 0.02
 
 
-def run_dir() -> Path:
-    return Path(os.environ.get("MEGATRON_OPD_DEMO_DIR", "runs/demo"))
+def run_dir(cross_tokenizer: bool = False) -> Path:
+    return Path(os.environ.get("MEGATRON_OPD_DEMO_DIR", "runs/demo_xtok" if cross_tokenizer else "runs/demo"))
 
 
-def check_warm_starts(path: Path) -> dict:
-    """The warm starts' recorded accuracies, re-measured here (plain PyTorch, a second)."""
+def check_warm_starts(path: Path, *, cross_tokenizer: bool = False) -> dict:
+    """The warm starts' recorded accuracies, re-measured here (plain PyTorch, a second); with
+    ``cross_tokenizer`` the teacher is the digit-pair one (``teacher_accuracy*`` are then its)."""
     info_file = path / warm_start.INFO_FILE
     if not info_file.is_file():
         raise ValueError(f"{info_file}: missing (warm starts are made by --retrain-warm-starts DIR)")
     info = json.loads(info_file.read_text())
-    for name in ("teacher", "student"):
+    teacher = (warm_start.PAIR_TEACHER, "pairs") if cross_tokenizer else ("teacher", "chars")
+    for role, (name, encoding) in (("teacher", teacher), ("student", ("student", "chars"))):
         if not (path / name / "config.json").is_file():
             raise ValueError(f"{path / name}: no warm-start model there")
-        measured = warm_start.model_accuracy(path / name, info["eval_prompts"])
+        if f"{name}_accuracy" not in info:
+            raise ValueError(f"{info_file}: no {name}_accuracy recorded (--retrain-pair-teacher DIR makes "
+                             f"{warm_start.PAIR_TEACHER})")
+        measured = warm_start.model_accuracy(path / name, info["eval_prompts"], encoding)
         recorded = info[f"{name}_accuracy"]
         if abs(measured - recorded) > ACCURACY_TOLERANCE:
             raise ValueError(f"{path / name}: held-out accuracy {measured:.3f} here, {recorded:.3f} recorded "
                              f"in {info_file}: the files do not match their record")
-        info[f"{name}_accuracy_measured"] = measured
+        info[f"{role}_accuracy_measured"] = measured
     print(f"warm starts {path}: teacher {info['teacher_accuracy_measured']:.3f}, "
           f"student {info['student_accuracy_measured']:.3f} held-out accuracy", flush=True)
     return info
 
 
-def run_trainer(name: str, recipe: Path, overrides: list[str]) -> list[dict]:
-    out = run_dir() / name
+def run_trainer(name: str, recipe: Path, overrides: list[str], *, cross_tokenizer: bool = False) -> list[dict]:
+    out = run_dir(cross_tokenizer) / name
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "-m", "megatron_opd.cli",
            "train", "--config", str(recipe), f"train.run_dir={out}", *overrides]
@@ -114,19 +125,20 @@ def problems(summary: dict) -> list[str]:
     return out
 
 
-def summarize(info: dict, opd: list[dict], off: list[dict], *, wall: float) -> dict:
-    opd_curve, off_curve = curve(opd), curve(off)
-    if not opd_curve or not off_curve:
+def summarize(info: dict, opd: list[dict], off: list[dict] | None, *, wall: float) -> dict:
+    """The runs' summary (``off`` None: no off-policy run, its keys are null)."""
+    opd_curve, off_curve = curve(opd), curve(off or [])
+    if not opd_curve or (off is not None and not off_curve):
         raise RuntimeError("a trainer run logged no eval/accuracy (eval.every must be > 0)")
     before = opd_curve[0][1]
     summary = {
         "teacher_accuracy": info["teacher_accuracy_measured"],
         "student_accuracy_before": before,
         "student_accuracy_after_opd": opd_curve[-1][1],
-        "student_accuracy_after_offpolicy": off_curve[-1][1],
+        "student_accuracy_after_offpolicy": off_curve[-1][1] if off_curve else None,
         "steps": opd_curve[-1][0],
         "opd_seconds": sum(m.get("time/step_s", 0) for m in opd),
-        "offpolicy_seconds": sum(m.get("time/step_s", 0) for m in off),
+        "offpolicy_seconds": sum(m.get("time/step_s", 0) for m in off) if off is not None else None,
         "max_trainer_rollout_logprob_diff": max(m.get("rollout/logprob_abs_diff_max", 0.0) for m in opd),
         "threads": {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
                     "torch_main_process": torch.get_num_threads(),
@@ -136,7 +148,8 @@ def summarize(info: dict, opd: list[dict], off: list[dict], *, wall: float) -> d
     gap = summary["teacher_accuracy"] - before
     if gap > 0:
         summary["gap_closed_opd"] = (summary["student_accuracy_after_opd"] - before) / gap
-        summary["gap_closed_offpolicy"] = (summary["student_accuracy_after_offpolicy"] - before) / gap
+        summary["gap_closed_offpolicy"] = (None if not off_curve else
+                                           (summary["student_accuracy_after_offpolicy"] - before) / gap)
     found = problems(summary)
     summary["meaningful"] = not found
     summary["problems"] = found
@@ -148,11 +161,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--warm-starts", type=Path, default=WARM_STARTS,
                    help="directory with teacher/, student/ and warm_starts.json (default: the shipped ones)")
+    p.add_argument("--cross-tokenizer", action="store_true",
+                   help="distil the digit-pair teacher (its own tokenizer) into the char-level student: one "
+                        "OPD run, runs/demo_xtok")
     p.add_argument("--retrain-warm-starts", type=Path, metavar="DIR",
                    help="train new warm starts into DIR (machine-dependent, 5-15 min) and exit")
+    p.add_argument("--retrain-pair-teacher", type=Path, metavar="DIR",
+                   help="train the cross-tokenizer demo's teacher (digit pairs) into DIR/teacher_pairs, "
+                        "record it in DIR/warm_starts.json and exit")
     p.add_argument("overrides", nargs="*",
                    help="dotted overrides for both trainer runs (e.g. train.steps=20 eval.num_prompts=200)")
     return p.parse_args(argv)
+
+
+def run_all(args, common: list[str]) -> tuple[list[dict], list[dict] | None, dict]:
+    """The demo's trainer runs and its plot's curves: OPD and off-policy, or (``--cross-tokenizer``)
+    one OPD run from the digit-pair teacher."""
+    if args.cross_tokenizer:
+        opd = run_trainer("opd", RECIPES / "demo_xtok.yaml", common, cross_tokenizer=True)
+        return opd, None, {"OPD from a digit-pair teacher (span-level sampled reverse KL)": curve(opd)}
+    opd = run_trainer("opd", RECIPES / "demo_opd.yaml", common)
+    off = run_trainer("offpolicy", RECIPES / "demo_offpolicy.yaml", common)
+    return opd, off, {"OPD (student samples, reverse KL)": curve(opd),
+                      "off-policy (teacher samples, forward KL)": curve(off)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -160,25 +191,26 @@ def main(argv: list[str] | None = None) -> int:
     if args.retrain_warm_starts:
         print(json.dumps(warm_start.retrain(args.retrain_warm_starts), indent=2))
         return 0
+    if args.retrain_pair_teacher:
+        print(json.dumps(warm_start.train_pair_teacher(args.retrain_pair_teacher), indent=2))
+        return 0
     start = time.time()
-    out = run_dir()
+    out = run_dir(args.cross_tokenizer)
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").unlink(missing_ok=True)
     # 100k training prompts: more than the runs draw (steps x prompts per step)
     train_path, eval_path = task.write_datasets(out / "data", num_train=100_000)
-    info = check_warm_starts(args.warm_starts)
-    common = [f"student.path={args.warm_starts / 'student'}", f"teacher.path={args.warm_starts / 'teacher'}",
+    info = check_warm_starts(args.warm_starts, cross_tokenizer=args.cross_tokenizer)
+    teacher = args.warm_starts / (warm_start.PAIR_TEACHER if args.cross_tokenizer else "teacher")
+    common = [f"student.path={args.warm_starts / 'student'}", f"teacher.path={teacher}",
               f"data.train_path={train_path}", f"data.eval_path={eval_path}", *args.overrides]
     try:
-        opd = run_trainer("opd", RECIPES / "demo_opd.yaml", common)
-        off = run_trainer("offpolicy", RECIPES / "demo_offpolicy.yaml", common)
+        opd, off, curves = run_all(args, common)
     except subprocess.CalledProcessError as e:
         print(f"\nTHE DEMO FAILED: a trainer run exited with code {e.returncode} (its error is above); "
               "no summary was written", file=sys.stderr)
         return 1
-    plot({"OPD (student samples, reverse KL)": curve(opd),
-          "off-policy (teacher samples, forward KL)": curve(off)},
-         info["teacher_accuracy_measured"], out / "curves.png")
+    plot(curves, info["teacher_accuracy_measured"], out / "curves.png")
     summary = summarize(info, opd, off, wall=time.time() - start)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary, indent=2))
@@ -187,10 +219,10 @@ def main(argv: list[str] | None = None) -> int:
         print("\nTHE DEMO DID NOT SHOW OPD WORKING:\n" + "\n".join(f"  - {p}" for p in summary["problems"]),
               file=sys.stderr)
         return 1
+    offpolicy = "" if off is None else f"; off-policy distillation {summary['gap_closed_offpolicy']:.0%}"
     print(f"\nOPD closed {summary['gap_closed_opd']:.0%} of the student's gap to the teacher "
           f"({summary['student_accuracy_before']:.3f} -> {summary['student_accuracy_after_opd']:.3f}, "
-          f"teacher {summary['teacher_accuracy']:.3f}) in {summary['steps']} steps; off-policy distillation "
-          f"{summary['gap_closed_offpolicy']:.0%}.")
+          f"teacher {summary['teacher_accuracy']:.3f}) in {summary['steps']} steps{offpolicy}.")
     return 0
 
 

@@ -33,54 +33,56 @@ STUDENT_TARGET = (0.12, 0.45)  # warm-start accuracy window: mid-jump
 STUDENT_SEEDS = (5, 6, 1, 2, 3, 4, 7, 8, 9, 10, 11, 12)
 EVAL_PROMPTS = 1000
 INFO_FILE = "warm_starts.json"
+# The cross-tokenizer demo's teacher: the teacher's shape, trained on the task written in digit pairs
+# (tasks/arithmetic.py: make_pair_tokenizer), so its vocabulary and ids are not the student's.
+PAIR_TEACHER = "teacher_pairs"
 
 
-def eval_set(num: int = EVAL_PROMPTS) -> tuple[torch.Tensor, list[str]]:
-    """Token ids and answers of the first ``num`` held-out pairs: the prompts of eval.jsonl, on
-    which the trainer's runs are scored too."""
+def eval_set(num: int = EVAL_PROMPTS, encoding: str = "chars") -> torch.Tensor:
+    """Token ids (prompt and answer, in ``encoding``) of the first ``num`` held-out pairs: the
+    prompts of eval.jsonl, on which the trainer's runs are scored too."""
     rows = torch.tensor(task.shuffled_pairs("eval")[:num])
-    a, b = rows[:, 0], rows[:, 1]
-    return task.encode_pairs(a, b), [task.answer(x, y) for x, y in zip(a.tolist(), b.tolist())]
+    return task.ENCODINGS[encoding].encode(rows[:, 0], rows[:, 1])
 
 
 @torch.no_grad()
-def accuracy(model, prompts: torch.Tensor, answers: list[str]) -> float:
-    """Greedy exact match of the 4 answer digits (+ eos) on held-out prompts."""
+def accuracy(model, rows: torch.Tensor, prompt_len: int) -> float:
+    """Greedy exact match of the answer tokens (+ eos) after the first ``prompt_len`` of ``rows``."""
     was_training = model.training
     model.eval()
-    ids = prompts[:, :8]
-    for _ in range(5):
+    ids = rows[:, :prompt_len]
+    for _ in range(rows.shape[1] - prompt_len):
         nxt = model(ids).logits[:, -1].argmax(-1, keepdim=True)
         ids = torch.cat([ids, nxt], dim=1)
     model.train(was_training)
-    want = torch.tensor([task.encode(a) + [task.EOS_ID] for a in answers])
-    return (ids[:, 8:] == want).all(dim=1).float().mean().item()
+    return (ids[:, prompt_len:] == rows[:, prompt_len:]).all(dim=1).float().mean().item()
 
 
-def model_accuracy(model_dir: str | Path, num: int = EVAL_PROMPTS) -> float:
+def model_accuracy(model_dir: str | Path, num: int = EVAL_PROMPTS, encoding: str = "chars") -> float:
     """Held-out accuracy of a saved HF model (the demo checks its warm starts with it)."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-    return accuracy(model, *eval_set(num))
+    return accuracy(model, eval_set(num, encoding), task.ENCODINGS[encoding].prompt_len)
 
 
 def train(out_dir: Path, shape: dict, *, seed: int, stop, give_up=None, max_steps: int = 2000,
-          eval_every: int = 50, eval_from: int = 0) -> tuple[float, int] | None:
+          eval_every: int = 50, eval_from: int = 0, encoding: str = "chars") -> tuple[float, int] | None:
     """Supervised training on the task until ``stop(accuracy)``; saves the most accurate weights
     seen (loss spikes happen at this learning rate) as an HF model + tokenizer and returns
     (their accuracy, their step). ``give_up(step, smoothed_loss, accuracy)`` abandons a run that
     will not get there (returns None, saves nothing)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    enc = task.ENCODINGS[encoding]
     torch.manual_seed(seed)
-    config = AutoConfig.for_model(**task.llama_config(**shape))
+    config = AutoConfig.for_model(**task.llama_config(**shape, vocab_size=enc.vocab_size, eos_id=enc.eos_id))
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     pairs = torch.tensor(task.shuffled_pairs("train"))
-    train_ids = task.encode_pairs(pairs[:, 0], pairs[:, 1])
-    ev, answers = eval_set()
+    train_ids = enc.encode(pairs[:, 0], pairs[:, 1])
+    ev, p_len = eval_set(encoding=encoding), enc.prompt_len
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.98), weight_decay=0.1)
     warmup = 50
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -90,15 +92,16 @@ def train(out_dir: Path, shape: dict, *, seed: int, stop, give_up=None, max_step
     start = time.time()
     for step in range(1, max_steps + 1):
         batch = train_ids[torch.randint(0, len(train_ids), (256,), generator=g)]
-        logits = model(batch[:, :-1]).logits[:, 7:]
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 8:].reshape(-1))
+        logits = model(batch[:, :-1]).logits[:, p_len - 1:]
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                 batch[:, p_len:].reshape(-1))
         opt.zero_grad()
         loss.backward()
         opt.step()
         sched.step()
         smooth = loss.item() if smooth is None else 0.9 * smooth + 0.1 * loss.item()
         if step >= eval_from and step % eval_every == 0:
-            acc = accuracy(model, ev, answers)
+            acc = accuracy(model, ev, p_len)
             print(f"  [{out_dir.name} seed {seed}] step {step} loss {smooth:.3f} held-out accuracy {acc:.3f} "
                   f"({time.time() - start:.0f}s)", flush=True)
             if acc > best[0]:
@@ -111,7 +114,7 @@ def train(out_dir: Path, shape: dict, *, seed: int, stop, give_up=None, max_step
     if best[2] is not None:
         model.load_state_dict(best[2])
     model.save_pretrained(out_dir)
-    task.make_tokenizer(out_dir)
+    enc.make_tokenizer(out_dir)
     return best[0], best[1]
 
 
@@ -131,6 +134,27 @@ class StudentStall:
         if self.left_plateau is None:
             return step >= 1200
         return step - self.left_plateau > 200 and acc < self.lo
+
+
+def train_pair_teacher(out: Path) -> dict:
+    """Train the cross-tokenizer demo's teacher into ``out/teacher_pairs`` and record it in
+    ``out/warm_starts.json`` (kept: the other warm starts' record)."""
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    print("training the digit-pair teacher (plain PyTorch, 3-6 min)...", flush=True)
+    result = train(out / PAIR_TEACHER, TEACHER, seed=0, stop=lambda a: a >= TEACHER_TARGET, eval_every=100,
+                   eval_from=300, encoding="pairs")
+    if result[0] < TEACHER_TARGET:
+        raise RuntimeError(f"the digit-pair teacher reached only {result[0]:.3f} held-out accuracy in 2000 steps "
+                           f"(target {TEACHER_TARGET}); try another OMP_NUM_THREADS")
+    info_file = out / INFO_FILE
+    info = json.loads(info_file.read_text()) if info_file.is_file() else {}
+    info.update({"teacher_pairs_accuracy": result[0], "teacher_pairs_step": result[1], "teacher_pairs_seed": 0,
+                 "teacher_pairs_threads": torch.get_num_threads(),
+                 "teacher_pairs_seconds": round(time.time() - start),
+                 "teacher_pairs_command": "python -m megatron_opd.tasks.demo --retrain-pair-teacher DIR"})
+    info_file.write_text(json.dumps(info, indent=2) + "\n")
+    return info
 
 
 def retrain(out: Path) -> dict:
@@ -172,4 +196,4 @@ def retrain(out: Path) -> dict:
         "command": "python -m megatron_opd.tasks.demo --retrain-warm-starts DIR",
     }
     (out / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
-    return info
+    return train_pair_teacher(out)

@@ -26,7 +26,7 @@ from megatron_opd.losses import token_logprobs, topk_logprobs
 from megatron_opd.models.packing import packed_inputs, row_padding, token_multiple
 from megatron_opd.models import schedule
 from megatron_opd.parallel import ModelParallel, ParallelLayout
-from megatron_opd.teacher.signals import Need, TeacherSignal
+from megatron_opd.teacher.signals import Need, TeacherSignal, teacher_tokens
 
 # The fields of a TeacherSignal each need fills.
 SIGNAL_FIELDS = {Need.LOGITS: ("logits",), Need.HIDDEN: ("hidden",), Need.TOPK: ("topk_ids", "topk_logprobs"),
@@ -34,9 +34,11 @@ SIGNAL_FIELDS = {Need.LOGITS: ("logits",), Need.HIDDEN: ("hidden",), Need.TOPK: 
 
 
 def _wire(mb: dict) -> dict:
-    """The part of a micro-batch the teacher needs, as plain CPU data."""
-    return {"input_ids": mb["input_ids"].cpu(), "targets": mb["targets"].cpu(), "lengths": mb["lengths"],
-            "padding": mb.get("padding", 0)}
+    """The part of a micro-batch the teacher scores, as plain CPU data (its own tokenization's, when it
+    has its own tokenizer: then its results have the length of its row)."""
+    mine = teacher_tokens(mb)
+    return {"input_ids": mine["input_ids"].cpu(), "targets": mine["targets"].cpu(), "lengths": mine["lengths"],
+            "padding": mine.get("padding", 0)}
 
 
 def _unwire(w: dict, device, multiple_of: int) -> dict:

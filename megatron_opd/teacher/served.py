@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from megatron_opd.parallel import ModelParallel
 from megatron_opd.rollout.engine import ScoredSequence
-from megatron_opd.teacher.signals import Need, TeacherSignal
+from megatron_opd.teacher.signals import Need, TeacherSignal, teacher_tokens
 
 
 class TeacherServerError(RuntimeError):
@@ -263,11 +263,12 @@ class ServedTeacher:
 
     def _score(self, micro_batches: list[dict]) -> list[TeacherSignal]:
         """Score every packed sequence in one call; lay the results out like the micro-batches."""
-        packed = [_sequences(mb) for mb in micro_batches]
+        rows = [teacher_tokens(mb) for mb in micro_batches]  # the teacher's own ids when it has its own tokenizer
+        packed = [_sequences(row) for row in rows]
         scored = iter(self.client.score([s for seqs in packed for s in seqs]))
         signals = []
-        for mb, seqs in zip(micro_batches, packed):
-            L = mb["input_ids"].shape[1]
+        for row, seqs in zip(rows, packed):
+            L = row["input_ids"].shape[1]
             sig = TeacherSignal(token_logprobs=torch.zeros(L),
                                 topk_ids=torch.zeros(L, self.top_k, dtype=torch.long),
                                 topk_logprobs=torch.full((L, self.top_k), -1e4))

@@ -33,6 +33,13 @@ class TeacherSignal:
     token_logprobs: torch.Tensor | None = None  # [L] of the micro-batch's targets
 
 
+def teacher_tokens(micro_batch: dict) -> dict:
+    """What the teacher scores of a micro-batch (``input_ids``, ``targets``, ``lengths``): the
+    student's packed row, or, for a teacher with its own tokenizer, the same sequences in its
+    tokenization packed in the same order (``micro_batch["teacher_tokens"]``)."""
+    return micro_batch.get("teacher_tokens", micro_batch)
+
+
 class Teacher(Protocol):
     """A teacher scores the student's packed micro-batches. Collective: every rank of the job
     calls its methods at the same point."""

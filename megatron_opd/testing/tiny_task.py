@@ -31,6 +31,21 @@ def make_task_dir(root: str | Path, *, num_train: int = 2000) -> Path:
     return root
 
 
+def add_pair_teacher(root: str | Path, *, seed: int = 2) -> Path:
+    """A random teacher in the demo's student shape that reads the task in digit pairs
+    (``make_pair_tokenizer``: another vocabulary, other ids, EOS ``</s>``), at ``root/teacher_pairs``."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    out = Path(root) / "teacher_pairs"
+    enc = task.ENCODINGS["pairs"]
+    torch.manual_seed(seed)
+    config = task.llama_config(hidden=64, heads=2, layers=2, vocab_size=enc.vocab_size, eos_id=enc.eos_id)
+    AutoModelForCausalLM.from_config(AutoConfig.for_model(**config)).save_pretrained(out)
+    enc.make_tokenizer(out)
+    return out
+
+
 def base_overrides(root: str | Path, run_dir: str | Path, steps: int) -> list[str]:
     root = Path(root)
     return [f"student.path={root / 'student'}", f"teacher.path={root / 'teacher'}",

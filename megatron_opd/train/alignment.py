@@ -271,12 +271,12 @@ class TokenizerPair:
     than ``min_coverage`` of a completion raises :class:`AlignmentError`."""
 
     def __init__(self, student_tokenizer, teacher_tokenizer, *, special_tokens: dict[str, str] | None = None,
-                 min_coverage: float = 0.5):
+                 min_coverage: float = 0.5, min_coverage_name: str = "min_coverage"):
         if isinstance(min_coverage, bool) or not isinstance(min_coverage, (int, float)) or not 0 <= min_coverage <= 1:
             raise ValueError(f"min_coverage must be a number in [0, 1], got {min_coverage!r}")
         self.student = ByteVocab.of(student_tokenizer, name="student")
         self.teacher = ByteVocab.of(teacher_tokenizer, name="teacher")
-        self.min_coverage = float(min_coverage)
+        self.min_coverage, self.min_coverage_name = float(min_coverage), min_coverage_name
         self.special_map = self._special_map(special_tokens or {})
         self.shared_student_ids, self.shared_teacher_ids = shared_vocabulary(self.student, self.teacher,
                                                                              self.special_map)
@@ -485,7 +485,7 @@ class TokenizerPair:
             coverage = float(length[valid].sum()) / total
         if coverage < self.min_coverage:
             raise AlignmentError(f"{where}: the alignment covers {coverage:.3f} of the completion's text, below "
-                                 f"min_coverage={self.min_coverage} (special tokens without a teacher counterpart, "
+                                 f"{self.min_coverage_name}={self.min_coverage} (special tokens without a teacher counterpart, "
                                  "bytes that are not UTF-8, or text the teacher's tokenizer cannot spell)")
         return Alignment(prompt + [int(i) for i in t_ids], len(prompt), s_span.astype(np.int64),
                          t_span.astype(np.int64), one, coverage)
@@ -515,9 +515,10 @@ class PackedAlignment:
 
 
 def pack_alignments(alignments: Sequence[Alignment], student_prompt_lens: Sequence[int],
-                    student_lengths: Sequence[int], *, device=None) -> PackedAlignment:
+                    student_lengths: Sequence[int], *, padding: int = 0, device=None) -> PackedAlignment:
     """The rows of ``alignments`` when the student's sequences (``prompt_len``, total length) are
-    packed in this order, and the teacher's ``teacher_ids`` are packed in the same order."""
+    packed in this order, followed by ``padding`` tokens in no span, and the teacher's
+    ``teacher_ids`` are packed in the same order."""
     if not len(alignments) == len(student_prompt_lens) == len(student_lengths):
         raise ValueError(f"{len(alignments)} alignments, {len(student_prompt_lens)} prompt lengths and "
                          f"{len(student_lengths)} lengths")
@@ -543,6 +544,7 @@ def pack_alignments(alignments: Sequence[Alignment], student_prompt_lens: Sequen
         s_rows.append(s)
         t_rows.append(t)
         spans += a.num_spans
+    s_rows.append(np.full(padding, -1, dtype=np.int64))
 
     def cat(xs):
         return torch.from_numpy(np.concatenate(xs) if xs else np.zeros(0, dtype=np.int64)).to(device)

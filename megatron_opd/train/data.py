@@ -9,6 +9,7 @@ import torch
 
 from megatron_opd.models.packing import pack_lengths, packed_inputs, row_padding
 from megatron_opd.parallel import lockstep_count
+from megatron_opd.train.alignment import Alignment, pack_alignments
 from megatron_opd.utils import read_jsonl
 
 
@@ -20,6 +21,9 @@ class PromptRecord:
     prompt_ids: list[int]
     completion_ids: list[int] | None = None
     metadata: dict = field(default_factory=dict)
+    # The prompt as the row gave it (a teacher with its own tokenizer renders or encodes it itself).
+    messages: list[dict] | None = None
+    prompt_text: str | None = None
 
 
 def _read_rows(path: Path) -> list[tuple[int, dict]]:
@@ -89,7 +93,9 @@ def load_prompts(path: str | Path, tokenizer, *, vocab_size: int, max_prompt_tok
             completion = tokenizer(row["completion"], add_special_tokens=False)["input_ids"]
             if tokenizer.eos_token_id is not None:
                 completion = completion + [tokenizer.eos_token_id]
-        records.append(PromptRecord(len(records), list(prompt), completion, meta))
+        records.append(PromptRecord(len(records), list(prompt), completion, meta,
+                                    messages=row.get("messages") if "prompt_ids" not in row else None,
+                                    prompt_text=row.get("prompt") if "prompt_ids" not in row else None))
     if not records:
         raise ValueError(f"{path}: no rows")
     return records
@@ -189,6 +195,9 @@ class Sequence:
     on_policy: bool = True
     weight: float = 1.0
     finish_reason: str = ""
+    # A teacher with its own tokenizer: the teacher's tokenization of the same text and the spans
+    # (train/alignment.py); None when both share token ids.
+    alignment: Alignment | None = None
 
     @property
     def completion_len(self) -> int:
@@ -236,7 +245,27 @@ def micro_batch(seqs: list[Sequence], indices: list[int], *, device, multiple_of
         "seq_indices": list(indices),
     }
     batch.update(packed_inputs(lengths, device=device, padding=padding))
+    aligned = [seqs[i].alignment for i in indices]
+    if any(a is not None for a in aligned):
+        if not all(a is not None for a in aligned):
+            raise ValueError("a micro-batch mixes sequences with and without a teacher alignment")
+        batch.update(teacher_tokens_of(aligned, device=device),
+                     alignment=pack_alignments(aligned, [seqs[i].prompt_len for i in indices], lengths,
+                                               padding=padding, device=device))
     return batch
+
+
+def teacher_tokens_of(alignments: list[Alignment], *, device) -> dict:
+    """The same sequences in the teacher's tokenization, packed in the same order: its row's
+    ``input_ids``, ``targets`` and ``lengths`` (``batch["teacher_tokens"]``, what the teacher scores;
+    the teacher pads it to its own token multiple)."""
+    tokens, targets = [], []
+    for a in alignments:
+        tokens.extend(a.teacher_ids)
+        targets.extend(a.teacher_ids[1:] + [0])
+    return {"teacher_tokens": {"input_ids": torch.tensor([tokens], device=device),
+                               "targets": torch.tensor([targets], device=device),
+                               "lengths": [len(a.teacher_ids) for a in alignments], "padding": 0}}
 
 
 def pack_micro_batches(seqs: list[Sequence], *, budget: int, device, multiple_of: int = 1,

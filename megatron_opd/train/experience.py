@@ -10,6 +10,7 @@ import torch.distributed as dist
 
 from megatron_opd.parallel import ModelParallel
 from megatron_opd.rollout.engine import RolloutEngine, SamplingConfig
+from megatron_opd.train.alignment import TokenizerPair
 from megatron_opd.train.data import PromptRecord, Sequence, StepPrompts
 
 
@@ -86,6 +87,26 @@ def offpolicy_from_dataset(records: list[PromptRecord], *, weight_field: str = "
     return out
 
 
+def align_to_teacher(pair: TokenizerPair, seqs: list[Sequence], records: list[PromptRecord], *,
+                     step: int) -> None:
+    """Give every sequence the teacher's tokenization of its text and the spans both tokenizations
+    share (``Sequence.alignment``); the teacher renders the prompt from the row's messages with its
+    own chat template, or encodes the row's text. Raises ``AlignmentError`` naming the step, prompt
+    and sample for a chat template that cannot render, or an alignment that covers less than the
+    pair's ``min_coverage`` of a completion."""
+    if not seqs:
+        return
+    by_index = {r.index: r for r in records}
+    rows = [by_index[s.prompt_index] for s in seqs]
+    alignments = pair.align_batch(
+        [s.tokens[:s.prompt_len] for s in seqs], [s.tokens[s.prompt_len:] for s in seqs],
+        messages=[r.messages for r in rows], prompt_texts=[None if r.messages else r.prompt_text for r in rows],
+        where=[f"step {step}, prompt {s.prompt_index}, sample {s.sample_index}"
+               for s in seqs])
+    for s, a in zip(seqs, alignments):
+        s.alignment = a
+
+
 def _weight(record: PromptRecord, weight_field: str) -> float:
     if not weight_field:
         return 1.0
@@ -98,16 +119,18 @@ class Rollouts:
     """This replica's training sequences of each step (identical on every rank of the replica).
 
     ``rollout``: the ``rollout`` config section (sampling, off-policy source, turns);
-    ``teacher_engine``: the teacher's engine when off-policy samples come from the teacher.
+    ``teacher_engine``: the teacher's engine when off-policy samples come from the teacher;
+    ``aligner``: the tokenizer pair of a teacher with its own tokenizer (every sequence is then
+    aligned to the teacher's tokenization).
     """
 
     def __init__(self, rollout, prompts: StepPrompts, *, mp: ModelParallel, student_engine: RolloutEngine,
                  teacher_engine: RolloutEngine | None, environment, stop_token_ids: list[int],
-                 max_total_tokens: int, weight_field: str = ""):
+                 max_total_tokens: int, weight_field: str = "", aligner: TokenizerPair | None = None):
         self.rollout, self.prompts, self.mp = rollout, prompts, mp
         self.student_engine, self.teacher_engine = student_engine, teacher_engine
         self.environment, self.stop_token_ids, self.max_total_tokens = environment, stop_token_ids, max_total_tokens
-        self.weight_field = weight_field
+        self.weight_field, self.aligner = weight_field, aligner
 
     def for_step(self, step: int) -> list[Sequence]:
         records, on_policy = self.prompts.for_replica(step, dp_rank=self.mp.dp_rank, dp_size=self.mp.dp_size)
@@ -125,6 +148,8 @@ class Rollouts:
                 s.on_policy = False
                 s.rollout_logprobs = None  # the teacher's, not the student's: no mismatch metric
             seqs += teacher_seqs
+        if self.aligner is not None:
+            align_to_teacher(self.aligner, seqs, records, step=step)
         return seqs
 
     def _sample(self, engine: RolloutEngine, records: list[PromptRecord], sampling: SamplingConfig) -> list[Sequence]:

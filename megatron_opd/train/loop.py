@@ -20,6 +20,7 @@ from megatron_opd.rollout.consistency import check_mismatch
 from megatron_opd.rollout.engine import RolloutEngine
 from megatron_opd.rollout.sync import SyncStats, WeightSync
 from megatron_opd.teacher.signals import Need, Teacher, TeacherSignal
+from megatron_opd.train.alignment import TokenizerPair
 from megatron_opd.train.data import (StepPrompts, check_tokenizers, eos_token_ids, load_prompts, load_tokenizer,
                                      pack_micro_batches)
 from megatron_opd.train.environments import make_environment
@@ -64,7 +65,10 @@ class Trainer:
         cfg.validate(world_size=dist.get_world_size())
         # Everything a user can get wrong, before any model is built or loaded.
         cfg.check_inputs()
-        cfg.check_models(model_arch(cfg.student.path), model_arch(cfg.teacher.path) if cfg.teacher.path else None)
+        teacher_arch = model_arch(cfg.teacher.path) if cfg.teacher.path else None
+        student_arch = model_arch(cfg.student.path)
+        cfg.check_models(student_arch, teacher_arch)
+        self.aligner = self._tokenizer_pair(student_arch, teacher_arch)
         self.run_dir = Path(cfg.train.run_dir)
         self.mp = parallel.initialize_global_model_parallel(cfg.student.layout, what="student")
         self.student = load_model(cfg.student.path, self.mp, seed=cfg.train.seed,
@@ -100,12 +104,24 @@ class Trainer:
 
     def _build_teacher(self) -> Teacher:
         cfg = self.cfg
-        teacher = cfg.teacher.build(need=cfg.loss.teacher_need, top_k=cfg.loss.top_k,
-                                    vocab_size=self.arch.vocab_size, seed=cfg.train.seed)
-        if teacher.model is not None:
+        # A served teacher checks the ids it is sent against this vocabulary: its own, with its own tokenizer.
+        vocab = self.arch.vocab_size if self.aligner is None else self.aligner.teacher.size
+        teacher = cfg.teacher.build(need=cfg.loss.teacher_need, top_k=cfg.loss.top_k, vocab_size=vocab,
+                                    seed=cfg.train.seed)
+        if teacher.model is not None and cfg.loss.cross_tokenizer == "none":
             check_tokenizers(self.tokenizer, load_tokenizer(cfg.teacher.path), student_vocab=self.arch.vocab_size,
                              teacher_vocab=teacher.model.arch.vocab_size)
         return teacher
+
+    def _tokenizer_pair(self, student_arch, teacher_arch) -> TokenizerPair | None:
+        """A teacher with its own tokenizer: both tokenizers, to align every rollout to the teacher's
+        (checked before any weight is loaded)."""
+        cfg = self.cfg
+        if cfg.loss.cross_tokenizer == "none":
+            return None
+        return cfg.loss.tokenizer_pair(load_tokenizer(cfg.student.path), load_tokenizer(cfg.teacher.path),
+                                       student_path=cfg.student.path, teacher_path=cfg.teacher.path,
+                                       student_vocab=student_arch.vocab_size, teacher_vocab=teacher_arch.vocab_size)
 
     def _start_rollouts(self, engine: RolloutEngine | None) -> None:
         """The prompts, the engines (after the trainer's groups exist, on every rank at the same
@@ -129,7 +145,7 @@ class Trainer:
         self.rollouts = Rollouts(r, prompts, mp=self.mp, student_engine=self.engine,
                                  teacher_engine=self.teacher_engine, environment=environment,
                                  stop_token_ids=self.stop_ids, max_total_tokens=max_total_tokens,
-                                 weight_field=cfg.loss.weight_field)
+                                 weight_field=cfg.loss.weight_field, aligner=self.aligner)
 
     def _load_prompts(self) -> tuple[list, list]:
         d = self.cfg.data

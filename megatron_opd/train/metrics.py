@@ -18,7 +18,7 @@ from megatron_opd.utils import atomic_write_text, log0
 
 # What the objective's metrics of each micro-batch are summed as (see train/objective.py).
 LOSS_SUMS = ("loss_sum", "divergence_sum", "loss_tokens", "mismatch_sum", "mismatch_tokens", "topk_overlap_sum",
-             "topk_mass_overlap_sum")
+             "topk_mass_overlap_sum", "xtok_span_tokens", "xtok_tokens")
 SEQUENCE_SUMS = ("completion_tokens", "tool_tokens", "sequences", "tokens")
 
 
@@ -61,6 +61,8 @@ def step_metrics(outputs: list[dict], seqs: list, mp: ModelParallel) -> dict:
     if s["topk_overlap_sum"]:
         out["topk_overlap"] = s["topk_overlap_sum"] / tokens
         out["topk_mass_overlap"] = s["topk_mass_overlap_sum"] / tokens
+    if s["xtok_tokens"]:  # a teacher with its own tokenizer: trained tokens in aligned spans
+        out["xtok/span_coverage"] = s["xtok_span_tokens"] / s["xtok_tokens"]
     if s["mismatch_tokens"]:
         out["rollout/logprob_abs_diff_max"] = s["mismatch_max"]
         out["rollout/logprob_abs_diff_mean"] = s["mismatch_sum"] / s["mismatch_tokens"]

@@ -19,11 +19,13 @@ import torch
 from megatron_opd.losses import (fused_linear_divergence_sum, fused_linear_token_logprobs,
                                  fused_linear_topk_logprobs, sampled_token_reverse_kl, token_logprobs,
                                  topk_logprobs, vocab_parallel_divergence)
+from megatron_opd.losses.cross_tokenizer import span_reverse_kl
 from megatron_opd.losses.divergence import SUPPORTS as DIVERGENCE_SUPPORTS
 from megatron_opd.losses.kinds import KINDS as DIVERGENCE_KINDS
 from megatron_opd.models.builder import ShardedModel
 from megatron_opd.models.schedule import final_hidden_states, gather_sequence_parallel, output_weight
 from megatron_opd.teacher.signals import Need, TeacherSignal
+from megatron_opd.train.alignment import PackedAlignment
 
 # loss.kind: a divergence over a support, or the sampled-token log-ratio as a per-token advantage.
 SAMPLED_REVERSE_KL = "sampled_reverse_kl"
@@ -32,6 +34,9 @@ KINDS = DIVERGENCE_KINDS + (SAMPLED_REVERSE_KL,)
 TEACHER_TOPK_INPUT = "teacher_topk_input"
 SUPPORTS = DIVERGENCE_SUPPORTS + (TEACHER_TOPK_INPUT,)
 OVERLAP_K = 8  # top-k used for the teacher/student overlap metric
+# loss.cross_tokenizer: a teacher with the student's token ids, or with its own tokenizer (the span-level
+# sampled reverse KL over the text both tokenizations cover: losses/cross_tokenizer.py).
+CROSS_TOKENIZER = ("none", "span")
 
 
 def teacher_need(*, kind: str, support: str, fused_linear: bool) -> Need:
@@ -53,11 +58,12 @@ class Tokens:
     targets: torch.Tensor  # clamped into the vocabulary (masked positions may hold anything)
     on_policy: torch.Tensor  # 1 where the token was sampled by the rollout engine
     rollout_logprobs: torch.Tensor  # the engine's log-prob of it (0 elsewhere)
+    alignment: PackedAlignment | None = None  # a teacher with its own tokenizer: the spans of the rows
 
     @classmethod
     def of(cls, batch: dict, vocab_size: int) -> Tokens:
         return cls(batch["loss_mask"][0], batch["weights"][0], batch["targets"][0].clamp(0, vocab_size - 1),
-                   batch["on_policy"][0], batch["rollout_logprobs"][0])
+                   batch["on_policy"][0], batch["rollout_logprobs"][0], batch.get("alignment"))
 
 
 # ---------------------------------------------------------------- heads: what the student hands over
@@ -188,6 +194,28 @@ class SampledReverseKLLoss:
         return torch.where(tokens.on_policy > 0, ratio, torch.ones_like(ratio))
 
 
+class SpanReverseKLLoss(SampledReverseKLLoss):
+    """:class:`SampledReverseKLLoss` for a teacher with its own tokenizer: the log-ratio is taken per
+    span of text that is whole tokens on both sides (the student's tokens' log-probs against the
+    teacher's over the same text, :func:`~megatron_opd.losses.cross_tokenizer.span_reverse_kl`) and
+    is the advantage of each student token of the span. Tokens in no aligned span get no gradient;
+    the divergence is each span's log-ratio spread over its student tokens. With one token per side
+    in every span it is :class:`SampledReverseKLLoss` exactly."""
+
+    def __call__(self, head: Head, x, tokens: Tokens, signal: TeacherSignal):
+        a = tokens.alignment
+        if a is None:
+            raise ValueError("loss.cross_tokenizer=span: the micro-batch has no alignment to the teacher's tokens")
+        sig = span_reverse_kl(x, tokens.targets, signal.token_logprobs.to(x.device), student_span=a.student_row_span,
+                              teacher_span=a.teacher_row_span, num_spans=a.num_spans, loss_mask=tokens.mask,
+                              temperature=self.temperature, **head.common)
+        per_tok = sig.loss
+        if self.importance_cap is not None:
+            student_lp = head.token_logprobs(x, tokens.targets, temperature=self.temperature)
+            per_tok = per_tok * self.importance_weights(head, x, tokens, student_lp)
+        return (per_tok * tokens.weights * tokens.mask).sum(), sig.divergence.detach()
+
+
 class DivergenceLoss:
     """A divergence between the student's and the teacher's next-token distributions over a
     support; a teacher that sent only its top-k is compared on its top-k buckets."""
@@ -237,13 +265,17 @@ class Objective:
     def _metrics(self, x, batch: dict, tokens: Tokens, signal: TeacherSignal, divergence) -> dict:
         mask = tokens.mask
         metrics = {"divergence_sum": (divergence * mask).sum(), "loss_tokens": mask.sum()}
+        if tokens.alignment is not None:  # trained tokens each cross-tokenizer objective covers
+            covered = tokens.alignment.coverage(mask)
+            metrics.update(xtok_span_tokens=covered["span"], xtok_tokens=covered["tokens"])
         # Trainer-vs-rollout agreement on the on-policy sampled tokens.
         onp = mask * batch["on_policy"][0]
         if onp.sum() > 0:
             lp = self.head.token_logprobs(x, tokens.targets, temperature=self.rollout_temperature)
             diff = (lp - batch["rollout_logprobs"][0]).abs() * onp
             metrics.update(mismatch_max=diff.max(), mismatch_sum=diff.sum(), mismatch_tokens=onp.sum())
-        if signal.logits is not None or signal.hidden is not None or signal.topk_ids is not None:
+        teacher_ids = signal.logits is not None or signal.hidden is not None or signal.topk_ids is not None
+        if teacher_ids and tokens.alignment is None:  # another tokenizer's ids are not the student's
             overlap, mass = self._topk_overlap(x, signal)
             metrics.update(topk_overlap_sum=(overlap * mask).sum(), topk_mass_overlap_sum=(mass * mask).sum())
         return metrics
@@ -267,11 +299,15 @@ class Objective:
 def make_objective(student: ShardedModel, *, kind: str, beta: float, support: str, top_k: int,
                    temperature: float, chunk_size: int | None, fused_linear: bool,
                    teacher_output_weight: torch.Tensor | None, teacher_temperature: float,
-                   rollout_temperature: float, importance_cap: float | None = None) -> Objective:
+                   rollout_temperature: float, importance_cap: float | None = None,
+                   cross_tokenizer: str = "none") -> Objective:
     """The objective of the ``loss`` config section for ``student`` (see :meth:`LossConfig.build`)."""
     common = dict(vocab_size=student.arch.vocab_size, tp_group=student.mp.tp_group, chunk_size=chunk_size)
     head = FusedHead(student, teacher_output_weight, **common) if fused_linear else LogitsHead(**common)
-    if kind == SAMPLED_REVERSE_KL:
+    if cross_tokenizer == "span":
+        loss = SpanReverseKLLoss(temperature=temperature, importance_cap=importance_cap,
+                                 rollout_temperature=rollout_temperature)
+    elif kind == SAMPLED_REVERSE_KL:
         loss = SampledReverseKLLoss(temperature=temperature, importance_cap=importance_cap,
                                     rollout_temperature=rollout_temperature)
     else:
