@@ -21,7 +21,8 @@ def describe_layouts(cfg: Config, world_size: int) -> str:
             lines.append(f"teacher: served at {cfg.teacher.served_url}")
             continue
         dp = world_size // (m.tp * m.pp)
-        lines.append(f"{name}: tp={m.tp} pp={m.pp} dp={dp} ({m.path})")
+        experts = f" ep={m.ep} (expert dp={m.layout.expert_data_parallel_size(world_size)})" if m.ep > 1 else ""
+        lines.append(f"{name}: tp={m.tp} pp={m.pp} dp={dp}{experts} ({m.path})")
     return "\n".join(lines)
 
 
@@ -42,7 +43,7 @@ def dry_run(cfg: Config, world: int, *, rehearse: bool = True) -> tuple[str, boo
     if "student" in archs:
         cfg.check_models(archs["student"], archs.get("teacher"))
     elif "teacher" in archs:
-        archs["teacher"].check_parallel(tp=cfg.teacher.tp, pp=cfg.teacher.pp, what="teacher")
+        archs["teacher"].check_parallel(tp=cfg.teacher.tp, pp=cfg.teacher.pp, ep=cfg.teacher.ep, what="teacher")
     ok = True
     if "student" in archs:
         rows = estimate(cfg, archs["student"], archs.get("teacher"), world_size=world)

@@ -14,6 +14,7 @@ import torch.distributed as dist
 from megatron_opd import parallel
 from megatron_opd.checkpoint.load import load_model, model_arch
 from megatron_opd.config import Config
+from megatron_opd.models.moe import ExpertLoad
 from megatron_opd.models.packing import token_multiple
 from megatron_opd.rollout.consistency import check_mismatch
 from megatron_opd.rollout.engine import RolloutEngine
@@ -71,7 +72,9 @@ class Trainer:
         self.run_dir = Path(cfg.train.run_dir)
         self.mp = parallel.initialize_global_model_parallel(cfg.student.layout, what="student")
         self.student = load_model(cfg.student.path, self.mp, seed=cfg.train.seed,
-                                  params_dtype=cfg.student.params_dtype)
+                                  params_dtype=cfg.student.params_dtype,
+                                  moe_aux_loss_coeff=cfg.student.moe_aux_loss_coeff)
+        self.expert_load = ExpertLoad(self.student) if self.student.arch.is_moe else None
         self.arch = self.student.arch
         self.trainable = cfg.optim.build(self.student, total_steps=cfg.train.steps)
         self.tokenizer = load_tokenizer(cfg.student.path)
@@ -170,7 +173,8 @@ class Trainer:
         with timer("teacher"):
             micro_batches = pack_micro_batches(seqs, budget=self.cfg.data.micro_batch_tokens,
                                                device=parallel.device(),
-                                               multiple_of=token_multiple(self.student.config))
+                                               multiple_of=token_multiple(self.student.config),
+                                               lockstep=self.mp.layout.ep > 1)
             signals = self.teacher.signals(micro_batches, self.mp)
         with timer("student"):
             update = self.update_student(step, micro_batches, signals)
@@ -205,6 +209,8 @@ class Trainer:
         elapsed = timer.elapsed()
         metrics = step_metrics(update.outputs, seqs, self.mp)
         metrics.update(timer.seconds)
+        if self.expert_load is not None:  # tokens per expert and router statistics of the update
+            metrics.update(self.expert_load.collect())
         metrics.update({"lr": update.lr, "grad_norm": update.grad_norm, "skipped_steps": float(self.guard.skipped),
                         "sync/bytes_per_s": synced.bytes_per_second,
                         "tokens_per_s": metrics.pop("_tokens") / elapsed, "time/step_s": elapsed})
