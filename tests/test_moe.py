@@ -428,6 +428,7 @@ def test_dry_run_plans_expert_parallel_layouts():
     text, _ = dry_run(load_config(None, overrides), 16)
     assert "student: tp=1 pp=1 dp=16 ep=4 (expert dp=4)" in text
     assert "teacher: tp=2 pp=1 dp=8 ep=8 (expert dp=1)" in text
+    assert "rehearsal: not run: the student and teacher are mixture of experts" in text
     with pytest.raises(ValueError, match=r"student: ep \* etp = 3 \* 2 = 6 does not divide the 16 ranks"):
         dry_run(load_config(None, overrides + ["student.ep=3", "student.tp=2"]), 16)
     # the trainer does not turn sequence parallelism on, which MoE layers need to train at TP > 1

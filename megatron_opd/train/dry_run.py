@@ -52,7 +52,12 @@ def dry_run(cfg: Config, world: int, *, rehearse: bool = True) -> tuple[str, boo
                                    host_memory_gb=cfg.train.host_memory_gb)
         out.append(host)
         ok = fits(rows, gpu_memory_gb=cfg.train.gpu_memory_gb) and host_ok
-        if rehearse:
+        moe = [name for name, arch in archs.items() if arch.is_moe]
+        if rehearse and moe:
+            out.append(f"rehearsal: not run: the {' and '.join(moe)} {'is a' if len(moe) == 1 else 'are'} "
+                       "mixture of experts, whose token dispatch reads counts on the host, which fake "
+                       "tensors cannot give yet; the memory above is the estimate alone")
+        elif rehearse:
             print("\n".join(out), flush=True)  # the plan first: the rehearsal takes a while
             out = []
             reports = [rehearse_rank(cfg, archs["student"], archs.get("teacher"), rank=r, world_size=world)
