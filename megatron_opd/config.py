@@ -56,13 +56,17 @@ class ModelConfig:
     path: str = ""
     tp: int = 1
     pp: int = 1
+    ep: int = 1  # expert parallel (mixture-of-experts models); experts split tp ways within
+    # Mixture-of-experts load-balancing loss (megatron's Switch aux loss) while training this
+    # model; off by default: a distilled student follows its teacher's routing.
+    moe_aux_loss_coeff: float = 0.0
     # Parameter dtype: "fp32" or "bf16" (megatron's mixed precision: bf16 parameters and
     # activations, fp32 main parameters and gradient reduction; the divergence math stays fp32).
     dtype: str = "fp32"
 
     @property
     def layout(self) -> ParallelLayout:
-        return ParallelLayout(self.tp, self.pp)
+        return ParallelLayout(self.tp, self.pp, self.ep)
 
     @property
     def params_dtype(self) -> torch.dtype:
@@ -70,7 +74,13 @@ class ModelConfig:
 
     def validate(self, name: str) -> None:
         _require(self.path, f"{name}.path is required")
+        self._validate_split(name)
+
+    def _validate_split(self, name: str) -> None:
         _require(self.tp >= 1 and self.pp >= 1, f"{name}.tp and {name}.pp must be >= 1")
+        _require(self.ep >= 1, f"{name}.ep must be >= 1, got {self.ep}")
+        _require(self.moe_aux_loss_coeff >= 0,
+                 f"{name}.moe_aux_loss_coeff must be >= 0, got {self.moe_aux_loss_coeff}")
         params_dtype(self.dtype, what=f"{name}.dtype")
 
 
@@ -86,8 +96,7 @@ class TeacherConfig(ModelConfig):
 
     def validate(self, name: str = "teacher") -> None:
         _require(self.path or self.served_url, f"{name}.path or {name}.served_url is required")
-        _require(self.tp >= 1 and self.pp >= 1, f"{name}.tp and {name}.pp must be >= 1")
-        params_dtype(self.dtype, what=f"{name}.dtype")
+        self._validate_split(name)
         _require(self.temperature > 0, f"{name}.temperature must be > 0, got {self.temperature}")
         if self.served_url:
             _require(self.temperature == 1.0,
@@ -605,9 +614,17 @@ class Config:
     def check_models(self, student: ArchConfig, teacher: ArchConfig | None = None) -> None:
         """Check every field that depends on the models against their configs (read from
         config.json, before any weight is loaded); ValueError naming the field."""
-        student.check_parallel(tp=self.student.tp, pp=self.student.pp, what="student")
+        student.check_parallel(tp=self.student.tp, pp=self.student.pp, ep=self.student.ep, what="student")
+        _require(not student.is_moe or self.student.tp == 1,
+                 f"student.tp={self.student.tp}: a mixture-of-experts student trains at TP > 1 only with "
+                 "sequence parallelism (megatron's MoE layer), which the trainer does not turn on; use "
+                 "student.tp=1 and split the experts with student.ep")
+        _require(self.student.ep == 1 or self.loss.cross_tokenizer == "none",
+                 f"loss.cross_tokenizer={self.loss.cross_tokenizer!r} with student.ep={self.student.ep}: the "
+                 "filler micro-batches of expert-parallel lockstep carry no teacher tokenization; use "
+                 "student.ep=1 or a teacher with the student's tokenizer")
         if teacher is not None:
-            teacher.check_parallel(tp=self.teacher.tp, pp=self.teacher.pp, what="teacher")
+            teacher.check_parallel(tp=self.teacher.tp, pp=self.teacher.pp, ep=self.teacher.ep, what="teacher")
         check_engine_tp(student, self.rollout.tp)
         if teacher is not None and self.rollout.uses_teacher_samples:
             check_engine_tp(teacher, self.rollout.tp, what="rollout.tp (the teacher's engine)")

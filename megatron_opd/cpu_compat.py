@@ -4,8 +4,11 @@ megatron-core 0.16.1 assumes a GPU in a few places that have nothing to do with 
 `torch.cuda.current_device()` as an allocation device, `torch.cuda.synchronize()`, about a dozen
 modules that allocate with a hard-coded ``device="cuda"``, a gradient-clipping helper that asserts
 CUDA tensor types, a bf16 optimizer that accepts parameters by CUDA type name, and an RNG tracker
-built on the CUDA generator. This module routes all of them
-to the CPU. It patches private internals, so megatron-core is pinned exactly and
+built on the CUDA generator; in mixture-of-experts layers, the router's gemm reads Transformer
+Engine's ``te_general_gemm`` (undefined without TE) and the all-to-all token dispatcher moves its
+split sizes to the host on a side CUDA stream and, at expert tensor parallel > 1, gathers and
+reduce-scatters uneven token counts (which gloo's list collectives refuse). This module routes all
+of them to the CPU. It patches private internals, so megatron-core is pinned exactly and
 ``tests/test_cpu_compat.py`` is the canary that fails loudly when an upgrade breaks a shim.
 """
 
@@ -78,12 +81,16 @@ def route_cuda_to(device: torch.device):
 
 class _CpuTorch(types.ModuleType):
     """Stand-in for the ``torch`` name inside one megatron module: factory calls that ask for
-    ``device="cuda"`` get the CPU; everything else is torch itself."""
+    ``device="cuda"`` get the CPU; ``overrides`` replace whole attributes (``torch.cuda``,
+    ``torch.distributed``); everything else is torch itself."""
 
-    def __init__(self):
+    def __init__(self, **overrides):
         super().__init__("torch")
+        self._overrides = overrides
 
     def __getattr__(self, name):
+        if name in self._overrides:
+            return self._overrides[name]
         attr = getattr(torch, name)
         if name in _FACTORIES:
             def factory(*args, __f=attr, **kwargs):
@@ -150,6 +157,80 @@ class CpuRNGStatesTracker:
                 orig = self.states_[orig_name]
             torch.set_rng_state(orig)
             self._current_state_name = orig_name
+
+
+class _HostStream:
+    """A CUDA stream (and its events) on the CPU, where every operation is already synchronous."""
+
+    def wait_stream(self, stream) -> None:
+        pass
+
+    def record_event(self, event=None) -> "_HostStream":
+        return self
+
+    def synchronize(self) -> None:
+        pass
+
+
+_HOST_STREAM = _HostStream()
+
+# What megatron's all-to-all token dispatcher uses of torch.cuda (its host copies of the split
+# sizes run on a side stream).
+_DISPATCHER_CUDA = types.SimpleNamespace(
+    Stream=lambda *args, **kwargs: _HostStream(),
+    current_stream=lambda *args, **kwargs: _HOST_STREAM,
+    stream=lambda stream: contextlib.nullcontext(),
+)
+
+
+class _UnevenCollectives(types.ModuleType):
+    """``torch.distributed`` with the two list collectives that gloo runs only on equal sizes,
+    for uneven ones: megatron's all-to-all token dispatcher gathers and reduce-scatters a
+    different number of tokens per expert tensor-parallel rank (NCCL does that natively). The
+    uneven case pads every part to the largest, runs the equal-size collective, and slices."""
+
+    def __init__(self):
+        super().__init__("torch.distributed")
+
+    def __getattr__(self, name):
+        return getattr(torch.distributed, name)
+
+    @staticmethod
+    def all_gather(tensor_list, tensor, group=None, async_op=False):
+        dist = torch.distributed
+        if async_op or all(t.shape == tensor.shape for t in tensor_list):
+            return dist.all_gather(tensor_list, tensor, group=group, async_op=async_op)
+        longest = max(t.shape[0] for t in tensor_list)
+        padded = tensor.new_zeros((longest,) + tuple(tensor.shape[1:]))
+        padded[: tensor.shape[0]] = tensor
+        parts = [torch.empty_like(padded) for _ in tensor_list]
+        dist.all_gather(parts, padded, group=group)
+        for out, part in zip(tensor_list, parts):
+            out.copy_(part[: out.shape[0]])
+        return None
+
+    @staticmethod
+    def reduce_scatter(output, input_list, op=None, group=None, async_op=False):
+        dist = torch.distributed
+        op = dist.ReduceOp.SUM if op is None else op
+        if async_op or all(t.shape == output.shape for t in input_list):
+            return dist.reduce_scatter(output, input_list, op=op, group=group, async_op=async_op)
+        longest = max(t.shape[0] for t in input_list)
+        stacked = output.new_zeros((len(input_list) * longest,) + tuple(output.shape[1:]))
+        for i, part in enumerate(input_list):
+            stacked[i * longest: i * longest + part.shape[0]] = part
+        mine = output.new_empty((longest,) + tuple(output.shape[1:]))
+        dist.reduce_scatter_tensor(mine, stacked, op=op, group=group)
+        output.copy_(mine[: output.shape[0]])
+        return None
+
+
+def _to_host(tensor, as_numpy: bool = False, record_stream: bool = False):
+    """megatron's ``maybe_move_tensor_to_cpu`` for tensors already on the CPU: what the CUDA path
+    hands on (NumPy split sizes where asked), without the device copy."""
+    if torch.is_tensor(tensor) and as_numpy:
+        return tensor.numpy()
+    return tensor
 
 
 def _clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decoupled_grad=False):
@@ -281,6 +362,22 @@ def apply() -> None:
     random._set_cuda_rng_state = _set_cpu_rng_state
     random._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
     random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+
+    if getattr(moe_utils, "HAVE_TE", False) or hasattr(moe_utils, "te_general_gemm") \
+            or token_dispatcher.torch is not torch:
+        raise RuntimeError("cpu_compat: megatron-core's MoE modules changed (te_general_gemm or the "
+                           "dispatcher's torch); re-check the shims against this megatron-core version")
+    moe_utils.te_general_gemm = None  # the router's gemm falls back to torch.mm
+    token_dispatcher.torch = _CpuTorch(cuda=_DISPATCHER_CUDA)
+    token_dispatcher.maybe_move_tensor_to_cpu = _to_host
+    from megatron.core.tensor_parallel import mappings
+
+    if mappings.torch is not torch:
+        raise RuntimeError("cpu_compat: megatron.core.tensor_parallel.mappings no longer imports torch "
+                           "as `torch`; re-check the shims against this megatron-core version")
+    mappings.torch = _CpuTorch(distributed=_UnevenCollectives())
     _applied = True
 
 

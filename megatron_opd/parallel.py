@@ -54,6 +54,15 @@ def backend() -> str:
     return "nccl" if cuda_available() else "gloo"
 
 
+def lockstep_count(count: int) -> int:
+    """The largest ``count`` over the world (collective): how many forwards every data-parallel
+    replica must run when expert-parallel peers, which sit in different replicas and exchange
+    tokens in every MoE layer, forward in lockstep."""
+    t = torch.tensor(count, device=device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t)
+
+
 def init_distributed(*, timeout_minutes: float = 30.0) -> None:
     """Initialise torch.distributed from torchrun's environment (a 1-rank group when run bare).
 
@@ -241,20 +250,40 @@ def shutdown_distributed() -> None:
 
 @dataclass(frozen=True)
 class ParallelLayout:
-    """How one model is split: tensor- and pipeline-parallel sizes; data parallel is what is left."""
+    """How one model is split: tensor- and pipeline-parallel sizes; data parallel is what is left.
+
+    Mixture-of-experts layers are split their own way over the same ranks (megatron's expert
+    groups): ``ep`` ranks hold disjoint experts, each expert split ``etp`` ways (expert tensor
+    parallel; ``None``: the same as ``tp``), and the rest of a stage's ranks are expert data
+    parallel. Dense models ignore ``ep`` and ``etp``.
+    """
 
     tp: int = 1
     pp: int = 1
+    ep: int = 1
+    etp: int | None = None
+
+    @property
+    def expert_tp(self) -> int:
+        return self.tp if self.etp is None else self.etp
 
     def data_parallel_size(self, world_size: int, *, what: str = "model") -> int:
-        for name, value in (("tp", self.tp), ("pp", self.pp)):
+        for name, value in (("tp", self.tp), ("pp", self.pp), ("ep", self.ep), ("etp", self.expert_tp)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{what}.{name} must be a positive integer, got {value!r}")
         if world_size % (self.tp * self.pp):
             raise ValueError(
                 f"{what}: tp * pp = {self.tp} * {self.pp} = {self.tp * self.pp} does not divide "
                 f"the world size {world_size}")
+        stage = world_size // self.pp
+        if stage % (self.ep * self.expert_tp):
+            raise ValueError(
+                f"{what}: ep * etp = {self.ep} * {self.expert_tp} = {self.ep * self.expert_tp} does not "
+                f"divide the {stage} ranks of a pipeline stage (world size {world_size} / pp {self.pp})")
         return world_size // (self.tp * self.pp)
+
+    def expert_data_parallel_size(self, world_size: int) -> int:
+        return world_size // (self.pp * self.ep * self.expert_tp)
 
 
 @dataclass
@@ -262,7 +291,8 @@ class ModelParallel:
     """The process groups one model runs on, passed explicitly to whatever needs them.
 
     Ranks are laid out as megatron-core does by default (tp fastest, then dp, then pp):
-    ``rank = tp_rank + tp * (dp_rank + dp * pp_rank)``.
+    ``rank = tp_rank + tp * (dp_rank + dp * pp_rank)``; expert layers, over the same ranks:
+    ``rank = etp_rank + etp * (ep_rank + ep * (edp_rank + edp * pp_rank))``.
     """
 
     layout: ParallelLayout
@@ -272,6 +302,12 @@ class ModelParallel:
     mp_group: dist.ProcessGroup
     embd_group: dist.ProcessGroup | None
     pos_embd_group: dist.ProcessGroup | None
+    ep_group: dist.ProcessGroup
+    expt_tp_group: dist.ProcessGroup
+    expt_dp_group: dist.ProcessGroup
+    tp_ep_group: dist.ProcessGroup  # expert tensor x expert parallel
+    tp_ep_pp_group: dist.ProcessGroup
+    tp_dp_group: dist.ProcessGroup  # the ranks of one pipeline stage
     uses_global_state: bool = False
     _pg_collection: object = field(default=None, repr=False)
 
@@ -292,6 +328,14 @@ class ModelParallel:
         return dist.get_world_size(self.dp_group)
 
     @property
+    def ep_rank(self) -> int:
+        return dist.get_rank(self.ep_group)
+
+    @property
+    def etp_rank(self) -> int:
+        return dist.get_rank(self.expt_tp_group)
+
+    @property
     def is_first_stage(self) -> bool:
         return self.pp_rank == 0
 
@@ -310,13 +354,12 @@ class ModelParallel:
 
         if self.uses_global_state:
             return ProcessGroupCollection.use_mpu_process_groups()
-        # cp/ep are size one: the tp group stands in for tp x cp, and a singleton group for the rest.
-        solo = _singleton_group()
+        # cp is size one: the tp group stands in for tp x cp, the dp group for dp x cp.
         return ProcessGroupCollection(
             tp=self.tp_group, pp=self.pp_group, mp=self.mp_group, embd=self.embd_group,
-            pos_embd=self.pos_embd_group, cp=solo, tp_cp=self.tp_group, dp=self.dp_group,
-            dp_cp=self.dp_group, ep=solo, expt_tp=solo, tp_ep=self.tp_group,
-            tp_ep_pp=self.mp_group, expt_dp=self.dp_group, tp_dp_cp=_world_group())
+            pos_embd=self.pos_embd_group, cp=_singleton_group(), tp_cp=self.tp_group, dp=self.dp_group,
+            dp_cp=self.dp_group, ep=self.ep_group, expt_tp=self.expt_tp_group, tp_ep=self.tp_ep_group,
+            tp_ep_pp=self.tp_ep_pp_group, expt_dp=self.expt_dp_group, tp_dp_cp=self.tp_dp_group)
 
 
 _SINGLETONS: dict[int, dist.ProcessGroup] = {}
@@ -333,10 +376,6 @@ def _singleton_group() -> dist.ProcessGroup:
     return _SINGLETONS[rank]
 
 
-def _world_group() -> dist.ProcessGroup:
-    return dist.group.WORLD
-
-
 def initialize_global_model_parallel(layout: ParallelLayout, *, what: str = "model") -> ModelParallel:
     """Initialise megatron-core's global parallel state for ``layout`` (the trained model).
 
@@ -347,9 +386,11 @@ def initialize_global_model_parallel(layout: ParallelLayout, *, what: str = "mod
 
     layout.data_parallel_size(dist.get_world_size(), what=what)
     if mpu.model_parallel_is_initialized():
-        mpu.destroy_model_parallel()
+        destroy_global_model_parallel()
     mpu.initialize_model_parallel(tensor_model_parallel_size=layout.tp,
-                                  pipeline_model_parallel_size=layout.pp)
+                                  pipeline_model_parallel_size=layout.pp,
+                                  expert_model_parallel_size=layout.ep,
+                                  expert_tensor_parallel_size=layout.expert_tp)
     return ModelParallel(
         layout=layout,
         tp_group=mpu.get_tensor_model_parallel_group(),
@@ -358,8 +399,36 @@ def initialize_global_model_parallel(layout: ParallelLayout, *, what: str = "mod
         mp_group=mpu.get_model_parallel_group(),
         embd_group=mpu.get_embedding_group(check_initialized=False),
         pos_embd_group=mpu.get_position_embedding_group(check_initialized=False),
+        ep_group=mpu.get_expert_model_parallel_group(),
+        expt_tp_group=mpu.get_expert_tensor_parallel_group(),
+        expt_dp_group=mpu.get_expert_data_parallel_group(),
+        tp_ep_group=mpu.get_expert_tensor_and_model_parallel_group(),
+        tp_ep_pp_group=mpu.get_expert_tensor_model_pipeline_parallel_group(),
+        tp_dp_group=mpu.get_tensor_and_data_parallel_group(),
         uses_global_state=True,
     )
+
+
+def destroy_global_model_parallel() -> None:
+    """Tear down megatron's global parallel state, its process groups included.
+
+    megatron's ``destroy_model_parallel`` forgets its groups without destroying them (all but
+    the gloo copies): every re-initialisation would leak a few dozen process groups, each with
+    gloo threads of its own (thousands of threads per rank after a few dozen layouts).
+    """
+    from megatron.core import parallel_state as mpu
+    from torch.distributed import distributed_c10d as c10d
+
+    groups = []
+    for value in vars(mpu).values():
+        for group in value if isinstance(value, (list, tuple)) else (value,):
+            if isinstance(group, dist.ProcessGroup) and group is not dist.group.WORLD \
+                    and all(group is not g for g in groups):
+                groups.append(group)
+    mpu.destroy_model_parallel()
+    for group in groups:
+        if group in c10d._world.pg_map:
+            dist.destroy_process_group(group)
 
 
 def build_model_parallel(layout: ParallelLayout, *, what: str = "model") -> ModelParallel:
@@ -391,9 +460,30 @@ def build_model_parallel(layout: ParallelLayout, *, what: str = "model") -> Mode
     embd = [sorted({rank_of(t, d, 0), rank_of(t, d, pp - 1)}) for t in range(tp) for d in range(dp)]
     make("embd", embd)
     make("pos_embd", [[rank_of(t, d, 0)] for t in range(tp) for d in range(dp)])
+    make("tp_dp", [[rank_of(t, d, p) for d in range(dp) for t in range(tp)] for p in range(pp)])
+    # Expert layers: etp fastest, then ep, then expert data parallel, then pp (megatron's order).
+    ep, etp = layout.ep, layout.expert_tp
+    edp = layout.expert_data_parallel_size(world)
+
+    def expert_rank(t: int, e: int, d: int, p: int) -> int:
+        return t + etp * (e + ep * (d + edp * p))
+
+    make("ep", [[expert_rank(t, e, d, p) for e in range(ep)]
+                for p in range(pp) for d in range(edp) for t in range(etp)])
+    make("expt_tp", [[expert_rank(t, e, d, p) for t in range(etp)]
+                     for p in range(pp) for d in range(edp) for e in range(ep)])
+    make("expt_dp", [[expert_rank(t, e, d, p) for d in range(edp)]
+                     for p in range(pp) for e in range(ep) for t in range(etp)])
+    make("tp_ep", [[expert_rank(t, e, d, p) for e in range(ep) for t in range(etp)]
+                   for p in range(pp) for d in range(edp)])
+    make("tp_ep_pp", [[expert_rank(t, e, d, p) for p in range(pp) for e in range(ep) for t in range(etp)]
+                      for d in range(edp)])
     return ModelParallel(layout=layout, tp_group=mine["tp"], pp_group=mine["pp"],
                          dp_group=mine["dp"], mp_group=mine["mp"], embd_group=mine.get("embd"),
-                         pos_embd_group=mine.get("pos_embd"))
+                         pos_embd_group=mine.get("pos_embd"), ep_group=mine["ep"],
+                         expt_tp_group=mine["expt_tp"], expt_dp_group=mine["expt_dp"],
+                         tp_ep_group=mine["tp_ep"], tp_ep_pp_group=mine["tp_ep_pp"],
+                         tp_dp_group=mine["tp_dp"])
 
 
 def seed(value: int, mp: ModelParallel) -> None:
@@ -403,5 +493,5 @@ def seed(value: int, mp: ModelParallel) -> None:
     torch.manual_seed(value)
     if cuda_available():
         torch.cuda.manual_seed(value)
-    model_parallel_cuda_manual_seed(value, tp_rank=mp.tp_rank, ep_rank=0, etp_rank=0,
-                                    force_reset_rng=True)
+    model_parallel_cuda_manual_seed(value, tp_rank=mp.tp_rank, ep_rank=mp.ep_rank,
+                                    etp_rank=mp.etp_rank, force_reset_rng=True)

@@ -37,6 +37,22 @@ def tiny_models(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_moe_models(tmp_path_factory):
+    """Mixture-of-experts HF model directories: Qwen3-MoE (8 experts, top-2, renormalised top-k),
+    the same without renormalisation, Mixtral (4 experts, top-2)."""
+    from megatron_opd.testing.tiny import make_hf_model
+
+    root = tmp_path_factory.mktemp("tiny_moe_models")
+    variants = {
+        "qwen3_moe": dict(model_type="qwen3_moe"),
+        "qwen3_moe_unnormalized": dict(model_type="qwen3_moe", norm_topk_prob=False),
+        "mixtral": dict(model_type="mixtral"),
+    }
+    return {name: str(make_hf_model(root / name, seed=10 + i, **kw))
+            for i, (name, kw) in enumerate(variants.items())}
+
+
+@pytest.fixture(scope="session")
 def task_dir(tmp_path_factory):
     """The tiny OPD task (arithmetic data, random student and teacher) of the trainer tests."""
     from megatron_opd.testing.tiny_task import make_task_dir

@@ -10,8 +10,9 @@ import torch.distributed as dist
 from megatron_opd.cpu_compat import CUDA_LITERAL_MODULES, FLOAT16_TYPE_CHECK
 from megatron_opd.testing.multiprocess import run_distributed
 
-# Files with a literal device="cuda" that no CPU code path of ours reaches (MoE, FSDP, CUDA graphs,
-# inference server, NVSHMEM resharding, energy monitoring, fp8, activation offloading...).
+# Files with a literal device="cuda" that no CPU code path of ours reaches (FSDP, CUDA graphs,
+# inference server, NVSHMEM resharding, energy monitoring, fp8, activation offloading, MoE's
+# fused index converter and megatron-training's MoE metrics writer track_moe_metrics...).
 UNREACHED_CUDA_LITERALS = {
     "fp8_utils.py", "energy_monitor.py", "nccl_allocator.py", "full_cuda_graph.py",
     "pipeline_parallel/fine_grained_activation_offload.py", "pipeline_parallel/hybrid_cp_schedule.py",
@@ -104,3 +105,32 @@ def test_shims_run_dropout_recompute_clipping_and_dist_checkpoint(tiny_models, t
     results = run_distributed(_exercise_shims, 2, tiny_models["llama"], str(tmp_path / "ckpt"))
     for r in results:
         assert r == {"recompute_bit_identical": True, "checkpoint_restored": True}
+
+
+def _moe_shims() -> dict:
+    """The MoE shims are in place, and the uneven list collectives (what gloo refuses, megatron's
+    all-to-all dispatcher needs at expert TP > 1) give what an equal-size reference gives."""
+    from megatron.core.tensor_parallel import mappings
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+
+    rank = dist.get_rank()
+    group = dist.new_group([0, 1])
+    sizes = [3, 5]
+    mine = torch.arange(sizes[rank] * 2, dtype=torch.float32).reshape(-1, 2) + 100 * rank
+    gathered = mappings._gather_along_first_dim(mine, group, output_split_sizes=sizes)
+    reference = torch.cat([torch.arange(n * 2, dtype=torch.float32).reshape(-1, 2) + 100 * r
+                           for r, n in enumerate(sizes)])
+    full = torch.arange(16, dtype=torch.float32).reshape(8, 2) * (rank + 1)
+    scattered = mappings._reduce_scatter_along_first_dim(full, group, input_split_sizes=sizes)
+    expected = (torch.arange(16, dtype=torch.float32).reshape(8, 2) * 3).split(sizes)[rank]
+    stream = token_dispatcher.torch.cuda.Stream()
+    return {"te_general_gemm": moe_utils.te_general_gemm, "gather": torch.equal(gathered, reference),
+            "reduce_scatter": torch.equal(scattered, expected),
+            "host_splits": type(token_dispatcher.maybe_move_tensor_to_cpu(torch.tensor([1, 2]), as_numpy=True)).__name__,
+            "stream": stream.record_event().synchronize() is None}
+
+
+def test_moe_shims_route_streams_gemm_and_uneven_collectives():
+    for r in run_distributed(_moe_shims, 2):
+        assert r == {"te_general_gemm": None, "gather": True, "reduce_scatter": True, "host_splits": "ndarray",
+                     "stream": True}

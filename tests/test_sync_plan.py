@@ -171,3 +171,39 @@ def test_vocab_rows_are_local_when_both_paddings_split_alike():
     for vocab, tp, local in [(32000, 2, True), (152064, 2, True), (151936, 2, False), (512, 2, True), (300, 2, False), (14, 2, True)]:
         arch = arch_for("llama", vocab_size=vocab)
         assert vocab_rows_local(arch, tp=tp, padded_vocab=padded_vocab_size(vocab, tp)) == local, vocab
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("tp,pp,ep,etp", [(1, 1, 1, 1), (1, 1, 2, 1), (2, 1, 2, 2), (1, 2, 2, 1), (2, 2, 4, 1)])
+def test_expert_plan_covers_every_expert_once_and_regroups_exactly(model_type, tp, pp, ep, etp):
+    from megatron_opd.models.layout import model_hf_shapes
+
+    arch = arch_for(model_type)
+    padded = padded_vocab_size(arch.vocab_size, tp)
+    plan = plan_sync(arch, tp=tp, pp=pp, ep=ep, etp=etp, padded_vocab=padded, bucket_bytes=64 << 10)
+    assert sorted(plan.hf_names()) == sorted(model_hf_shapes(arch))  # every expert of every EP rank, once
+    num_local = arch.num_experts // ep
+    experts = [it for it in plan.items if it.is_expert]
+    assert len(experts) == arch.num_layers * num_local * 2 and all(it.ep_copies == ep for it in experts)
+    for b in plan.buckets:  # expert buckets hold only experts, of one stage
+        assert {plan.items[i].is_expert for i in b.items} == {b.expert}
+        assert [n for n, _ in plan.bucket_tensors(b)] and sum(
+            math.prod(s) for _, s in plan.bucket_tensors(b)) == b.hf_numel
+    g = torch.Generator().manual_seed(0)
+    for it in experts:
+        local = int(it.mcore_name.split(".")[6])  # decoder.layers.L.mlp.experts.local_experts.J...
+        layer = int(it.hf_names[0].split(".")[2])
+        assert layer == it.stage * (arch.num_layers // pp) + int(it.mcore_name.split(".")[2])
+        for copy in range(ep):  # EP rank `copy` holds global expert copy * num_local + local
+            names = it.copy_names(copy)
+            assert all(f".experts.{copy * num_local + local}." in n for n in names), names
+            src = DictSource({n: torch.randn(s, generator=g) for n, s in zip(names, it.copy_shapes())})
+            shards = [shard_from_hf(it.row_for(copy), names, src, arch, tp_rank=r, tp_size=etp, padded_vocab=padded)
+                      for r in range(etp)]
+            assert all(tuple(s.shape) == it.shard_shape for s in shards), it
+            back = hf_from_shards(it.row_for(copy), names, shards, arch)
+            assert all(torch.equal(back[n], src.tensors[n]) for n in names)
+    # What one rank receives at TP1 x PP1: the experts of the other EP ranks, nothing else.
+    if tp == pp == etp == 1:
+        expert_numel = sum(math.prod(s) for n, s in model_hf_shapes(arch).items() if ".experts." in n)
+        assert plan.received_bytes(0, element_size=4) == 4 * expert_numel * (ep - 1) // ep

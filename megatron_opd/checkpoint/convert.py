@@ -1,4 +1,4 @@
-"""HF <-> megatron-core checkpoint conversion, bit-exact, at any TP/PP (run under torchrun).
+"""HF <-> megatron-core checkpoint conversion, bit-exact, at any TP/PP/EP (run under torchrun).
 
 hf-to-mcore: each rank reads only the slices it owns, then all ranks write one dist checkpoint.
 mcore-to-hf: the checkpoint is loaded at the launch layout, and HF tensors stream bucket by bucket
@@ -42,13 +42,13 @@ def hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, *, layout: parallel.Par
     ckpt = HFCheckpoint(hf_dir)
     validate_hf_checkpoint(ckpt, arch)
     source_dtype = _single_dtype(ckpt)
-    arch.check_parallel(tp=layout.tp, pp=layout.pp, what="convert")
+    arch.check_parallel(tp=layout.tp, pp=layout.pp, ep=layout.ep, etp=layout.etp, what="convert")
     mp = parallel.initialize_global_model_parallel(layout, what="convert")
     parallel.seed(0, mp)
     model = build_model(arch, mp, initialize=False)
     stored = HF_DTYPES[dtype] if dtype else source_dtype
     load_hf_weights(model, ckpt)
-    log0(f"loaded {hf_dir} at tp={layout.tp} pp={layout.pp}; writing {out_dir}")
+    log0(f"loaded {hf_dir} at tp={layout.tp} pp={layout.pp} ep={layout.ep}; writing {out_dir}")
     with staged_output(out_dir, force=force) as staging:
         mcore.save_model(model, staging, dtype=stored,
                          extra_meta={"hf_dtype": mcore.HF_DTYPE_NAMES[source_dtype],

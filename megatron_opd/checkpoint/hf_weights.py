@@ -7,7 +7,7 @@ import torch
 from megatron_opd.checkpoint.safetensors_io import DTYPE_NAMES, HFCheckpoint
 from megatron_opd.models.builder import ShardedModel
 from megatron_opd.models.config import ArchConfig
-from megatron_opd.models.layout import hf_shapes, shard_from_hf
+from megatron_opd.models.layout import model_hf_shapes, shard_from_hf
 
 # Buffers some HF exports carry that are not weights.
 IGNORED_HF_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -15,16 +15,7 @@ IGNORED_HF_SUFFIXES = ("rotary_emb.inv_freq",)
 
 def validate_hf_checkpoint(ckpt: HFCheckpoint, arch: ArchConfig) -> None:
     """Check every key, shape and dtype against the config before anything is loaded."""
-    expected: dict[str, tuple[int, ...]] = {}
-    family = arch.family
-    for layer in range(arch.num_layers):
-        for row in family.layer_params:
-            names = tuple(f"model.layers.{layer}.{n}" for n in row.hf)
-            expected.update(zip(names, hf_shapes(row, arch).values()))
-    for row in family.global_params:
-        if row.mcore == "output_layer.weight" and arch.tie_word_embeddings:
-            continue
-        expected.update(hf_shapes(row, arch))
+    expected = model_hf_shapes(arch)
     present = {k for k in ckpt.keys() if not k.endswith(IGNORED_HF_SUFFIXES)}
     if arch.tie_word_embeddings:
         present.discard("lm_head.weight")  # some tied exports still carry the copy
@@ -52,8 +43,8 @@ def load_hf_weights(model: ShardedModel, path) -> None:
     """Fill this rank's parameters of ``model`` from the HF checkpoint at ``path``."""
     ckpt = path if isinstance(path, HFCheckpoint) else HFCheckpoint(path)
     validate_hf_checkpoint(ckpt, model.arch)
-    tp_rank, tp_size = model.mp.tp_rank, model.mp.layout.tp
     for ref in model.param_refs():
+        tp_rank, tp_size, _ = model.split_of(ref.row)
         shard = shard_from_hf(ref.row, ref.hf_names, ckpt, model.arch, tp_rank=tp_rank,
                               tp_size=tp_size, padded_vocab=model.padded_vocab_size)
         if tuple(shard.shape) != tuple(ref.tensor.shape):

@@ -26,9 +26,11 @@ def model_arch(path: str | Path) -> ArchConfig:
 
 
 def load_model(path: str | Path, mp: ModelParallel, *, params_dtype: torch.dtype = torch.float32,
-               seed: int = 1234) -> ShardedModel:
+               seed: int = 1234, moe_aux_loss_coeff: float = 0.0) -> ShardedModel:
     """An HF model directory (config.json + safetensors) or a megatron_opd checkpoint (converted
-    or from training, loadable at any TP/PP), loaded onto ``mp``'s ranks."""
+    or from training, loadable at any TP/PP/EP), loaded onto ``mp``'s ranks
+    (``moe_aux_loss_coeff``: a mixture-of-experts model to train with megatron's load-balancing
+    loss)."""
     path = Path(path)
     arch = model_arch(path)
     tp = mp.layout.tp
@@ -37,9 +39,10 @@ def load_model(path: str | Path, mp: ModelParallel, *, params_dtype: torch.dtype
         padded = int(mcore.read_meta(path)["padded_vocab_size"])
         if padded % tp:
             raise ValueError(f"{path}: its padded vocabulary ({padded}) is not divisible by tp={tp}")
-    arch.check_parallel(tp=tp, pp=mp.layout.pp)
+    arch.check_parallel(tp=tp, pp=mp.layout.pp, ep=mp.layout.ep, etp=mp.layout.etp)
     parallel.seed(seed, mp)
-    model = build_model(arch, mp, params_dtype=params_dtype, padded_vocab=padded, initialize=False)
+    model = build_model(arch, mp, params_dtype=params_dtype, padded_vocab=padded, initialize=False,
+                        moe_aux_loss_coeff=moe_aux_loss_coeff)
     if padded is None:
         load_hf_weights(model, path)
     else:

@@ -1,7 +1,7 @@
 """megatron-core distributed checkpoints (torch_dist) of a model, with the metadata to rebuild it.
 
 A checkpoint directory holds ``megatron_opd.json`` (architecture, padded vocabulary, stored dtype),
-``model/`` (the dist checkpoint, loadable at any TP/PP: dist-checkpointing reshards) and the
+``model/`` (the dist checkpoint, loadable at any TP/PP/EP: dist-checkpointing reshards) and the
 tokenizer files. Converted models and the trainer's checkpoints share this layout.
 """
 
@@ -143,14 +143,14 @@ def save_model(model: ShardedModel, out_dir: str | Path, *, dtype: torch.dtype |
     if not dist.is_initialized() or dist.get_rank() == 0:
         meta = {"format_version": FORMAT_VERSION, "arch": model.arch.to_dict(),
                 "padded_vocab_size": model.padded_vocab_size, "dtype": DTYPE_NAMES[dtype],
-                "saved_layout": {"tp": model.mp.layout.tp, "pp": model.mp.layout.pp}}
+                "saved_layout": {"tp": model.mp.layout.tp, "pp": model.mp.layout.pp, "ep": model.mp.layout.ep}}
         meta.update(extra_meta or {})
         (out_dir / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
 
 def load_weights(model: ShardedModel, path: str | Path) -> None:
-    """Fill ``model`` (built for the checkpoint's architecture and padded vocabulary, at any TP/PP)
-    with the weights saved at ``path``; dist-checkpointing reshards."""
+    """Fill ``model`` (built for the checkpoint's architecture and padded vocabulary, at any
+    TP/PP/EP) with the weights saved at ``path``; dist-checkpointing reshards."""
     from megatron.core import dist_checkpointing
 
     path = Path(path)

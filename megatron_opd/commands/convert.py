@@ -1,4 +1,4 @@
-"""`megatron-opd convert`: HF <-> megatron-core conversion at the launch's TP/PP (under torchrun)."""
+"""`megatron-opd convert`: HF <-> megatron-core conversion at the launch's TP/PP/EP (under torchrun)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from megatron_opd.checkpoint.convert import hf_to_mcore, mcore_to_hf
 
 def main(args) -> int:
     parallel.init_distributed()
-    layout = parallel.ParallelLayout(tp=args.tp, pp=args.pp)
+    layout = parallel.ParallelLayout(tp=args.tp, pp=args.pp, ep=args.ep)
     if args.direction == "hf-to-mcore":
         hf_to_mcore(args.hf, args.out, layout=layout, dtype=args.dtype, force=args.force)
     else:

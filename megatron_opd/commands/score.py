@@ -53,6 +53,16 @@ def make_micro_batches(sequences: list[list[int]], indices: list[int], *, micro_
     return batches
 
 
+def filler_micro_batches(batches: list[dict], *, device: torch.device, multiple_of: int = 1) -> list[dict]:
+    """Micro-batches that score nothing (a pack of one two-token sequence, padded as the others),
+    so that every data-parallel replica runs as many as the busiest: expert-parallel ranks sit in
+    different replicas and exchange tokens in every MoE layer's forward, so they must run the
+    same number of forwards. Collective over the world."""
+    filler = make_micro_batches([[0, 0]], [0], micro_batch_tokens=2, device=device, multiple_of=multiple_of)[0]
+    filler.update(indices=[], lengths=[])
+    return [filler] * (parallel.lockstep_count(len(batches)) - len(batches))
+
+
 @torch.no_grad()
 def score_sequences(model: ShardedModel, sequences: list[list[int]], *, top_k: int = 0,
                     temperature: float = 1.0, micro_batch_tokens: int = 4096,
@@ -60,14 +70,18 @@ def score_sequences(model: ShardedModel, sequences: list[list[int]], *, top_k: i
     """Score ``sequences``; returns the output rows (in input order) on global rank 0, else None.
 
     Sequences are split round-robin over data-parallel replicas; each replica packs them into
-    micro-batches of at most ``micro_batch_tokens`` tokens and pipelines those; the last stage's
-    TP rank 0 of every replica sends its rows to rank 0.
+    micro-batches of at most ``micro_batch_tokens`` tokens and pipelines those (at EP > 1 every
+    replica runs as many as the busiest: :func:`filler_micro_batches`); the last stage's TP rank 0
+    of every replica sends its rows to rank 0.
     """
     mp = model.mp
     model.module.eval()
     mine = [i for i in range(len(sequences)) if i % mp.dp_size == mp.dp_rank]
+    multiple = token_multiple(model.config)
     batches = make_micro_batches(sequences, mine, micro_batch_tokens=micro_batch_tokens,
-                                 device=parallel.device(), multiple_of=token_multiple(model.config))
+                                 device=parallel.device(), multiple_of=multiple)
+    if mp.layout.ep > 1:
+        batches += filler_micro_batches(batches, device=parallel.device(), multiple_of=multiple)
     vocab = model.arch.vocab_size
     rows: dict[int, dict] = {}
 
@@ -129,14 +143,15 @@ def check_args(args):
         raise ValueError(f"{args.output}: output exists (pass --force to overwrite)")
     if not Path(args.input).is_file():
         raise ValueError(f"{args.input}: input file does not exist")
-    for flag, value in (("--micro-batch-tokens", args.micro_batch_tokens), ("--tp", args.tp), ("--pp", args.pp)):
+    for flag, value in (("--micro-batch-tokens", args.micro_batch_tokens), ("--tp", args.tp), ("--pp", args.pp),
+                        ("--ep", args.ep)):
         if value < 1:
             raise ValueError(f"{flag} must be >= 1, got {value}")
     arch = model_arch(args.model)
     if not 0 <= args.top_k <= arch.vocab_size:
         raise ValueError(f"--top-k {args.top_k} must be in [0, {arch.vocab_size}] (the vocabulary of "
                          f"{args.model})")
-    arch.check_parallel(tp=args.tp, pp=args.pp)
+    arch.check_parallel(tp=args.tp, pp=args.pp, ep=args.ep)
     sequences = read_token_jsonl(args.input, vocab_size=arch.vocab_size)
     if not sequences:
         raise ValueError(f"{args.input}: no sequences to score (the file is empty)")
@@ -147,7 +162,7 @@ def main(args) -> int:
     """``megatron-opd score``: see ``cli.py`` for the arguments."""
     _, sequences = check_args(args)
     parallel.init_distributed()
-    layout = parallel.ParallelLayout(tp=args.tp, pp=args.pp)
+    layout = parallel.ParallelLayout(tp=args.tp, pp=args.pp, ep=args.ep)
     mp = parallel.initialize_global_model_parallel(layout, what="score")
     model = load_model(args.model, mp)
     rows = score_sequences(model, sequences, top_k=args.top_k, micro_batch_tokens=args.micro_batch_tokens)

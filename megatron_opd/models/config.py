@@ -58,10 +58,19 @@ class ArchConfig:
     max_position_embeddings: int
     sliding_window: int | None
     hf_config: dict = field(repr=False, compare=False, default_factory=dict)
+    # Mixture of experts (families with a ``moe`` entry); 0 for dense models.
+    num_experts: int = 0
+    moe_top_k: int = 0
+    moe_ffn_hidden_size: int = 0
+    moe_renormalize: bool = True  # the top-k probabilities renormalised to sum to one
 
     @property
     def family(self) -> Family:
         return FAMILIES[self.model_type]
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
 
     @property
     def queries_per_group(self) -> int:
@@ -117,11 +126,24 @@ class ArchConfig:
         head_dim = data.get("head_dim") or hidden // heads
         rope_type, theta, scaling = _rope(data, source)
         sliding_window = None
-        if model_type == "mistral" and data.get("sliding_window") is not None:
+        if family.sliding_window and data.get("sliding_window") is not None:
             sliding_window = int(data["sliding_window"])
         for key in ("attention_dropout", "hidden_dropout"):
             if data.get(key, 0.0):
                 raise ValueError(f"{source}: {key}={data[key]} is not supported (only 0.0)")
+        moe = {}
+        if family.moe is not None:
+            key = next((k for k in family.moe.num_experts_keys if data.get(k) is not None),
+                       family.moe.num_experts_keys[0])
+            num_experts = need(key)
+            top_k = need(family.moe.top_k_key)
+            if top_k > num_experts:
+                raise ValueError(f"{source}: {family.moe.top_k_key}={top_k} exceeds {key}={num_experts}")
+            renormalize = True
+            if family.moe.renormalize_key is not None:
+                renormalize = bool(data.get(family.moe.renormalize_key, False))
+            moe = dict(num_experts=num_experts, moe_top_k=top_k,
+                       moe_ffn_hidden_size=need(family.moe.expert_ffn_key), moe_renormalize=renormalize)
         return cls(
             model_type=model_type,
             vocab_size=need("vocab_size"),
@@ -139,20 +161,35 @@ class ArchConfig:
             max_position_embeddings=int(data.get("max_position_embeddings", 4096)),
             sliding_window=sliding_window,
             hf_config=dict(data),
+            **moe,
         )
 
-    def check_parallel(self, *, tp: int, pp: int, what: str = "model") -> None:
-        """Raise a ValueError naming the field if this model cannot be split as asked."""
+    def check_parallel(self, *, tp: int, pp: int, ep: int = 1, etp: int | None = None,
+                       what: str = "model") -> None:
+        """Raise a ValueError naming the field if this model cannot be split as asked (``etp``:
+        expert tensor parallel, ``None`` for ``tp``)."""
         for name, count in (("num_attention_heads", self.num_attention_heads),
                             ("num_key_value_heads", self.num_kv_heads)):
             if count % tp:
                 raise ValueError(f"{what}: {name}={count} is not divisible by tp={tp}")
-        if self.ffn_hidden_size % tp:
-            raise ValueError(f"{what}: intermediate_size={self.ffn_hidden_size} is not divisible "
-                             f"by tp={tp}")
         if self.num_layers % pp:
             raise ValueError(f"{what}: num_hidden_layers={self.num_layers} is not divisible by "
                              f"pp={pp}")
+        if not self.is_moe:
+            if self.ffn_hidden_size % tp:
+                raise ValueError(f"{what}: intermediate_size={self.ffn_hidden_size} is not divisible "
+                                 f"by tp={tp}")
+            if ep != 1:
+                raise ValueError(f"{what}: ep={ep} needs a mixture-of-experts model; {self.model_type} "
+                                 "is dense (use ep=1)")
+            return
+        etp = tp if etp is None else etp
+        experts_key = self.family.moe.num_experts_keys[0]
+        if self.num_experts % ep:
+            raise ValueError(f"{what}: {experts_key}={self.num_experts} is not divisible by ep={ep}")
+        if self.moe_ffn_hidden_size % etp:
+            raise ValueError(f"{what}: {self.family.moe.expert_ffn_key}={self.moe_ffn_hidden_size} is not "
+                             f"divisible by the expert tensor-parallel size {etp}")
 
 
 def _rope(data: dict, source: str) -> tuple[str, float, dict]:
@@ -204,27 +241,28 @@ ROPE_TYPES = {"default": _rope_default, "linear": _rope_linear, "llama3": _rope_
 
 
 def transformer_config(arch: ArchConfig, *, tp: int, pp: int, params_dtype: torch.dtype,
+                       ep: int = 1, etp: int | None = None, moe_aux_loss_coeff: float = 0.0,
                        sequence_parallel: bool = False, recompute: bool = False,
                        initialize: bool = True, init_method_std: float = 0.02,
                        extra: dict | None = None):
-    """The megatron-core ``TransformerConfig`` for ``arch`` split ``tp`` x ``pp`` ways.
+    """The megatron-core ``TransformerConfig`` for ``arch`` split ``tp`` x ``pp`` ways (experts
+    ``ep`` ways, each split ``etp`` ways; ``None``: ``tp``).
 
     ``params_dtype`` is fp32 or bf16 (:data:`PARAMS_DTYPES`), on GPUs and CPUs alike (bf16 on CPU
-    goes through the shims of :mod:`megatron_opd.cpu_compat`). On CPU, what megatron-core cannot do
-    there is refused with a message naming the setting: sequence parallelism. ``batch_p2p_comm`` is
-    always off on CPU: with gloo it silently produces wrong gradients under interleaved pipelines.
+    goes through the shims of :mod:`megatron_opd.cpu_compat`). ``batch_p2p_comm`` is always off on
+    CPU: with gloo it silently produces wrong gradients under interleaved pipelines.
+    ``moe_aux_loss_coeff`` > 0 adds megatron's load-balancing loss (off by default: a distilled
+    student follows its teacher's routing, not a balance target).
     """
     from megatron.core.transformer import TransformerConfig
 
-    arch.check_parallel(tp=tp, pp=pp)
+    arch.check_parallel(tp=tp, pp=pp, ep=ep, etp=etp)
+    if moe_aux_loss_coeff < 0 or (moe_aux_loss_coeff and not arch.is_moe):
+        raise ValueError(f"moe_aux_loss_coeff={moe_aux_loss_coeff}: must be >= 0, and 0 for a dense model")
     if params_dtype not in PARAMS_DTYPES.values():
         raise ValueError(f"params_dtype={params_dtype} is not supported (supported: "
                          f"{', '.join(f'{k} ({v})' for k, v in PARAMS_DTYPES.items())})")
     on_gpu = parallel.cuda_available()
-    if not on_gpu:
-        if sequence_parallel:
-            raise ValueError("sequence_parallel=True needs CUDA (megatron's local-spec norm "
-                             "rejects it); set it to false on CPU")
     window = None
     if arch.sliding_window is not None and arch.sliding_window < arch.max_position_embeddings:
         # HF: query i sees keys j with i - sliding_window < j <= i.
@@ -270,5 +308,38 @@ def transformer_config(arch: ArchConfig, *, tp: int, pp: int, params_dtype: torc
         recompute_method="uniform" if recompute else None,
         recompute_num_layers=1 if recompute else None,
     )
+    if arch.is_moe:
+        kwargs.update(moe_kwargs(arch, ep=ep, etp=etp, aux_loss_coeff=moe_aux_loss_coeff))
     kwargs.update(extra or {})
     return TransformerConfig(**kwargs)
+
+
+def moe_kwargs(arch: ArchConfig, *, ep: int, etp: int | None, aux_loss_coeff: float) -> dict:
+    """megatron's MoE layer set up to route as transformers does.
+
+    HF: ``p = softmax(logits in fp32)``, the top-k of ``p``, divided by their sum when
+    renormalising. megatron with ``moe_router_pre_softmax=False`` takes the top-k logits and
+    softmaxes them, which is the same distribution (softmax is monotone, and the renormalised
+    top-k of a softmax is the softmax of the top-k logits); without renormalisation
+    ``pre_softmax=True`` keeps the top-k of the full softmax. The router's gemm and softmax run in
+    fp32 (``moe_router_dtype``). Dropless (no capacity factor), no shared expert, no expert bias,
+    SequentialMLP experts (one SwiGLU MLP per expert: the table's per-expert rows).
+    """
+    return dict(
+        num_moe_experts=arch.num_experts,
+        moe_router_topk=arch.moe_top_k,
+        moe_ffn_hidden_size=arch.moe_ffn_hidden_size,
+        moe_router_pre_softmax=not arch.moe_renormalize,
+        moe_router_score_function="softmax",
+        moe_router_dtype="fp32",
+        moe_router_load_balancing_type="aux_loss" if aux_loss_coeff else "none",
+        moe_aux_loss_coeff=aux_loss_coeff,
+        moe_grouped_gemm=False,
+        moe_token_dispatcher_type="alltoall",
+        moe_permute_fusion=False,
+        moe_router_fusion=False,
+        moe_shared_expert_intermediate_size=None,
+        moe_expert_capacity_factor=None,
+        expert_model_parallel_size=ep,
+        expert_tensor_parallel_size=etp,
+    )

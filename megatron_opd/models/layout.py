@@ -13,7 +13,7 @@ from typing import Protocol
 import torch
 
 from megatron_opd.models.config import ArchConfig
-from megatron_opd.models.family import COLUMN, GATE_UP, QKV, REPLICATED, ROW, VOCAB, Param
+from megatron_opd.models.family import COLUMN, GATE_UP, HF_LAYER_PREFIX, QKV, REPLICATED, ROW, VOCAB, Param
 
 
 class TensorSource(Protocol):
@@ -50,8 +50,10 @@ def _split(n: int, tp_size: int, tp_rank: int, what: str) -> slice:
 
 
 def hf_shapes(param: Param, arch: ArchConfig) -> dict[str, tuple[int, ...]]:
-    """The shapes the HF tensors of ``param`` must have for ``arch`` (for validation)."""
-    h, f, v = arch.hidden_size, arch.ffn_hidden_size, arch.vocab_size
+    """The shapes the HF tensors of ``param`` must have for ``arch`` (for validation); keyed by
+    the row's names (patterns, for a per-expert row: every expert has these shapes)."""
+    h, v = arch.hidden_size, arch.vocab_size
+    f = arch.moe_ffn_hidden_size if param.per_expert else arch.ffn_hidden_size
     q, kv = arch.num_attention_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim
     is_bias = param.mcore.endswith(".bias")
     names = param.hf
@@ -68,9 +70,28 @@ def hf_shapes(param: Param, arch: ArchConfig) -> dict[str, tuple[int, ...]]:
         return {names[0]: (h, f)}
     if param.mcore.endswith(("q_layernorm.weight", "k_layernorm.weight")):
         return {names[0]: (arch.head_dim,)}
+    if param.mcore.endswith("router.weight"):
+        return {names[0]: (arch.num_experts, h)}
     if param.layout == REPLICATED:
         return {names[0]: (h,)}
     raise AssertionError(f"no shape rule for {param}")
+
+
+def model_hf_shapes(arch: ArchConfig) -> dict[str, tuple[int, ...]]:
+    """Every HF tensor of the whole model with its shape (a tied ``lm_head`` is not one)."""
+    family = arch.family
+    shapes: dict[str, tuple[int, ...]] = {}
+    for layer in range(arch.num_layers):
+        prefix = HF_LAYER_PREFIX.format(layer=layer)
+        for row in family.layer_params:
+            row_shapes = tuple(hf_shapes(row, arch).values())
+            for expert in row.experts(arch.num_experts):
+                shapes.update(zip((prefix + n for n in row.hf_names(expert=expert)), row_shapes))
+    for row in family.global_params:
+        if row.mcore == "output_layer.weight" and arch.tie_word_embeddings:
+            continue
+        shapes.update(hf_shapes(row, arch))
+    return shapes
 
 
 def shard_from_hf(param: Param, names: tuple[str, ...], source: TensorSource, arch: ArchConfig, *,
@@ -93,7 +114,7 @@ def shard_from_hf(param: Param, names: tuple[str, ...], source: TensorSource, ar
         return part
     if layout == GATE_UP:
         gate, up = names
-        rows = _split(arch.ffn_hidden_size, tp_size, tp_rank, "intermediate_size")
+        rows = _split(source.shape(gate)[0], tp_size, tp_rank, gate)
         return torch.cat([source.read(gate, rows=rows), source.read(up, rows=rows)])
     if layout == QKV:
         # megatron interleaves per query group: [q heads of group g, k of g, v of g] for each g,

@@ -2,12 +2,15 @@
 
 from megatron_opd.models.family import GATE_UP, QKV, REPLICATED, ROW, VOCAB, Family, Param
 
-LAYER_PARAMS = (
+ATTENTION_PARAMS = (
     Param("input_layernorm.weight", ("input_layernorm.weight",), REPLICATED),
     Param("self_attention.linear_qkv.weight",
           ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"), QKV),
     Param("self_attention.linear_proj.weight", ("self_attn.o_proj.weight",), ROW),
     Param("pre_mlp_layernorm.weight", ("post_attention_layernorm.weight",), REPLICATED),
+)
+
+LAYER_PARAMS = ATTENTION_PARAMS + (
     Param("mlp.linear_fc1.weight", ("mlp.gate_proj.weight", "mlp.up_proj.weight"), GATE_UP),
     Param("mlp.linear_fc2.weight", ("mlp.down_proj.weight",), ROW),
 )

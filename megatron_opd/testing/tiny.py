@@ -31,6 +31,11 @@ FAMILY_EXTRAS = {
     "qwen3": dict(rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
     "mistral": dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
                     sliding_window=None),
+    # Mixtures of experts, top-2: expert ffn != hidden != dense ffn.
+    "qwen3_moe": dict(rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, num_experts=8,
+                      num_experts_per_tok=2, moe_intermediate_size=48, norm_topk_prob=True),
+    "mixtral": dict(rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, num_local_experts=4,
+                    num_experts_per_tok=2, sliding_window=None),
 }
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from megatron_opd.models.packing import pack_lengths, packed_inputs, row_padding
+from megatron_opd.parallel import lockstep_count
 from megatron_opd.train.alignment import Alignment, pack_alignments
 from megatron_opd.utils import read_jsonl
 
@@ -268,9 +269,22 @@ def teacher_tokens_of(alignments: list[Alignment], *, device) -> dict:
                                "lengths": [len(a.teacher_ids) for a in alignments], "padding": 0}}
 
 
-def pack_micro_batches(seqs: list[Sequence], *, budget: int, device, multiple_of: int = 1) -> list[dict]:
+def pack_micro_batches(seqs: list[Sequence], *, budget: int, device, multiple_of: int = 1,
+                       lockstep: bool = False) -> list[dict]:
     """``seqs`` packed into micro-batches of at most ``budget`` tokens (see :func:`pack_sequences`;
     plus under ``multiple_of`` tokens of padding), each carrying its ``index`` in the step
-    (teacher signals are looked up by it)."""
-    return [dict(micro_batch(seqs, idx, device=device, multiple_of=multiple_of), index=m)
-            for m, idx in enumerate(pack_sequences(seqs, budget=budget))]
+    (teacher signals are looked up by it).
+
+    ``lockstep`` (collective over the world): every data-parallel replica gets as many
+    micro-batches as the busiest, the others padded with fillers that train on nothing (a
+    two-token sequence, no loss token). Expert-parallel peers sit in different replicas and
+    exchange tokens in every MoE layer's forward and backward, so they must run the same number."""
+    batches = [dict(micro_batch(seqs, idx, device=device, multiple_of=multiple_of), index=m)
+               for m, idx in enumerate(pack_sequences(seqs, budget=budget))]
+    if lockstep:
+        filler = [Sequence(prompt_index=-1, sample_index=0, tokens=[0, 0], prompt_len=2, completion_mask=[],
+                           on_policy=False, weight=0.0, finish_reason="filler")]
+        for m in range(len(batches), lockstep_count(len(batches))):
+            batches.append(dict(micro_batch(filler, [0], device=device, multiple_of=multiple_of),
+                                index=m, seq_indices=[]))
+    return batches

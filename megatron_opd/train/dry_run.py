@@ -21,7 +21,8 @@ def describe_layouts(cfg: Config, world_size: int) -> str:
             lines.append(f"teacher: served at {cfg.teacher.served_url}")
             continue
         dp = world_size // (m.tp * m.pp)
-        lines.append(f"{name}: tp={m.tp} pp={m.pp} dp={dp} ({m.path})")
+        experts = f" ep={m.ep} (expert dp={m.layout.expert_data_parallel_size(world_size)})" if m.ep > 1 else ""
+        lines.append(f"{name}: tp={m.tp} pp={m.pp} dp={dp}{experts} ({m.path})")
     return "\n".join(lines)
 
 
@@ -42,7 +43,7 @@ def dry_run(cfg: Config, world: int, *, rehearse: bool = True) -> tuple[str, boo
     if "student" in archs:
         cfg.check_models(archs["student"], archs.get("teacher"))
     elif "teacher" in archs:
-        archs["teacher"].check_parallel(tp=cfg.teacher.tp, pp=cfg.teacher.pp, what="teacher")
+        archs["teacher"].check_parallel(tp=cfg.teacher.tp, pp=cfg.teacher.pp, ep=cfg.teacher.ep, what="teacher")
     ok = True
     phases = cfg.phases()
     rows = None
@@ -59,14 +60,20 @@ def dry_run(cfg: Config, world: int, *, rehearse: bool = True) -> tuple[str, boo
                                        host_memory_gb=cfg.train.host_memory_gb)
             out.append(host)
             ok = ok and fits(rows, gpu_memory_gb=cfg.train.gpu_memory_gb) and host_ok
-    if rows is not None and rehearse:
-        print("\n".join(out), flush=True)  # the plan first: the rehearsal takes a while
-        out = []
-        reports = [rehearse_rank(cfg, archs["student"], archs.get("teacher"), rank=r, world_size=world)
-                   for r in rehearsal_ranks(cfg, world)]
-        text, measured_ok = rehearsal_table(reports, rows, gpu_memory_gb=cfg.train.gpu_memory_gb)
-        out.append(text)
-        ok = ok and measured_ok
+    if rows is not None:
+        moe = [name for name, arch in archs.items() if arch.is_moe]
+        if rehearse and moe:
+            out.append(f"rehearsal: not run: the {' and '.join(moe)} {'is a' if len(moe) == 1 else 'are'} "
+                       "mixture of experts, whose token dispatch reads counts on the host, which fake "
+                       "tensors cannot give yet; the memory above is the estimate alone")
+        elif rehearse:
+            print("\n".join(out), flush=True)  # the plan first: the rehearsal takes a while
+            out = []
+            reports = [rehearse_rank(cfg, archs["student"], archs.get("teacher"), rank=r, world_size=world)
+                       for r in rehearsal_ranks(cfg, world)]
+            text, measured_ok = rehearsal_table(reports, rows, gpu_memory_gb=cfg.train.gpu_memory_gb)
+            out.append(text)
+            ok = ok and measured_ok
     return "\n".join(out), ok
 
 

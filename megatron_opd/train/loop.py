@@ -14,6 +14,7 @@ import torch.distributed as dist
 from megatron_opd import parallel
 from megatron_opd.checkpoint.load import load_model, model_arch
 from megatron_opd.config import Config, Phase
+from megatron_opd.models.moe import ExpertLoad
 from megatron_opd.models.packing import token_multiple
 from megatron_opd.rollout.consistency import check_mismatch
 from megatron_opd.rollout.engine import RolloutEngine
@@ -72,7 +73,9 @@ class Trainer:
         self.phases = cfg.phases()
         self.mp = parallel.initialize_global_model_parallel(cfg.student.layout, what="student")
         self.student = load_model(cfg.student.path, self.mp, seed=cfg.train.seed,
-                                  params_dtype=cfg.student.params_dtype)
+                                  params_dtype=cfg.student.params_dtype,
+                                  moe_aux_loss_coeff=cfg.student.moe_aux_loss_coeff)
+        self.expert_load = ExpertLoad(self.student) if self.student.arch.is_moe else None
         self.arch = self.student.arch
         self.trainable = cfg.optim.build(self.student, total_steps=cfg.train.steps,
                                          schedule=lambda step: self.phase_at(step).learning_rate(step))
@@ -202,7 +205,8 @@ class Trainer:
         with timer("teacher"):
             micro_batches = pack_micro_batches(seqs, budget=self.cfg.data.micro_batch_tokens,
                                                device=parallel.device(),
-                                               multiple_of=token_multiple(self.student.config))
+                                               multiple_of=token_multiple(self.student.config),
+                                               lockstep=self.mp.layout.ep > 1)
             if need == Need.NONE:  # cross-entropy: the completion is the target
                 signals = [TeacherSignal() for _ in micro_batches]
             else:
@@ -259,6 +263,8 @@ class Trainer:
         elapsed = timer.elapsed()
         metrics = step_metrics(update.outputs, seqs, self.mp)
         metrics.update(timer.seconds)
+        if self.expert_load is not None:  # tokens per expert and router statistics of the update
+            metrics.update(self.expert_load.collect())
         metrics.update({"lr": update.lr, "grad_norm": update.grad_norm, "skipped_steps": float(self.guard.skipped),
                         "tokens_per_s": metrics.pop("_tokens") / elapsed, "time/step_s": elapsed})
         if synced is not None:

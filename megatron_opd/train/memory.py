@@ -65,13 +65,24 @@ def worst_pack(tokens: int, longest: int) -> list[int]:
     return [longest] * (tokens // longest) + ([tokens % longest] if tokens % longest else [])
 
 
-def parameter_count(arch: ArchConfig, *, tp: int, pp: int, stage: int) -> int:
-    """Parameters held by one rank of pipeline stage ``stage`` (after TP splitting)."""
+def expert_parameter_count(arch: ArchConfig, *, pp: int, ep: int = 1, etp: int = 1) -> int:
+    """Expert parameters held by one rank of a pipeline stage: its ``num_experts / ep`` experts,
+    each split ``etp`` ways (0 for a dense model)."""
+    per_expert = 3 * arch.hidden_size * arch.moe_ffn_hidden_size // etp
+    return arch.num_experts // ep * per_expert * (arch.num_layers // pp)
+
+
+def parameter_count(arch: ArchConfig, *, tp: int, pp: int, stage: int, ep: int = 1,
+                    etp: int | None = None) -> int:
+    """Parameters held by one rank of pipeline stage ``stage`` (after TP splitting; experts after
+    EP and expert-TP splitting, ``etp`` None: ``tp``)."""
     h, f = arch.hidden_size, arch.ffn_hidden_size
     q, kv = arch.num_attention_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim
-    layer = (h * (q + 2 * kv) + (q + 2 * kv if arch.family.qkv_bias else 0) + q * h + 3 * h * f) // tp
-    layer += 2 * h + (2 * arch.head_dim if arch.family.qk_norm else 0)
+    mlp = 0 if arch.is_moe else 3 * h * f  # a mixture of experts: the router (replicated) instead
+    layer = (h * (q + 2 * kv) + (q + 2 * kv if arch.family.qkv_bias else 0) + q * h + mlp) // tp
+    layer += 2 * h + (2 * arch.head_dim if arch.family.qk_norm else 0) + arch.num_experts * h
     n = layer * (arch.num_layers // pp)
+    n += expert_parameter_count(arch, pp=pp, ep=ep, etp=tp if etp is None else etp)
     vocab = padded_vocab_size(arch.vocab_size, tp) // tp * h
     if stage == 0:
         n += vocab
@@ -112,9 +123,14 @@ def estimate(cfg, student: ArchConfig, teacher: ArchConfig | None, *, world_size
     s = cfg.student
     dp = world_size // (s.tp * s.pp)
     tokens = cfg.data.micro_batch_tokens
-    worst = max(range(s.pp), key=lambda st: parameter_count(student, tp=s.tp, pp=s.pp, stage=st))
-    p = parameter_count(student, tp=s.tp, pp=s.pp, stage=worst)
-    optim_shard = dp if cfg.optim.use_distributed_optimizer else 1
+    worst = max(range(s.pp), key=lambda st: parameter_count(student, tp=s.tp, pp=s.pp, stage=st, ep=s.ep))
+    p = parameter_count(student, tp=s.tp, pp=s.pp, stage=worst, ep=s.ep)
+    per_param = optimizer_bytes_per_parameter(s.dtype)
+    optimizer = p * per_param
+    if cfg.optim.use_distributed_optimizer:  # dense state sharded over dp, experts' over expert dp
+        experts = expert_parameter_count(student, pp=s.pp, ep=s.ep, etp=s.tp)
+        edp = world_size // (s.pp * s.ep * s.tp)
+        optimizer = (p - experts) * per_param / dp + experts * per_param / edp
     in_flight = s.pp  # 1F1B keeps up to pp micro-batches of activations on the first stage
     layers = student.num_layers // s.pp
     longest = cfg.data.max_prompt_tokens + cfg.rollout.max_turns * cfg.rollout.max_new_tokens
@@ -125,6 +141,12 @@ def estimate(cfg, student: ArchConfig, teacher: ArchConfig | None, *, world_size
         kept = attention_score_bytes(student, tp=s.tp, lengths=lengths, per_element=MATH_ATTENTION_KEPT)
         running = attention_score_bytes(student, tp=s.tp, lengths=lengths[:1], per_element=MATH_ATTENTION_PEAK)
         acts += kept * layers * in_flight + running - running * MATH_ATTENTION_KEPT / MATH_ATTENTION_PEAK
+    if student.is_moe:
+        # Per layer, each rank handles about top-k routed copies of its tokens (the EP ranks
+        # exchange equal shares on average): the dispatched and combined hidden states and the
+        # experts' fc1 and activation outputs, split over TP (sequence parallel / expert TP).
+        per_copy = (2 * student.hidden_size + 3 * student.moe_ffn_hidden_size) / s.tp * bpe
+        acts += tokens * student.moe_top_k * per_copy * layers * in_flight
     v_local = padded_vocab_size(student.vocab_size, s.tp) // s.tp
     chunk = cfg.loss.chunk_size or max(1, (1 << 24) // v_local)
     if cfg.loss.fused_linear:  # logits exist one chunk at a time; the hidden-state gradient instead
@@ -137,13 +159,12 @@ def estimate(cfg, student: ArchConfig, teacher: ArchConfig | None, *, world_size
     # the colocated engine holds 1/rollout.tp of the student per GPU
     engine = parameter_count(student, tp=cfg.rollout.tp, pp=1, stage=0) * bpe + cfg.rollout.kv_cache_gb * GiB
     rows = [MemoryRow("student (+ colocated rollout engine)", p * bpe / GiB, p * 4 / GiB,
-                      p * optimizer_bytes_per_parameter(s.dtype) / optim_shard / GiB, acts / GiB,
-                      logits / GiB, engine / GiB)]
+                      optimizer / GiB, acts / GiB, logits / GiB, engine / GiB)]
     if teacher is not None and cfg.teacher.path:
         t = cfg.teacher
         bpe = bytes_per_parameter(t.dtype)
-        tw = max(range(t.pp), key=lambda st: parameter_count(teacher, tp=t.tp, pp=t.pp, stage=st))
-        tp_params = parameter_count(teacher, tp=t.tp, pp=t.pp, stage=tw)
+        tw = max(range(t.pp), key=lambda st: parameter_count(teacher, tp=t.tp, pp=t.pp, stage=st, ep=t.ep))
+        tp_params = parameter_count(teacher, tp=t.tp, pp=t.pp, stage=tw, ep=t.ep)
         # forward only: one layer's live h-wide tensors, the norms' fp32 intermediates and the MLP's
         # f-wide shards (8.6 and 3.25 values per token: fitted to the rehearsal of Qwen2.5-7B at TP2
         # and Llama-3.1-70B at TP8)

@@ -44,8 +44,9 @@ def step_metrics(outputs: list[dict], seqs: list, mp: ModelParallel) -> dict:
             for k in LOSS_SUMS:
                 if k in o:
                     sums[k] = sums.get(k, 0.0) + float(o[k])
-            if "mismatch_max" in o:
-                mismatch_max = max(mismatch_max, float(o["mismatch_max"]))
+            if "mismatch_max" in o:  # NaN (an engine with undefined weights) counts as infinite
+                worst = float(o["mismatch_max"])
+                mismatch_max = max(mismatch_max, math.inf if math.isnan(worst) else worst)
     if mp.tp_rank == 0 and mp.pp_rank == 0:  # one rank per replica counts the sequences
         completion = sum(s.completion_len for s in seqs)
         sums.update(completion_tokens=completion, sequences=len(seqs), tokens=sum(len(s.tokens) for s in seqs),
