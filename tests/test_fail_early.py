@@ -47,7 +47,7 @@ def _unwritable_dir(tmp_path) -> Path:
 def _score_args(hf_dir, tmp_path, **changes):
     inp = write_jsonl(tmp_path / "in.jsonl", [{"input_ids": [1, 2, 3]}])
     args = dict(model=str(hf_dir), input=str(inp), output=str(tmp_path / "out.jsonl"), top_k=0, tp=1, pp=1,
-                micro_batch_tokens=4096, force=False)
+                micro_batch_tokens=4096, force=False, ep=1)
     args.update(changes)
     return argparse.Namespace(**args)
 
