@@ -133,6 +133,8 @@ def _checkpoint_checks(hf_dir: str, work: str) -> dict:
     os.environ[KEY_ENV] = "s3cret"
     try:
         hf_to_mcore(hf_dir, work / "converted", layout=parallel.ParallelLayout(1, 1))
+        # the converter set up the model-parallel groups anew (the old ones are destroyed)
+        mp = parallel.initialize_global_model_parallel(parallel.ParallelLayout(1, 1))
         load_model(work / "converted", mp)
         with (work / "converted" / "model" / "common.pt").open("ab") as f:
             f.write(b"\0")
