@@ -101,5 +101,19 @@ def main(argv: list[str]) -> int:
     return cli_main(command)
 
 
+class CorruptingEngine:
+    """Passes a sync through to ``engine`` with noise added to the tensor called ``name`` (a sync
+    that carried wrong weights: the trainer-vs-rollout check must catch it)."""
+
+    def __init__(self, engine, name: str):
+        self.engine, self.name = engine, name
+
+    def update_weights(self, named_tensors):
+        import torch
+
+        return self.engine.update_weights((n, t + 0.05 * torch.randn_like(t) if n == self.name else t)
+                                          for n, t in named_tensors)
+
+
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

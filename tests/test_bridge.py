@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from fault_drills import CorruptingEngine
 from megatron_opd.testing.multiprocess import run_distributed
 
 pytestmark = pytest.mark.vllm
@@ -28,17 +29,6 @@ def _train_step(t, step):
 
     forward_backward(t, [{"input_ids": ids, "position_ids": torch.arange(8).expand(2, -1)}], output_fn)
     assert optimizer_step(t)[0]
-
-
-class CorruptingEngine:
-    """Passes a sync through to ``engine`` with noise added to the tensor called ``name``."""
-
-    def __init__(self, engine, name: str):
-        self.engine, self.name = engine, name
-
-    def update_weights(self, named_tensors):
-        return self.engine.update_weights((n, t + 0.05 * torch.randn_like(t) if n == self.name else t)
-                                          for n, t in named_tensors)
 
 
 def _bridge_check(model_dir: str, layouts: list, syncs: int) -> dict:

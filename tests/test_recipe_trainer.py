@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from fault_drills import CorruptingEngine
 from megatron_opd.config import load_config
 from megatron_opd.testing.multiprocess import run_distributed
 from megatron_opd.testing.tiny_task import base_overrides, losses
@@ -23,19 +24,6 @@ PHASES = ("train.phases=[{steps: 2, rollout: {lmbda: 0, offpolicy_source: teache
           "verifier: exact_match, correct_weight: 0.5}}]")
 RUN = [PHASES, "checkpoint.every=2", "checkpoint.keep_last=3", "eval.every=3", "eval.num_prompts=8",
        "eval.max_new_tokens=5", "train.prompts_per_step=8"]
-
-
-class CorruptingEngine:
-    """Passes a sync through to ``engine`` with noise added to the tensor called ``name``."""
-
-    def __init__(self, engine, name: str):
-        self.engine, self.name = engine, name
-
-    def update_weights(self, named_tensors):
-        import torch
-
-        return self.engine.update_weights((n, t + 0.05 * torch.randn_like(t) if n == self.name else t)
-                                          for n, t in named_tensors)
 
 
 def _runs(root: str, work: str) -> dict:
