@@ -168,6 +168,7 @@ def test_truncated_importance_is_on_with_buffered_generation():
     assert LossConfig(kind="reverse_kl").importance_cap_for(torch.float32, steps_per_generation=2) is None
 
 
+@pytest.mark.slow  # rehearses a 1.5B step on fake tensors
 def test_rethinking_opd_recipe_validates_and_dry_runs_at_its_world_size(capsys):
     from megatron_opd.cli import main
 

@@ -195,6 +195,7 @@ def world(tiny_moe_models, tmp_path_factory):
     return {"results": results, "work": work, "converted": trained}
 
 
+@pytest.mark.slow  # the 4-rank MoE world: the full suite runs it, not the quick tier
 def test_models_on_their_own_process_groups_match_transformers(world):
     """A teacher's layout (EP2, TP2xEP2, PP2xEP2 on groups of its own) next to the student's."""
     diffs = {}
@@ -204,6 +205,7 @@ def test_models_on_their_own_process_groups_match_transformers(world):
     assert all(v <= 1e-4 for v in diffs.values()), diffs
 
 
+@pytest.mark.slow  # the 4-rank MoE world: the full suite runs it, not the quick tier
 def test_score_at_expert_parallel_layouts_matches_transformers(world):
     from transformers import AutoModelForCausalLM
 
@@ -221,6 +223,7 @@ def test_score_at_expert_parallel_layouts_matches_transformers(world):
             assert torch.allclose(torch.tensor(lps, dtype=torch.float64), ref, atol=1e-4), (layout, seq)
 
 
+@pytest.mark.slow  # the 4-rank MoE world: the full suite runs it, not the quick tier
 def test_round_trips_are_bit_exact_through_every_layout(world):
     read = _read_hf
     for name, src in world["converted"].items():
@@ -235,6 +238,7 @@ def test_round_trips_are_bit_exact_through_every_layout(world):
             assert json.loads((out / "config.json").read_text()) == json.loads((Path(src) / "config.json").read_text())
 
 
+@pytest.mark.slow  # the 4-rank MoE world: the full suite runs it, not the quick tier
 def test_logits_match_transformers_every_layout(world, tiny_moe_models):
     diffs = {}
     for r in world["results"]:
@@ -302,6 +306,7 @@ def _train_step(model_dir: str, layouts: list, global_batch: int, num_micro: int
     return results
 
 
+@pytest.mark.slow  # the 4-rank MoE world: the full suite runs it, not the quick tier
 @pytest.mark.parametrize("variant", ["qwen3_moe", "mixtral"])
 def test_training_step_identical_across_layouts(world, variant):
     results = world["results"][0]["trained"][variant]
@@ -327,6 +332,7 @@ def test_training_step_identical_across_layouts(world, variant):
             assert err <= 1e-5, (layout, name, err)
 
 
+@pytest.mark.slow  # the 4-rank MoE world: the full suite runs it, not the quick tier
 def test_load_balancing_loss_is_off_by_default_and_trains_the_router_when_on(world):
     from megatron_opd.models import ArchConfig
     from megatron_opd.models.config import transformer_config
@@ -347,6 +353,7 @@ def test_load_balancing_loss_is_off_by_default_and_trains_the_router_when_on(wor
         assert err <= 1e-5 * max(g.abs().max().item(), 1e-3), (name, err)
 
 
+@pytest.mark.slow  # the 4-rank MoE world: the full suite runs it, not the quick tier
 def test_bridge_streams_every_expert_or_only_this_ranks_to_an_expert_parallel_engine(world):
     """The sync's HF tensors at every layout equal the exported model, bit for bit: every expert
     on every rank by default; with engine_expert_parallel only the EP rank's own experts (the GPU
@@ -361,6 +368,7 @@ def test_bridge_streams_every_expert_or_only_this_ranks_to_an_expert_parallel_en
         assert num_expert_tensors == experts_per_model[name] // (ep if engine_ep else 1)
 
 
+@pytest.mark.slow  # the 4-rank MoE world: the full suite runs it, not the quick tier
 def test_expert_load_metrics_match_transformers_routing(world):
     """Tokens per expert, balance loss and router statistics against float64 from transformers'
     own router logits, at every layout (experts on other EP ranks and replicas counted)."""

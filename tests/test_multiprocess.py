@@ -113,6 +113,7 @@ def _lost_ranks_seen_by_rank_0():
     return beating, silent
 
 
+@pytest.mark.slow  # waits out a heartbeat timeout
 def test_a_rank_on_another_host_is_named_lost_when_its_heartbeat_stops():
     beating, silent = run_distributed(_lost_ranks_seen_by_rank_0, 2, timeout=300)[0]
     assert beating == []

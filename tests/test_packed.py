@@ -3,6 +3,7 @@ micro-batches (``train.data.micro_batch``, padded to a token multiple), the in-p
 signals (logit shards, top-k, sampled-token log-probs) and the student's objective (loss, metrics,
 parameter gradients) through megatron's pipeline schedule, for every family and TP/PP layout."""
 
+import pytest
 import torch
 import torch.distributed as dist
 
@@ -143,6 +144,7 @@ def packed_vs_unpacked(models: dict, layouts: list) -> dict:
     return results
 
 
+@pytest.mark.slow  # a 4-rank world over every family and layout
 def test_packed_matches_unpacked_every_family_and_layout(tiny_models):
     per_rank = run_distributed(packed_vs_unpacked, 4, {f: tiny_models[f] for f in FAMILIES}, LAYOUTS,
                                timeout=900)
